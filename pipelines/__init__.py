@@ -1,0 +1,1 @@
+"""Data stages: corpus cleaning (``pipelines.clean``) and, later, tokenization into Arrow shards."""

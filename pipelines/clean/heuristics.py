@@ -1,0 +1,308 @@
+"""Heuristic quality filters: Gopher repetition and quality, C4 lines, FineWeb, their Chinese
+character-based equivalents, and SkyPile's code heuristics.
+
+The English rules and thresholds are those of datatrove's GopherRepetitionFilter,
+GopherQualityFilter, C4QualityFilter and FineWebQualityFilter (the published recipes); what
+differs is that all of them read one shared segmentation (:mod:`pipelines.clean.text`) instead of
+re-tokenizing the document each.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from datatrove.data import Document
+
+from pipelines.clean.steps import DocFilter
+from pipelines.clean.text import (
+    TERMINAL_PUNCTUATION_EN,
+    TERMINAL_PUNCTUATION_ZH,
+    count_sentences,
+    view_of,
+)
+from skymoe.config import (
+    C4Config,
+    ChineseConfig,
+    CodeConfig,
+    FineWebConfig,
+    GopherQualityConfig,
+    GopherRepetitionConfig,
+    HeuristicsConfig,
+)
+
+_PUNCTUATION = set(
+    "!/—”:％１〈&(、━\\【#%「」，】；+^]~“《„';’{|∶´[=-`*．（–？！：$～«〉,><》)?）。…@_.\"}►»"
+) | {chr(c) for c in [*range(0, 9), *range(11, 32), *range(127, 160)]}
+_STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])
+_CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
+_POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+
+
+def _duplicates(items: list[str]) -> tuple[int, int]:
+    """(duplicate elements, characters in duplicate elements), first occurrences not counted."""
+    seen: set[str] = set()
+    dup_elements = dup_chars = 0
+    for item in items:
+        if item in seen:
+            dup_elements += 1
+            dup_chars += len(item)
+        else:
+            seen.add(item)
+    return dup_elements, dup_chars
+
+
+def _ngrams(words: list[str], n: int, sep: str) -> list[str]:
+    return [sep.join(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+def _top_ngram_chars(ngrams: list[str]) -> int:
+    gram, count = Counter(ngrams).most_common(1)[0]
+    return len(gram) * count
+
+
+def _repeated_ngram_chars(words: list[str], n: int) -> int:
+    """Characters covered by repeated n-grams, skipping over a repeat once counted (Gopher)."""
+    seen: set[tuple[str, ...]] = set()
+    repeated = idx = 0
+    limit = len(words) - n + 1
+    while idx < limit:
+        gram = tuple(words[idx : idx + n])
+        if gram in seen:
+            repeated += sum(len(w) for w in gram)
+            idx += n
+        else:
+            seen.add(gram)
+            idx += 1
+    return repeated
+
+
+class GopherRepetition(DocFilter):
+    """Gopher's repetition rules: duplicate lines/paragraphs and repeated n-grams.
+
+    For Chinese the n-grams are of characters (``ChineseConfig.top_char_ngram`` /
+    ``dup_char_ngram``) because there are no words to count.
+    """
+
+    name = "gopher_repetition"
+
+    def __init__(self, config: GopherRepetitionConfig, lang: str, top_n_grams: dict[int, float],
+                 dup_n_grams: dict[int, float]):
+        super().__init__()
+        self.config = config
+        self.name = "gopher_repetition" if lang == "en" else f"{lang}_repetition"
+        self.languages = (lang,)
+        self.top_n_grams = sorted(top_n_grams.items())
+        self.dup_n_grams = sorted(dup_n_grams.items())
+        self.sep = "" if lang == "zh" else " "
+
+    def check(self, doc: Document) -> str | None:
+        c, view, text = self.config, view_of(doc), doc.text
+        if not text:
+            return "empty"
+        dup, dup_chars = _duplicates(view.paragraphs)
+        if dup / len(view.paragraphs) > c.dup_para_frac:
+            return "dup_para_frac"
+        if dup_chars / len(text) > c.dup_para_char_frac:
+            return "dup_para_char_frac"
+        dup, dup_chars = _duplicates(view.line_runs)
+        if dup / len(view.line_runs) > c.dup_line_frac:
+            return "dup_line_frac"
+        if dup_chars / len(text) > c.dup_line_char_frac:
+            return "dup_line_char_frac"
+        words = view.words
+        for n, frac in self.top_n_grams:
+            grams = _ngrams(words, n, self.sep)
+            if grams and _top_ngram_chars(grams) / len(text) > frac:
+                return f"top_{n}_gram"
+        for n, frac in self.dup_n_grams:
+            if _repeated_ngram_chars(words, n) / len(text) > frac:
+                return f"duplicated_{n}_n_grams"
+        return None
+
+
+class GopherQuality(DocFilter):
+    """Gopher's quality rules for English (length, word length, symbols, bullets, stop words)."""
+
+    name = "gopher_quality"
+    languages = ("en",)
+
+    def __init__(self, config: GopherQualityConfig):
+        super().__init__()
+        self.config = config
+
+    def check(self, doc: Document) -> str | None:
+        c, view, text = self.config, view_of(doc), doc.text
+        words = view.words
+        content_words = [w for w in words if any(ch not in _PUNCTUATION for ch in w)]
+        if len(content_words) < c.min_doc_words:
+            return "gopher_short_doc"
+        if len(content_words) > c.max_doc_words:
+            return "gopher_long_doc"
+        if not content_words:
+            return "gopher_short_doc"
+        mean_len = sum(len(w) for w in content_words) / len(content_words)
+        if mean_len < c.min_avg_word_length:
+            return "gopher_below_avg_threshold"
+        if mean_len > c.max_avg_word_length:
+            return "gopher_above_avg_threshold"
+        if text.count("#") / len(words) > c.max_symbol_word_ratio:
+            return "gopher_too_many_hashes"
+        if (text.count("...") + text.count("…")) / len(words) > c.max_symbol_word_ratio:
+            return "gopher_too_many_ellipsis"
+        lines = view.lines
+        if sum(s.lstrip().startswith(("•", "-")) for s in lines) / len(lines) > c.max_bullet_lines_ratio:
+            return "gopher_too_many_bullets"
+        if sum(s.rstrip().endswith(("...", "…")) for s in lines) / len(lines) > c.max_ellipsis_lines_ratio:
+            return "gopher_too_many_end_ellipsis"
+        if sum(any(ch.isalpha() for ch in w) for w in words) / len(words) < c.min_alpha_words_ratio:
+            return "gopher_below_alpha_threshold"
+        if len(_STOP_WORDS.intersection(words)) < c.min_stop_words:
+            return "gopher_enough_stop_words"
+        return None
+
+
+class C4Lines(DocFilter):
+    """C4's line rules: keep lines that end in terminal punctuation and have enough words; drop
+    lines about javascript or cookie policies; drop the page on "lorem ipsum", a curly bracket, or
+    too few sentences. Chinese lines count characters and end in Chinese punctuation."""
+
+    name = "c4"
+
+    def __init__(self, config: C4Config, lang: str, min_chars_per_line: int = 0, min_sentences: int | None = None):
+        super().__init__()
+        self.config = config
+        self.name = "c4" if lang == "en" else f"{lang}_c4_lines"
+        self.languages = (lang,)
+        self.lang = lang
+        self.terminal = TERMINAL_PUNCTUATION_ZH if lang == "zh" else TERMINAL_PUNCTUATION_EN
+        self.min_chars_per_line = min_chars_per_line
+        self.min_sentences = config.min_sentences if min_sentences is None else min_sentences
+
+    def check(self, doc: Document) -> str | None:
+        c = self.config
+        kept: list[str] = []
+        sentences = 0
+        for raw in view_of(doc).lines:
+            line = raw.strip()
+            words = line.split()
+            if any(len(w) > c.max_word_length for w in words):
+                continue
+            line = _CITATION.sub("", line)
+            if not line.endswith(self.terminal) or (self.lang == "en" and line.endswith("...")):
+                continue
+            if self.lang == "zh":
+                if len(line) < self.min_chars_per_line:
+                    continue
+            elif len(words) < c.min_words_per_line:
+                continue
+            lower = line.lower()
+            if "lorem ipsum" in lower:
+                return "lorem_ipsum"
+            if "javascript" in lower:
+                continue
+            if "{" in line:
+                return "curly_bracket"
+            if any(p in lower for p in _POLICY):
+                continue
+            sentences += count_sentences(line, self.lang)
+            kept.append(line)
+        if sentences < self.min_sentences:
+            return "too_few_sentences"
+        doc.text = "\n".join(kept).strip()
+        return None
+
+
+class FineWebQuality(DocFilter):
+    """FineWeb's rules: share of lines ending in punctuation, short lines, duplicated line
+    characters, and newlines per word (list-like pages)."""
+
+    name = "fineweb"
+    languages = ("en",)
+
+    def __init__(self, config: FineWebConfig):
+        super().__init__()
+        self.config = config
+        self.stops = tuple(TERMINAL_PUNCTUATION_EN + TERMINAL_PUNCTUATION_ZH)
+
+    def check(self, doc: Document) -> str | None:
+        c, view = self.config, view_of(doc)
+        lines = view.nonempty_lines
+        if not lines:
+            return "empty"
+        if sum(line.endswith(self.stops) for line in lines) / len(lines) < c.line_punct_thr:
+            return "line_punct_ratio"
+        if sum(len(line) <= c.short_line_length for line in lines) / len(lines) > c.short_line_thr:
+            return "short_line_ratio"
+        chars = len(doc.text) - doc.text.count("\n")
+        if chars == 0 or _duplicates(lines)[1] / chars > c.char_duplicates_ratio:
+            return "char_dup_ratio"
+        if not view.words or doc.text.count("\n") / len(view.words) > c.new_line_ratio:
+            return "list_ratio"
+        return None
+
+
+class ChineseQuality(DocFilter):
+    """Character-based counterparts of Gopher's quality rules for Chinese pages."""
+
+    name = "zh_quality"
+    languages = ("zh",)
+
+    def __init__(self, config: ChineseConfig):
+        super().__init__()
+        self.config = config
+
+    def check(self, doc: Document) -> str | None:
+        c, view, text = self.config, view_of(doc), doc.text
+        if view.han_chars < c.min_doc_chars:
+            return "zh_short_doc"
+        if view.han_chars > c.max_doc_chars:
+            return "zh_long_doc"
+        if not view.non_space_chars or view.han_chars / view.non_space_chars < c.min_han_ratio:
+            return "zh_low_han_ratio"
+        if (text.count("#") + text.count("...") + text.count("…")) / view.han_chars > c.max_symbol_ratio:
+            return "zh_too_many_symbols"
+        if count_sentences(text, "zh") < c.min_sentences:
+            return "zh_too_few_sentences"
+        return None
+
+
+class CodeQuality(DocFilter):
+    """SkyPile's code heuristics: line-length limits and the alphanumeric fraction."""
+
+    name = "code"
+    languages = ("code",)
+
+    def __init__(self, config: CodeConfig):
+        super().__init__()
+        self.config = config
+
+    def check(self, doc: Document) -> str | None:
+        c, lines = self.config, view_of(doc).lines
+        if not lines or not doc.text.strip():
+            return "empty"
+        if max(len(line) for line in lines) > c.max_line_length:
+            return "code_long_line"
+        if sum(len(line) for line in lines) / len(lines) > c.max_mean_line_length:
+            return "code_mean_line_length"
+        if sum(ch.isalnum() for ch in doc.text) / len(doc.text) < c.min_alnum_frac:
+            return "code_low_alnum"
+        return None
+
+
+def heuristic_steps(config: HeuristicsConfig) -> list[DocFilter]:
+    """The heuristic chain in order: repetition first (cheap rejections of spam), then quality."""
+    if not config.enabled:
+        return []
+    zh = config.chinese
+    return [
+        GopherRepetition(config.gopher_repetition, "en", config.gopher_repetition.top_n_grams,
+                         config.gopher_repetition.dup_n_grams),
+        GopherRepetition(config.gopher_repetition, "zh", zh.top_char_ngram, zh.dup_char_ngram),
+        GopherQuality(config.gopher_quality),
+        ChineseQuality(zh),
+        C4Lines(config.c4, "en"),
+        C4Lines(config.c4, "zh", min_chars_per_line=zh.min_chars_per_line, min_sentences=zh.min_sentences),
+        FineWebQuality(config.fineweb),
+        CodeQuality(config.code),
+    ]

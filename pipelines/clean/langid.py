@@ -1,0 +1,63 @@
+"""Offline language identification (lingua's bundled models; nothing is downloaded).
+
+The detector knows the kept languages plus the languages most common on the web, so that a
+French page is called French rather than a low-confidence "English". A document is kept when its
+best language is one of the configured ones with at least the configured confidence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from datatrove.data import Document
+from datatrove.pipeline.base import PipelineStep
+
+from pipelines.clean.steps import is_rejected, reject
+from skymoe.config import LanguageConfig
+
+_WEB_LANGUAGES = ("ENGLISH", "CHINESE", "JAPANESE", "KOREAN", "FRENCH", "GERMAN", "SPANISH", "RUSSIAN",
+                  "PORTUGUESE", "ITALIAN", "ARABIC", "VIETNAMESE", "INDONESIAN", "DUTCH", "TURKISH", "POLISH")
+_ISO = {"ENGLISH": "en", "CHINESE": "zh"}
+
+
+class LanguageId(PipelineStep):
+    type = "🌐 skymoe"
+    name = "language"
+
+    def __init__(self, config: LanguageConfig):
+        super().__init__()
+        self.config = config
+        self._detector = None  # built lazily in each worker: the Rust object does not pickle
+
+    def _detect(self, text: str) -> tuple[str, float]:
+        if self._detector is None:
+            from lingua import Language, LanguageDetectorBuilder
+
+            self._detector = LanguageDetectorBuilder.from_languages(
+                *(getattr(Language, name) for name in _WEB_LANGUAGES)
+            ).build()
+        best = self._detector.compute_language_confidence_values(text[: self.config.max_chars])[0]
+        name = best.language.name
+        return _ISO.get(name, best.language.iso_code_639_1.name.lower()), float(best.value)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_detector"] = None
+        return state
+
+    def run(self, data: Iterable[Document], rank: int = 0, world_size: int = 1) -> Iterator[Document]:
+        keep = set(self.config.keep)
+        for doc in data:
+            if is_rejected(doc) or doc.metadata.get("lang") == "code":
+                yield doc
+                continue
+            with self.track_time():
+                lang, score = self._detect(doc.text)
+            doc.metadata["lang"] = lang
+            doc.metadata["lang_score"] = round(score, 4)
+            if lang not in keep:
+                reject(doc, self.name, f"language_{lang}")
+            elif score < self.config.min_confidence:
+                reject(doc, self.name, "low_confidence")
+            self.stat_update("kept" if not is_rejected(doc) else "dropped")
+            yield doc

@@ -1,0 +1,260 @@
+"""Input discovery and record reading for the cleaning stage.
+
+Each input file is one shard with a stable id (a hash of its URI), so reruns and added files map
+to the same shard ids. Readers turn records into datatrove ``Document``s; a record that cannot be
+read (malformed JSON, invalid UTF-8, a missing text field, an oversized record, a WARC payload that
+is not HTML, the readable part of a truncated gzip) becomes a rejected document that carries its
+original bytes and reason, so nothing read is lost.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from datatrove.data import Document
+from datatrove.pipeline.base import PipelineStep
+
+from pipelines.clean.steps import ORIGINAL, reject
+from skymoe.config import ReaderConfig
+from skymoe.storage import Storage
+
+FORMATS = {
+    ".jsonl": "jsonl", ".json": "jsonl", ".jsonl.gz": "jsonl", ".json.gz": "jsonl", ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".warc": "warc", ".warc.gz": "warc",
+    ".txt": "text", ".txt.gz": "text",
+}
+READ_STEP = "read"
+# Files that travel with data but are not data: licenses and attributions stay beside the corpus.
+_NOT_DATA = ("license", "licence", "copying", "notice", "readme", "source", "attribution")
+
+
+class InputError(ValueError):
+    """A stage-level input problem (missing path, unknown format): stops before any work."""
+
+
+@dataclass(frozen=True)
+class InputShard:
+    shard_id: str
+    uri: str
+    format: str
+    source: str
+    checksum: str
+
+
+def detect_format(uri: str) -> str | None:
+    name = uri.lower()
+    for suffix in sorted(FORMATS, key=len, reverse=True):
+        if name.endswith(suffix):
+            return FORMATS[suffix]
+    return None
+
+
+def discover_inputs(storage: Storage, patterns: list[str]) -> list[InputShard]:
+    """Expand files, folders and globs into shards, failing early on anything unusable."""
+    if not patterns:
+        raise InputError("no inputs given (clean.inputs in the config, or --input)")
+    shards: dict[str, InputShard] = {}
+    for pattern in patterns:
+        try:
+            files = storage.expand(pattern)
+        except FileNotFoundError:
+            files = []
+        except Exception as err:  # an unreachable endpoint or a missing bucket
+            raise InputError(f"cannot list input {pattern}: {err}") from None
+        if not files:
+            raise InputError(f"input path does not exist or holds no files: {pattern}")
+        base = pattern.rstrip("/")
+        for uri in files:
+            if uri != base and uri.rsplit("/", 1)[-1].lower().startswith(_NOT_DATA):
+                continue
+            fmt = detect_format(uri)
+            if fmt is None:
+                if uri == base:
+                    raise InputError(f"unsupported input format: {uri} (known: {', '.join(sorted(FORMATS))})")
+                continue  # a folder may hold READMEs and licenses next to the data
+            shard_id = hashlib.sha1(uri.encode("utf-8")).hexdigest()[:12]
+            shards[uri] = InputShard(shard_id, uri, fmt, _source_name(uri, base), storage.checksum(uri))
+    if not shards:
+        raise InputError(f"no readable input files (known formats: {', '.join(sorted(FORMATS))}) in {patterns}")
+    return [shards[uri] for uri in sorted(shards)]
+
+
+def _source_name(uri: str, base: str) -> str:
+    """The folder a file sits in below the input root, else the file's stem."""
+    rel = uri[len(base):].strip("/") if uri.startswith(base) and uri != base else uri.rsplit("/", 1)[-1]
+    parts = rel.split("/")
+    return parts[0] if len(parts) > 1 else parts[0].split(".", 1)[0]
+
+
+class ShardReader(PipelineStep):
+    """Reads shard ``rank`` of a fixed shard list (datatrove's task = one input file)."""
+
+    type = "📖 skymoe"
+    name = "read"
+
+    def __init__(self, shards: list[InputShard], config: ReaderConfig, storage: Storage,
+                 code_sources: frozenset[str] = frozenset()):
+        super().__init__()
+        self.shards = shards
+        self.config = config
+        self.storage = storage
+        self.code_sources = code_sources
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1) -> Iterator[Document]:
+        shard = self.shards[rank]
+        raw = self.storage.read_bytes(shard.uri)
+        records = {"jsonl": self._jsonl, "text": self._text, "parquet": self._parquet, "warc": self._warc}
+        for doc in records[shard.format](shard, raw):
+            doc.metadata.setdefault("source", shard.source)
+            doc.metadata["shard"] = shard.shard_id
+            if shard.source in self.code_sources and "_reject" not in doc.metadata:
+                doc.metadata["lang"] = "code"
+            self.stat_update("read")
+            yield doc
+
+    # ---------------------------------------------------------------------------- formats
+    def _lines(self, shard: InputShard, raw: bytes) -> Iterator[tuple[int, bytes, str | None]]:
+        """(line number, line bytes, problem) - decompressing gzip and reporting truncation as a
+        last pseudo-line that holds the partial record's bytes."""
+        problem, tail = None, b""
+        if shard.uri.endswith(".gz"):
+            raw, tail, problem = _gunzip_prefix(raw)
+        lines = raw.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        for number, line in enumerate(lines):
+            yield number, line, None
+        if problem:
+            yield len(lines), tail, problem
+
+    def _rejected(self, shard: InputShard, number: int, reason: str, original: str) -> Document:
+        doc = Document(text="", id=f"{shard.shard_id}:{number}", metadata={ORIGINAL: original})
+        reject(doc, READ_STEP, reason)
+        return doc
+
+    def _checked_text(self, shard: InputShard, number: int, text: str, original: str, fields: dict) -> Document:
+        cfg = self.config
+        doc_id = fields.get(cfg.id_field) if cfg.id_field else None
+        doc = Document(
+            text=text,
+            id=str(doc_id) if doc_id not in (None, "") else f"{shard.shard_id}:{number}",
+            metadata={ORIGINAL: original},
+        )
+        url = fields.get(cfg.url_field) if cfg.url_field else None
+        if isinstance(url, str) and url:
+            doc.metadata["url"] = url
+        if len(text.encode("utf-8")) > cfg.max_doc_bytes:
+            reject(doc, READ_STEP, f"too_large: {len(text.encode('utf-8'))} bytes > {cfg.max_doc_bytes}")
+        elif not text.strip():
+            reject(doc, READ_STEP, "empty")
+        return doc
+
+    def _jsonl(self, shard: InputShard, raw: bytes) -> Iterator[Document]:
+        field = self.config.text_field
+        for number, line, problem in self._lines(shard, raw):
+            if problem:
+                yield self._rejected(shard, number, problem, line.decode("utf-8", errors="backslashreplace"))
+                continue
+            try:
+                line_text = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield self._rejected(shard, number, f"invalid_utf8: {err.reason} at byte {err.start}",
+                                     line.decode("utf-8", errors="backslashreplace"))
+                continue
+            if not line_text.strip():
+                continue  # a blank line between records is not a record
+            try:
+                record = json.loads(line_text)
+            except json.JSONDecodeError as err:
+                yield self._rejected(shard, number, f"malformed_json: {err.msg} at column {err.colno}", line_text)
+                continue
+            if not isinstance(record, dict):
+                yield self._rejected(shard, number, "malformed_json: record is not an object", line_text)
+                continue
+            text = record.get(field)
+            if not isinstance(text, str):
+                yield self._rejected(shard, number, f"missing_text_field: '{field}'", line_text)
+                continue
+            yield self._checked_text(shard, number, text, line_text, record)
+
+    def _text(self, shard: InputShard, raw: bytes) -> Iterator[Document]:
+        for number, line, problem in self._lines(shard, raw):
+            if problem:
+                yield self._rejected(shard, number, problem, line.decode("utf-8", errors="backslashreplace"))
+                continue
+            try:
+                text = line.decode("utf-8").rstrip("\r")
+            except UnicodeDecodeError as err:
+                yield self._rejected(shard, number, f"invalid_utf8: {err.reason} at byte {err.start}",
+                                     line.decode("utf-8", errors="backslashreplace"))
+                continue
+            yield self._checked_text(shard, number, text, text, {})
+
+    def _parquet(self, shard: InputShard, raw: bytes) -> Iterator[Document]:
+        import pyarrow.parquet as pq
+
+        field = self.config.text_field
+        table = pq.read_table(io.BytesIO(raw))
+        if field not in table.column_names:
+            raise InputError(f"{shard.uri}: no column '{field}' (columns: {table.column_names})")
+        for number, record in enumerate(table.to_pylist()):
+            original = json.dumps(record, ensure_ascii=False, default=str)
+            text = record.get(field)
+            if not isinstance(text, str):
+                yield self._rejected(shard, number, f"missing_text_field: '{field}'", original)
+                continue
+            yield self._checked_text(shard, number, text, original, record)
+
+    def _warc(self, shard: InputShard, raw: bytes) -> Iterator[Document]:
+        from warcio.archiveiterator import ArchiveIterator
+        from warcio.exceptions import ArchiveLoadFailed
+
+        from pipelines.clean.extract import extract_main_text
+
+        number = 0
+        try:
+            for record in ArchiveIterator(io.BytesIO(raw)):
+                if record.rec_type != "response":
+                    continue
+                number += 1
+                url = record.rec_headers.get_header("WARC-Target-URI") or ""
+                record_id = record.rec_headers.get_header("WARC-Record-ID") or f"{shard.shard_id}:{number}"
+                content_type = (record.http_headers.get_header("Content-Type") or "") if record.http_headers else ""
+                payload = record.content_stream().read()
+                original = json.dumps({"url": url, "content_type": content_type,
+                                       "payload": payload.decode("utf-8", errors="backslashreplace")},
+                                      ensure_ascii=False)
+                if "html" not in content_type.lower():
+                    doc = self._rejected(shard, number, f"not_html: {content_type or 'no content type'}", original)
+                    doc.id = record_id
+                    yield doc
+                    continue
+                text = extract_main_text(payload)
+                doc = self._checked_text(shard, number, text, original, {"url": url})
+                doc.id = record_id
+                if not text.strip():
+                    reject(doc, "extract", "no_main_text")
+                yield doc
+        except (ArchiveLoadFailed, EOFError, zlib.error, OSError) as err:
+            yield self._rejected(shard, number + 1, f"truncated_or_corrupt_warc: {err}", "")
+
+
+def _gunzip_prefix(raw: bytes) -> tuple[bytes, bytes, str | None]:
+    """Decompress as much of a gzip stream as is readable: (whole lines, partial tail, problem)."""
+    try:
+        return gzip.decompress(raw), b"", None
+    except (EOFError, zlib.error, OSError, gzip.BadGzipFile) as err:
+        decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            data = decompressor.decompress(raw)
+        except zlib.error:
+            data = b""
+        cut = data.rfind(b"\n") + 1  # the last partial line is not a whole record
+        return data[:cut], data[cut:], f"truncated_gzip: {type(err).__name__}: {err}"

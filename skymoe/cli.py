@@ -1,0 +1,101 @@
+"""The ``skymoe`` command. Heavy modules are imported inside the commands, so ``--help`` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+STAGES = ("clean", "tokenize", "train", "evaluate")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skymoe",
+        description="Raw web corpus -> cleaned data -> MoE training -> evaluation, every stage cached and resumable.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the pipeline flow through Prefect")
+    run.add_argument("--config", help="config file or preset name (default: the 'tiny' preset)")
+    run.add_argument("--root", help="storage root URI for all stage outputs (overrides storage.root)")
+    run.add_argument("--input", action="append", dest="inputs", metavar="URI",
+                     help="input file, folder or glob (repeatable; overrides clean.inputs)")
+    run.add_argument("--until", choices=STAGES, default=STAGES[-1], help="last stage to run")
+    run.add_argument("--executor", choices=("datatrove", "beam"), help="cleaning executor (overrides the config)")
+
+    show = commands.add_parser("show", help="list every stage output under a root")
+    show.add_argument("--root", help="storage root URI (default: the tiny preset's root)")
+    show.add_argument("--config", help="config file or preset name, for its root and S3 settings")
+    show.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    overrides: dict = {}
+    if getattr(args, "root", None):
+        overrides["storage"] = {"root": args.root}
+    clean: dict = {}
+    if getattr(args, "inputs", None):
+        clean["inputs"] = [os.path.abspath(p) if "://" not in p else p for p in args.inputs]
+    if getattr(args, "executor", None):
+        clean["executor"] = {"kind": args.executor}
+    if clean:
+        overrides["clean"] = clean
+    return overrides
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from skymoe.config import load_config
+    from skymoe.prefect_env import configure_prefect
+
+    load_config(args.config, _overrides(args))  # fail on a bad config before Prefect starts
+    configure_prefect()
+    from flows.pipeline import pipeline_flow
+
+    summary = pipeline_flow(config_path=args.config, root=args.root, inputs=_overrides(args).get("clean", {}).get("inputs"),
+                            until=args.until, executor=args.executor)
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from skymoe.catalog import list_stage_outputs
+    from skymoe.config import load_config
+    from skymoe.storage import Storage
+
+    config = load_config(args.config, _overrides(args))
+    listings = list_stage_outputs(Storage.from_config(config.storage), config.storage.root)
+    if args.json:
+        print(json.dumps({"stages": [item.to_dict() for item in listings]}, ensure_ascii=False))
+        return 0
+    if not listings:
+        print(f"no stage outputs under {config.storage.root}")
+        return 0
+    for item in listings:
+        state = "complete" if item.complete else "INCOMPLETE"
+        counts = ", ".join(f"{k}={v}" for k, v in item.counts.items())
+        print(f"{item.name:<10} {item.fingerprint}  {state:<10}  {item.uri}\n{'':<12}{counts}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from skymoe.config import ConfigError
+    from skymoe.storage import StorageError
+
+    try:
+        return {"run": _cmd_run, "show": _cmd_show}[args.command](args)
+    except (ConfigError, StorageError) as err:
+        print(f"skymoe: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # input problems found before any work (missing path, bad format)
+        print(f"skymoe: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Validated pipeline configuration.
+
+A config is a YAML file (presets live in ``configs/``; ``tiny`` is the default). Every field is
+checked before any work starts: unknown keys, wrong types and out-of-range values fail with a
+:class:`ConfigError` that names the file and the dotted path of the field. Relative paths inside a
+config resolve against the config file's own folder, so a preset works from any working directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_PRESET = "tiny"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any work starts."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------- storage
+class S3Settings(_Strict):
+    """Where an ``s3://`` root lives. Credentials are never configured here: they come from the
+    standard AWS environment variables (or a profile), so they cannot leak into manifests."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+class StorageConfig(_Strict):
+    root: str = Field("./skymoe-out", description="fsspec URI under which every stage writes")
+    s3: S3Settings = S3Settings()
+
+
+# ------------------------------------------------------------------------------------------- clean
+class ExecutorConfig(_Strict):
+    kind: Literal["datatrove", "beam"] = "datatrove"
+    workers: int = Field(1, ge=1, description="parallel shard workers (datatrove processes)")
+    beam_options: list[str] = Field(
+        default_factory=list,
+        description="Beam pipeline options passed through, e.g. --runner=FlinkRunner",
+    )
+
+
+class ReaderConfig(_Strict):
+    text_field: str = "text"
+    id_field: str | None = "id"
+    url_field: str | None = "url"
+    max_doc_bytes: int = Field(
+        5_000_000, ge=1, description="larger records are rejected (kept aside) instead of processed"
+    )
+    code_sources: list[str] = Field(
+        default_factory=list, description="sources (input sub-folders) holding code: code heuristics apply"
+    )
+
+
+class ExtractionConfig(_Strict):
+    min_chars: int = Field(1, ge=0, description="pages whose main text is shorter are rejected")
+
+
+class LanguageConfig(_Strict):
+    keep: list[Literal["en", "zh"]] = Field(default_factory=lambda: ["en", "zh"], min_length=1)
+    min_confidence: float = Field(0.65, ge=0.0, le=1.0)
+    max_chars: int = Field(
+        2000, ge=100, description="characters of each document the identifier looks at"
+    )
+
+
+class GopherRepetitionConfig(_Strict):
+    dup_line_frac: float = Field(0.3, ge=0, le=1)
+    dup_para_frac: float = Field(0.3, ge=0, le=1)
+    dup_line_char_frac: float = Field(0.2, ge=0, le=1)
+    dup_para_char_frac: float = Field(0.2, ge=0, le=1)
+    top_n_grams: dict[int, float] = Field(default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16})
+    dup_n_grams: dict[int, float] = Field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+    )
+
+
+class GopherQualityConfig(_Strict):
+    min_doc_words: int = Field(50, ge=0)
+    max_doc_words: int = Field(100_000, ge=1)
+    min_avg_word_length: float = Field(3, ge=0)
+    max_avg_word_length: float = Field(10, ge=0)
+    max_symbol_word_ratio: float = Field(0.1, ge=0)
+    max_bullet_lines_ratio: float = Field(0.9, ge=0, le=1)
+    max_ellipsis_lines_ratio: float = Field(0.3, ge=0, le=1)
+    min_alpha_words_ratio: float = Field(0.8, ge=0, le=1)
+    min_stop_words: int = Field(2, ge=0)
+
+
+class C4Config(_Strict):
+    min_sentences: int = Field(5, ge=0)
+    min_words_per_line: int = Field(3, ge=0)
+    max_word_length: int = Field(1000, ge=1)
+
+
+class FineWebConfig(_Strict):
+    line_punct_thr: float = Field(0.12, ge=0, le=1)
+    short_line_thr: float = Field(0.67, ge=0, le=1)
+    short_line_length: int = Field(30, ge=1)
+    char_duplicates_ratio: float = Field(0.01, ge=0, le=1)
+    new_line_ratio: float = Field(0.3, ge=0)
+
+
+class ChineseConfig(_Strict):
+    """Character-based equivalents of the English rules: Chinese has no spaces, so lengths count
+    Han characters and "words" are single characters."""
+
+    min_doc_chars: int = Field(200, ge=0)
+    max_doc_chars: int = Field(500_000, ge=1)
+    min_han_ratio: float = Field(0.3, ge=0, le=1, description="Han chars / non-space chars")
+    max_symbol_ratio: float = Field(0.1, ge=0)
+    min_sentences: int = Field(3, ge=0)
+    min_chars_per_line: int = Field(5, ge=0)
+    top_char_ngram: dict[int, float] = Field(default_factory=lambda: {4: 0.2, 6: 0.18, 8: 0.16})
+    dup_char_ngram: dict[int, float] = Field(default_factory=lambda: {10: 0.15, 20: 0.12})
+
+
+class CodeConfig(_Strict):
+    """SkyPile's code heuristics, applied to documents that look like source code."""
+
+    max_line_length: int = Field(1000, ge=1)
+    max_mean_line_length: float = Field(100, ge=1)
+    min_alnum_frac: float = Field(0.25, ge=0, le=1)
+
+
+class HeuristicsConfig(_Strict):
+    enabled: bool = True
+    gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()
+    gopher_quality: GopherQualityConfig = GopherQualityConfig()
+    c4: C4Config = C4Config()
+    fineweb: FineWebConfig = FineWebConfig()
+    chinese: ChineseConfig = ChineseConfig()
+    code: CodeConfig = CodeConfig()
+
+
+class ClassifierConfig(_Strict):
+    """SkyPile's quality classifier: how "Wikipedia-like" a page is.
+
+    Trained offline from example files (JSONL with a text field, or plain text one document per
+    line). Documents are bucketed per language by score quantile (as CCNet buckets head / middle /
+    tail) and only the listed buckets are kept.
+    """
+
+    enabled: bool = True
+    positive: list[str] = Field(default_factory=list)
+    negative: list[str] = Field(default_factory=list)
+    bucket_quantiles: list[float] = Field(default_factory=lambda: [0.2, 0.6])
+    keep_buckets: list[str] = Field(default_factory=lambda: ["head", "middle"])
+    n_features: int = Field(2**18, ge=2**10, le=2**24)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "ClassifierConfig":
+        if self.enabled and (not self.positive or not self.negative):
+            raise ValueError("an enabled classifier needs positive and negative example files")
+        if sorted(self.bucket_quantiles) != self.bucket_quantiles or not all(
+            0 < q < 1 for q in self.bucket_quantiles
+        ):
+            raise ValueError("bucket_quantiles must be increasing values strictly between 0 and 1")
+        names = bucket_names(len(self.bucket_quantiles) + 1)
+        unknown = [b for b in self.keep_buckets if b not in names]
+        if unknown:
+            raise ValueError(f"keep_buckets {unknown} not among the buckets {names}")
+        return self
+
+
+def bucket_names(n: int) -> list[str]:
+    """Bucket names from best to worst: head / middle / tail (CCNet's), or numbered when n != 3."""
+    return ["head", "middle", "tail"] if n == 3 else [f"b{i}" for i in range(n)]
+
+
+class MinHashConfig(_Strict):
+    enabled: bool = True
+    ngram: int = Field(5, ge=1, description="word n-grams (Latin) / character n-grams (CJK)")
+    num_bands: int = Field(14, ge=1)
+    rows_per_band: int = Field(8, ge=1)
+    seed: int = 1
+
+
+class RecurringTextConfig(_Strict):
+    """SkyPile's distribution filtering: lines that recur across many documents are cut out."""
+
+    enabled: bool = True
+    min_docs: int = Field(3, ge=2, description="a line is recurring when at least this many docs hold it")
+    min_line_chars: int = Field(10, ge=1, description="shorter lines are never counted")
+    min_chars_after: int = Field(100, ge=0, description="documents left shorter are rejected")
+
+
+class DedupConfig(_Strict):
+    exact: bool = True
+    minhash: MinHashConfig = MinHashConfig()
+    recurring: RecurringTextConfig = RecurringTextConfig()
+
+
+class CleanConfig(_Strict):
+    inputs: list[str] = Field(default_factory=list, description="files, folders or globs")
+    executor: ExecutorConfig = ExecutorConfig()
+    reader: ReaderConfig = ReaderConfig()
+    extraction: ExtractionConfig = ExtractionConfig()
+    language: LanguageConfig = LanguageConfig()
+    heuristics: HeuristicsConfig = HeuristicsConfig()
+    classifier: ClassifierConfig = ClassifierConfig(enabled=False)
+    dedup: DedupConfig = DedupConfig()
+    docs_per_output_shard: int = Field(20_000, ge=1)
+
+
+# ------------------------------------------------------------------------------------------ whole
+class PipelineConfig(_Strict):
+    name: str = "skymoe"
+    storage: StorageConfig = StorageConfig()
+    clean: CleanConfig = CleanConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value or "/" in value:
+            raise ValueError("name must be non-empty and contain no '/'")
+        return value
+
+
+def preset_path(name: str) -> Path:
+    """The YAML file of a preset shipped in ``configs/``."""
+    return CONFIGS_DIR / f"{name}.yaml"
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Load and validate a config file (the ``tiny`` preset when ``path`` is None).
+
+    ``overrides`` is a nested dict merged over the file (CLI flags such as ``--root``). Raises
+    :class:`ConfigError` naming the file and field on any problem.
+    """
+    config_file = Path(path) if path is not None else preset_path(DEFAULT_PRESET)
+    if path is not None and not config_file.exists() and preset_path(str(path)).exists():
+        config_file = preset_path(str(path))  # a preset name such as "tiny"
+    if not config_file.is_file():
+        raise ConfigError(f"{config_file}: config file not found")
+    try:
+        raw = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{config_file}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_file}: top level must be a mapping, got {type(raw).__name__}")
+    merged = _deep_merge(raw, overrides or {})
+    try:
+        config = PipelineConfig.model_validate(merged)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"field '{'.'.join(str(p) for p in e['loc']) or '<top>'}': {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"{config_file}: {problems}") from None
+    return _resolve_paths(config, config_file.resolve().parent)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _is_relative_local(path: str) -> bool:
+    return "://" not in path and not os.path.isabs(path)
+
+
+def _resolve(path: str, base: Path) -> str:
+    return str((base / path).resolve()) if _is_relative_local(path) else path
+
+
+def _resolve_paths(config: PipelineConfig, base: Path) -> PipelineConfig:
+    """Make relative local paths absolute against the config file's folder."""
+    clean = config.clean
+    classifier = clean.classifier.model_copy(
+        update={
+            "positive": [_resolve(p, base) for p in clean.classifier.positive],
+            "negative": [_resolve(p, base) for p in clean.classifier.negative],
+        }
+    )
+    clean = clean.model_copy(update={"inputs": [_resolve(p, base) for p in clean.inputs], "classifier": classifier})
+    storage = config.storage.model_copy(update={"root": _resolve(config.storage.root, Path.cwd())})
+    return config.model_copy(update={"clean": clean, "storage": storage})

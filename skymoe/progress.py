@@ -1,0 +1,49 @@
+"""Progress lines with rate and ETA for long work, written to the logger (so Prefect shows them)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+
+class Progress:
+    """Counts units of work and logs ``done/total, rate, ETA`` at most every ``every_s`` seconds."""
+
+    def __init__(self, what: str, total: int | None, unit: str = "items", logger: logging.Logger | None = None,
+                 every_s: float = 10.0):
+        self.what = what
+        self.total = total
+        self.unit = unit
+        self.logger = logger or logging.getLogger("skymoe")
+        self.every_s = every_s
+        self.done = 0
+        self.started = time.monotonic()
+        self._last_log = self.started
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self._last_log >= self.every_s:
+            self._last_log = now
+            self.logger.info(self.line())
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        rate = self.done / elapsed
+        if self.total:
+            remaining = (self.total - self.done) / rate if rate > 0 else float("inf")
+            eta = f"ETA {_fmt_duration(remaining)}"
+            return f"{self.what}: {self.done}/{self.total} {self.unit} ({rate:,.1f} {self.unit}/s, {eta})"
+        return f"{self.what}: {self.done} {self.unit} ({rate:,.1f} {self.unit}/s)"
+
+    def close(self) -> None:
+        self.logger.info(self.line().replace("ETA 0s", "done"))
+
+
+def _fmt_duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

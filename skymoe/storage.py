@@ -1,0 +1,179 @@
+"""fsspec storage: a local folder by default, ``s3://`` (any S3-compatible endpoint) when configured.
+
+Object stores have no atomic rename, so every write here puts a whole object at once (a local
+write goes to a temporary name and is renamed). Completion is then recorded by a separate small
+object written afterwards (a done-record or a manifest), never inferred from a file's presence.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from skymoe.config import StorageConfig
+
+T = TypeVar("T")
+
+
+class StorageError(RuntimeError):
+    """A storage location is unusable (missing bucket, no permission, bad endpoint)."""
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Opens URIs with the right filesystem and options.
+
+    The options hold an endpoint and region only; credentials are left to botocore's standard
+    lookup (environment, profile), so nothing secret is ever serialized with a ``Storage``.
+    """
+
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    retries: int = 4
+
+    @classmethod
+    def from_config(cls, config: StorageConfig) -> "Storage":
+        return cls(s3_endpoint_url=config.s3.endpoint_url, s3_region=config.s3.region)
+
+    def options(self, uri: str) -> dict[str, Any]:
+        if not uri.startswith("s3://"):
+            return {}
+        client_kwargs: dict[str, Any] = {}
+        endpoint = self.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            client_kwargs["endpoint_url"] = endpoint
+        if self.s3_region:
+            client_kwargs["region_name"] = self.s3_region
+        return {"client_kwargs": client_kwargs} if client_kwargs else {}
+
+    def fs(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        return url_to_fs(uri, **self.options(uri))
+
+    # -------------------------------------------------------------------------------- reading
+    def exists(self, uri: str) -> bool:
+        fs, path = self.fs(uri)
+        return self._retry(lambda: fs.exists(path))
+
+    def read_bytes(self, uri: str) -> bytes:
+        fs, path = self.fs(uri)
+        return self._retry(lambda: fs.cat_file(path))
+
+    def read_text(self, uri: str) -> str:
+        return self.read_bytes(uri).decode("utf-8")
+
+    def open(self, uri: str, mode: str = "rb", **kwargs: Any):
+        fs, path = self.fs(uri)
+        return fs.open(path, mode, **kwargs)
+
+    def size(self, uri: str) -> int:
+        fs, path = self.fs(uri)
+        return int(self._retry(lambda: fs.size(path)))
+
+    def listdir(self, uri: str) -> list[str]:
+        """Immediate children of a folder as full URIs, sorted; empty when the folder is absent."""
+        fs, path = self.fs(uri)
+        if not self._retry(lambda: fs.exists(path)):
+            return []
+        entries = self._retry(lambda: fs.ls(path, detail=False))
+        return sorted(join(uri, os.path.basename(e.rstrip("/"))) for e in entries if e.rstrip("/") != path.rstrip("/"))
+
+    def expand(self, pattern: str) -> list[str]:
+        """Files named by a file URI, a folder (recursively) or a glob, as sorted full URIs."""
+        fs, path = self.fs(pattern)
+        protocol = _protocol(pattern)
+        if globlib.has_magic(path):
+            found = self._retry(lambda: fs.glob(path))
+            files = [p for p in found if self._retry(lambda p=p: fs.isfile(p))]
+        elif self._retry(lambda: fs.isdir(path)):
+            files = self._retry(lambda: fs.find(path))
+        elif self._retry(lambda: fs.isfile(path)):
+            files = [path]
+        else:
+            files = []
+        return sorted(f"{protocol}://{f}" if protocol else f for f in files if not _hidden(f))
+
+    def checksum(self, uri: str) -> str:
+        """A content checksum: xxh3 of the bytes for local files, the store's ETag for objects."""
+        fs, path = self.fs(uri)
+        if _protocol(uri):
+            info = self._retry(lambda: fs.info(path))
+            tag = info.get("ETag") or info.get("etag") or info.get("md5") or info.get("checksum")
+            if tag:
+                return f"etag:{str(tag).strip(chr(34))}:{info.get('size')}"
+        import xxhash
+
+        digest = xxhash.xxh3_128()
+        with fs.open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        return f"xxh3:{digest.hexdigest()}"
+
+    # -------------------------------------------------------------------------------- writing
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write a whole object: readers never see it half-written."""
+        fs, path = self.fs(uri)
+        if _protocol(uri):
+            self._retry(lambda: fs.pipe_file(path, data))
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+
+    def write_text(self, uri: str, text: str) -> None:
+        self.write_bytes(uri, text.encode("utf-8"))
+
+    def remove(self, uri: str, recursive: bool = False) -> None:
+        fs, path = self.fs(uri)
+        if self._retry(lambda: fs.exists(path)):
+            self._retry(lambda: fs.rm(path, recursive=recursive))
+
+    def check_writable_root(self, uri: str) -> None:
+        """Fail early with a clear message when a root cannot be used (e.g. missing bucket)."""
+        fs, path = self.fs(uri)
+        if _protocol(uri) == "s3":
+            bucket = path.split("/", 1)[0]
+            try:
+                exists = fs.exists(bucket)
+            except Exception as err:  # endpoint unreachable, bad credentials, ...
+                raise StorageError(f"cannot reach s3 bucket '{bucket}' for root {uri}: {err}") from None
+            if not exists:
+                raise StorageError(f"s3 bucket '{bucket}' does not exist (root {uri})")
+
+    def _retry(self, action: Callable[[], T]) -> T:
+        """Retry transient store errors with exponential backoff; missing things fail at once."""
+        for attempt in range(self.retries + 1):
+            try:
+                return action()
+            except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+                raise
+            except OSError:
+                if attempt == self.retries:
+                    raise
+                time.sleep(0.2 * 2**attempt)
+        raise AssertionError("unreachable")
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def _protocol(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else ""
+
+
+def _hidden(path: str) -> bool:
+    return any(part.startswith((".", "_")) for part in path.split("/")[-1:])
+
+
+def iter_lines(storage: Storage, uri: str) -> Iterator[bytes]:
+    with storage.open(uri, "rb") as handle:
+        yield from handle
