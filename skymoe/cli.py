@@ -51,11 +51,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from skymoe.config import load_config
     from skymoe.prefect_env import configure_prefect
 
-    load_config(args.config, _overrides(args))  # fail on a bad config before Prefect starts
+    overrides = _overrides(args)
+    load_config(args.config, overrides)  # fail on a bad config before Prefect starts
     configure_prefect()
     from flows.pipeline import pipeline_flow
 
-    summary = pipeline_flow(config_path=args.config, root=args.root, inputs=_overrides(args).get("clean", {}).get("inputs"),
+    summary = pipeline_flow(config_path=args.config, root=args.root, inputs=overrides.get("clean", {}).get("inputs"),
                             until=args.until, executor=args.executor)
     print(json.dumps(summary, indent=2, ensure_ascii=False))
     return 0
@@ -84,15 +85,12 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from skymoe.config import ConfigError
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     from skymoe.storage import StorageError
 
     try:
         return {"run": _cmd_run, "show": _cmd_show}[args.command](args)
-    except (ConfigError, StorageError) as err:
-        print(f"skymoe: error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:  # input problems found before any work (missing path, bad format)
+    except (ValueError, StorageError) as err:  # bad config or inputs, found before any work starts
         print(f"skymoe: error: {err}", file=sys.stderr)
         return 2
 

@@ -36,7 +36,9 @@ class LanguageId(PipelineStep):
             self._detector = LanguageDetectorBuilder.from_languages(
                 *(getattr(Language, name) for name in _WEB_LANGUAGES)
             ).build()
-        best = self._detector.compute_language_confidence_values(text[: self.config.max_chars])[0]
+        values = self._detector.compute_language_confidence_values(text[: self.config.max_chars])
+        # Ties (e.g. text with no letters) come back in arbitrary order: break them by name.
+        best = min(values, key=lambda v: (-v.value, v.language.name))
         name = best.language.name
         return _ISO.get(name, best.language.iso_code_639_1.name.lower()), float(best.value)
 

@@ -1,0 +1,96 @@
+"""Shared fixtures: a small real corpus, configs written to disk, and a real S3 server (moto)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO / "examples" / "corpus"
+QUALITY = REPO / "examples" / "quality"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """Real documents from the bundled corpus, cut into six shards of several formats."""
+    folder = tmp_path_factory.mktemp("corpus")
+    c4 = (CORPUS / "c4" / "c4_demo.jsonl").read_text(encoding="utf-8").splitlines()
+    zh = (CORPUS / "zhwiki" / "zhwiki_part1.txt").read_text(encoding="utf-8").splitlines()
+    for i in range(3):
+        (folder / "c4").mkdir(exist_ok=True)
+        (folder / "c4" / f"part{i}.jsonl").write_text("\n".join(c4[i * 60 : (i + 1) * 60]) + "\n", encoding="utf-8")
+    for i in range(2):
+        (folder / "zhwiki").mkdir(exist_ok=True)
+        (folder / "zhwiki" / f"part{i}.txt").write_text("\n".join(zh[i * 200 : (i + 1) * 200]) + "\n", encoding="utf-8")
+    # Planted exact and near duplicates of real documents, so dedup has known work to do.
+    first = json.loads(c4[0])["text"]
+    (folder / "c4" / "copies.jsonl").write_text(
+        json.dumps({"text": first}) + "\n" + json.dumps({"text": first.replace(".", "!", 1)}) + "\n", encoding="utf-8"
+    )
+    shutil.copy(CORPUS / "dolma" / "sample-0000.warc.gz", folder / "sample.warc.gz")
+    return folder
+
+
+def write_config(path: Path, root: str, inputs: list[str], **clean_overrides) -> Path:
+    """A config for tests: the tiny preset's settings with a small corpus and one worker."""
+    clean = {
+        "inputs": inputs,
+        "executor": {"kind": "datatrove", "workers": 1},
+        "classifier": {
+            "enabled": True,
+            "positive": [str(QUALITY / "positive.jsonl")],
+            "negative": [str(QUALITY / "negative.jsonl")],
+            # Score every document but keep all buckets, so the planted duplicates reach dedup.
+            "keep_buckets": ["head", "middle", "tail"],
+        },
+        "dedup": {"recurring": {"min_docs": 3}},
+    }
+    for key, value in clean_overrides.items():
+        clean[key] = value
+    path.write_text(yaml.safe_dump({"name": "test", "storage": {"root": root}, "clean": clean}), encoding="utf-8")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible HTTP server (moto) on 127.0.0.1, stopped after the session."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                                            "AWS_ENDPOINT_URL")}
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture()
+def prefect_env(tmp_path, monkeypatch):
+    """An isolated Prefect home: a fresh ephemeral API database per test."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    monkeypatch.setenv("DO_NOT_TRACK", "1")
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    return tmp_path

@@ -1,0 +1,110 @@
+"""The cleaning stage under the stage contract: outputs, rejects, resume after kill -9, executors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import write_config
+from pipelines.clean.stage import run_clean
+from skymoe.config import load_config
+from skymoe.storage import Storage
+
+
+def _run(config_path: Path, **overrides):
+    config = load_config(config_path, overrides or None)
+    return run_clean(config.clean, Storage.from_config(config.storage), config.storage.root)
+
+
+def _data_bytes(stage_uri: str) -> dict[str, bytes]:
+    data = Path(stage_uri) / "data"
+    return {p.name: p.read_bytes() for p in sorted(data.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, small_corpus):
+    """One uninterrupted run with the datatrove executor, shared by the comparisons below."""
+    tmp = tmp_path_factory.mktemp("reference")
+    config_path = write_config(tmp / "c.yaml", str(tmp / "out"), [str(small_corpus)])
+    return config_path, _run(config_path)
+
+
+def test_outputs_counts_and_nothing_lost(reference_run):
+    _, result = reference_run
+    counts = result.manifest.counts
+    assert result.cached is False
+    assert counts["docs_in"] == counts["docs_out"] + sum(counts["rejects_by_reason"].values())
+    assert set(counts["docs_out_by_lang"]) == {"en", "zh"}
+    assert counts["rejects_by_reason"]["exact_dedup:duplicate_of"] >= 1  # the planted copy
+    assert counts["rejects_by_reason"]["near_dedup:near_duplicate_of"] >= 1  # the planted near copy
+    assert any(s["format"] == "warc" for s in result.manifest.extra["inputs"])
+    manifest_rows = sum(entry["docs"] for entry in result.manifest.shards)
+    table_rows = sum(pq.read_table(Path(result.ref.uri) / e["path"]).num_rows for e in result.manifest.shards)
+    assert manifest_rows == table_rows == counts["docs_out"]
+    rejects = sum(pq.read_table(Path(result.ref.uri) / e["path"]).num_rows for e in result.manifest.extra["rejects"])
+    assert rejects == counts["rejected"]
+    sample = pq.read_table(Path(result.ref.uri) / result.manifest.shards[0]["path"]).to_pylist()[0]
+    assert set(sample) == {"id", "text", "source", "lang", "lang_score", "quality_score", "url"}
+
+
+def test_rerun_is_a_cache_hit(reference_run):
+    config_path, first = reference_run
+    again = _run(config_path)
+    assert again.cached and again.ref == first.ref
+
+
+def test_beam_keeps_exactly_the_same_documents(reference_run, tmp_path):
+    config_path, reference = reference_run
+    beam = _run(config_path, storage={"root": str(tmp_path / "beam")}, clean={"executor": {"kind": "beam"}})
+    assert beam.ref.fingerprint == reference.ref.fingerprint
+    assert _data_bytes(beam.ref.uri) == _data_bytes(reference.ref.uri)
+    assert beam.manifest.counts == reference.manifest.counts
+
+
+def test_kill_9_mid_run_resumes_byte_identical(reference_run, tmp_path):
+    config_path, reference = reference_run
+    root = tmp_path / "killed"
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from test_clean_stage import _run\n"
+        "from pathlib import Path\n"
+        "_run(Path(%r), storage={'root': %r})\n"
+    ) % (str(Path(__file__).parent), str(config_path), str(root))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    done_dir = root / "clean" / reference.ref.fingerprint / "_done" / "filter"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if done_dir.exists() and len(list(done_dir.glob("*.json"))) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stage_dir = root / "clean" / reference.ref.fingerprint
+    finished_before = {p.name for p in done_dir.glob("*.json")}
+    assert not (stage_dir / "manifest.json").exists()
+    assert 2 <= len(finished_before) < 7
+
+    resumed = _run(config_path, storage={"root": str(root)})
+    assert not resumed.cached
+    assert _data_bytes(resumed.ref.uri) == _data_bytes(reference.ref.uri)
+    assert resumed.manifest.counts == reference.manifest.counts
+    # Shards finished before the kill were not redone: their done-records are the original files.
+    assert finished_before <= {p.name for p in done_dir.glob("*.json")}
+
+
+def test_manifest_lists_checksums_and_no_credentials(reference_run):
+    _, result = reference_run
+    text = (Path(result.ref.uri) / "manifest.json").read_text()
+    manifest = json.loads(text)
+    assert all(entry["checksum"].startswith("xxh3:") for entry in manifest["shards"])
+    assert "secret" not in text.lower()

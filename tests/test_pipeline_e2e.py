@@ -1,0 +1,52 @@
+"""End to end through the CLI and a real (ephemeral) Prefect API: ``skymoe run --until clean``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import CORPUS, write_config
+
+
+def _skymoe(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "skymoe.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=900)
+
+
+def test_run_until_clean_on_demo_corpus_then_cached(tmp_path, prefect_env):
+    env = dict(os.environ)
+    root = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", str(root), [str(CORPUS)],
+                          classifier={"enabled": True, "positive": [str(CORPUS.parent / "quality" / "positive.jsonl")],
+                                      "negative": [str(CORPUS.parent / "quality" / "negative.jsonl")]})
+    first = _skymoe("run", "--config", str(config), "--until", "clean", env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads(first.stdout[first.stdout.index("{"):])
+    clean = summary["stages"]["clean"]
+    assert clean["counts"]["docs_out"] > 300
+    assert clean["counts"]["docs_out_by_lang"]["en"] > 50 and clean["counts"]["docs_out_by_lang"]["zh"] > 200
+    assert clean["counts"]["rejects_by_reason"]["quality_classifier:bucket_tail"] > 0
+    assert "Finished in state Completed" in first.stderr
+    assert "clean/filter" in first.stderr  # stage progress lines reach the run's log
+
+    second = _skymoe("run", "--config", str(config), "--until", "clean", env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Cached" in second.stderr
+    assert json.loads(second.stdout[second.stdout.index("{"):])["stages"]["clean"]["uri"] == clean["uri"]
+
+    shown = _skymoe("show", "--root", str(root), "--json", env=env)
+    stages = json.loads(shown.stdout)["stages"]
+    assert stages == [{"name": "clean", "fingerprint": clean["uri"].rsplit("/", 1)[-1], "uri": clean["uri"],
+                       "complete": True, "counts": {k: v for k, v in clean["counts"].items() if not isinstance(v, dict)}}]
+
+
+def test_bad_config_fails_before_work(tmp_path, prefect_env):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("storage:\n  root: %s\nclean:\n  language:\n    min_confidence: 2\n" % (tmp_path / "out"))
+    result = _skymoe("run", "--config", str(bad), env=dict(os.environ))
+    assert result.returncode == 2
+    assert "clean.language.min_confidence" in result.stderr and str(bad) in result.stderr
+    assert not (tmp_path / "out").exists()

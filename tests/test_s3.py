@@ -1,0 +1,73 @@
+"""The cleaning stage and the catalog against a real S3-compatible server (moto on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+
+from conftest import write_config
+from pipelines.clean.readers import InputError
+from pipelines.clean.stage import run_clean
+from skymoe.catalog import list_stage_outputs
+from skymoe.config import load_config
+from skymoe.storage import Storage, StorageError
+
+
+@pytest.fixture()
+def bucket(s3_server):
+    client = boto3.client("s3", endpoint_url=s3_server)
+    name = "skymoe-test"
+    if name not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
+        client.create_bucket(Bucket=name)
+    return client, name
+
+
+def _upload(client, bucket: str, folder: Path, prefix: str) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+
+
+def test_clean_reads_and_writes_s3(tmp_path, small_corpus, bucket):
+    client, name = bucket
+    _upload(client, name, small_corpus, "raw")
+    config_path = write_config(tmp_path / "c.yaml", f"s3://{name}/runs", [f"s3://{name}/raw"])
+    config = load_config(config_path)
+    storage = Storage.from_config(config.storage)
+    result = run_clean(config.clean, storage, config.storage.root)
+
+    assert result.ref.uri == f"s3://{name}/runs/clean/{result.ref.fingerprint}"
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=name, Prefix="runs/")["Contents"]}
+    prefix = f"runs/clean/{result.ref.fingerprint}/"
+    assert prefix + "manifest.json" in keys
+    assert all(prefix + entry["path"] in keys for entry in result.manifest.shards)
+    manifest_text = client.get_object(Bucket=name, Key=prefix + "manifest.json")["Body"].read().decode()
+    assert "testing" not in manifest_text  # the access key never reaches an artifact
+    assert all(e["checksum"].startswith("etag:") for e in json.loads(manifest_text)["shards"])
+
+    again = run_clean(config.clean, storage, config.storage.root)
+    assert again.cached
+
+    listings = list_stage_outputs(storage, config.storage.root)
+    assert [(item.name, item.fingerprint, item.complete) for item in listings] == [
+        ("clean", result.ref.fingerprint, True)
+    ]
+
+    shown = subprocess.run([sys.executable, "-m", "skymoe.cli", "show", "--root", f"s3://{name}/runs", "--json"],
+                           capture_output=True, text=True, check=True)
+    assert json.loads(shown.stdout)["stages"][0]["counts"]["docs_out"] == result.manifest.counts["docs_out"]
+
+
+def test_missing_bucket_fails_before_work(tmp_path, small_corpus, s3_server):
+    config = load_config(write_config(tmp_path / "c.yaml", "s3://no-such-bucket/x", [str(small_corpus)]))
+    storage = Storage.from_config(config.storage)
+    with pytest.raises(StorageError, match="no-such-bucket"):
+        run_clean(config.clean, storage, config.storage.root)
+    missing_input = load_config(write_config(tmp_path / "d.yaml", str(tmp_path / "out"), ["s3://no-such-bucket/raw/"]))
+    with pytest.raises(InputError, match="no-such-bucket"):
+        run_clean(missing_input.clean, storage, missing_input.storage.root)
