@@ -223,7 +223,14 @@ def main() -> int:
           f"{len(english) - n_c4} Dolma cc_en_head-0091.jsonl, {sum(map(len, en_texts)) / len(en_texts):.0f} "
           f"chars mean) cycled in order to {n}; fresh Document objects for every run")
 
-    # Warm-up outside the clock: spaCy blank English for datatrove, lingua for language id.
+    zh = zh_order = None
+    if not args.no_zh:
+        zh = load_chinese()
+        zh_order = list(range(min(n, len(zh))))  # the real articles, no cycling needed
+    zh_texts = [t for _, t in zh] if zh else []
+
+    # Warm-up outside the clock: spaCy blank English for datatrove; lingua, which loads its
+    # language models lazily on first use, over every distinct text once.
     warm = list(range(min(20, len(en_texts))))
     run_datatrove(fresh_docs(en_texts, warm, None))
     run_skymoe(fresh_docs(en_texts, warm, "en"))
@@ -231,13 +238,9 @@ def main() -> int:
         from pipelines.clean.langid import LanguageId
 
         _LANGID = LanguageId(LanguageConfig())
-        run_skymoe(fresh_docs(en_texts, warm, None), langid=True)
-
-    zh = zh_order = None
-    if not args.no_zh:
-        zh = load_chinese()
-        zh_order = cycle_to(zh, args.docs)
-    zh_texts = [t for _, t in zh] if zh else []
+        run_skymoe(fresh_docs(en_texts, list(range(len(en_texts))), None), langid=True)
+        if zh:
+            run_skymoe(fresh_docs(zh_texts, zh_order, None), langid=True)
 
     times: dict[str, list[float]] = {}
     sk_out = dt_kept = lid_out = zh_out = zh_lid_out = None
@@ -272,7 +275,7 @@ def main() -> int:
               f"{sum(lid_langs.values())}/{n}: {dict(lid_langs) or '-'}]")
     if zh:
         zh_drop = Counter(f"{r['step']}:{r['reason']}" for r in zh_out.values() if r)
-        print(f"  zh: skymoe heuristic_steps on {len(zh_order)} zhwiki docs ({len(zh)} real, cycled; lang=zh) "
+        print(f"  zh: skymoe heuristic_steps on {len(zh_order)} real zhwiki_part1.txt articles (lang=zh) "
               f"{rate(len(zh_order), times['zh'])}")
         print(f"      kept {len(zh_order) - sum(zh_drop.values())}/{len(zh_order)}; top rejects "
               f"{dict(zh_drop.most_common(4))}")
@@ -326,17 +329,20 @@ def main() -> int:
 
     print()
     print("Disagreement examples (distinct texts; chain decisions datatrove -> skymoe)")
+    first_k: dict[int, int] = {}
+    for k, u in enumerate(order):
+        first_k.setdefault(u, k)
     shown = 0
-    for u, (label, text) in enumerate(english):
+    for u, k in sorted(first_k.items()):
         if shown >= args.examples:
             break
-        sk_u = next(sk_chain[k] for k, v in enumerate(order) if v == u) if u in set(order) else None
-        if u not in set(order) or (dt_chain_u[u] is None) == (sk_u is None) and dt_chain_u[u] == sk_u:
+        if dt_chain_u[u] == sk_chain[k]:
             continue
         shown += 1
-        print(f"  {label}: {dt_chain_u[u] or 'keep'} -> {sk_u or 'keep'}")
+        label, text = english[u]
+        print(f"  {label}: {dt_chain_u[u] or 'keep'} -> {sk_chain[k] or 'keep'}")
         print(f"      {diagnose(text)}")
-        if "c4:" in f"{dt_chain_u[u]}{sk_u}":
+        if "c4:" in f"{dt_chain_u[u]}{sk_chain[k]}":
             print(f"      {c4_sentences(text)}")
     if not shown:
         print("  none")

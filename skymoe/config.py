@@ -134,8 +134,19 @@ class CodeConfig(_Strict):
     min_alnum_frac: float = Field(0.25, ge=0, le=1)
 
 
+class BlocklistConfig(_Strict):
+    """Spam-term lists per language (gambling, adult, pills): the vocabulary of SEO spam pages."""
+
+    enabled: bool = True
+    files: dict[str, str] = Field(
+        default_factory=lambda: {lang: str(CONFIGS_DIR / "blocklists" / f"{lang}.txt") for lang in ("en", "zh")}
+    )
+    min_hits: int = Field(2, ge=1, description="term occurrences (all terms together) that reject a page")
+
+
 class HeuristicsConfig(_Strict):
     enabled: bool = True
+    blocklist: BlocklistConfig = BlocklistConfig()
     gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()
     gopher_quality: GopherQualityConfig = GopherQualityConfig()
     c4: C4Config = C4Config()
@@ -289,6 +300,11 @@ def _resolve_paths(config: PipelineConfig, base: Path) -> PipelineConfig:
             "negative": [_resolve(p, base) for p in clean.classifier.negative],
         }
     )
-    clean = clean.model_copy(update={"inputs": [_resolve(p, base) for p in clean.inputs], "classifier": classifier})
+    blocklist = clean.heuristics.blocklist.model_copy(
+        update={"files": {lang: _resolve(p, base) for lang, p in clean.heuristics.blocklist.files.items()}}
+    )
+    heuristics = clean.heuristics.model_copy(update={"blocklist": blocklist})
+    clean = clean.model_copy(update={"inputs": [_resolve(p, base) for p in clean.inputs], "classifier": classifier,
+                                     "heuristics": heuristics})
     storage = config.storage.model_copy(update={"root": _resolve(config.storage.root, Path.cwd())})
     return config.model_copy(update={"clean": clean, "storage": storage})

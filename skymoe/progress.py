@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 
 class Progress:
@@ -36,8 +39,32 @@ class Progress:
             return f"{self.what}: {self.done}/{self.total} {self.unit} ({rate:,.1f} {self.unit}/s, {eta})"
         return f"{self.what}: {self.done} {self.unit} ({rate:,.1f} {self.unit}/s)"
 
+    @contextmanager
+    def watching(self, count: Callable[[], int]) -> Iterator["Progress"]:
+        """Poll ``count()`` in the background and log progress, for work done by other processes
+        (executor workers) that report completion through storage."""
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(self.every_s):
+                try:
+                    self.done = count()
+                except OSError:
+                    continue  # a transient storage error only delays the next progress line
+                self.logger.info(self.line())
+
+        thread = threading.Thread(target=poll, name=f"progress-{self.what}", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
+
     def close(self) -> None:
-        self.logger.info(self.line().replace("ETA 0s", "done"))
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        self.logger.info(f"{self.what}: done, {self.done} {self.unit} in {_fmt_duration(elapsed)} "
+                         f"({self.done / elapsed:,.1f} {self.unit}/s)")
 
 
 def _fmt_duration(seconds: float) -> str:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from skymoe import __version__
@@ -22,6 +23,20 @@ from skymoe.storage import Storage, join
 
 MANIFEST = "manifest.json"
 DONE_DIR = "_done"
+
+
+def source_digest(*folders: Path) -> str:
+    """A code version that changes whenever a stage's source changes: a hash of its ``.py`` files.
+
+    Hand-bumped version strings go stale; this cannot, so an edited filter never reuses outputs
+    made by the old one.
+    """
+    digest = hashlib.sha256()
+    for folder in folders:
+        for path in sorted(folder.rglob("*.py")):
+            digest.update(path.relative_to(folder).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def canonical_json(value: Any) -> str:
@@ -119,6 +134,11 @@ class DoneRecords:
 
     def mark(self, shard_id: str, record: dict[str, Any]) -> None:
         self.storage.write_text(self._uri(shard_id), canonical_json(record))
+
+    def ids(self) -> set[str]:
+        """Finished shard ids, from the listing alone (cheap enough to poll for progress)."""
+        return {uri.rsplit("/", 1)[-1][: -len(".json")] for uri in self.storage.listdir(self.folder)
+                if uri.endswith(".json")}
 
     def all(self) -> dict[str, dict[str, Any]]:
         records = {}

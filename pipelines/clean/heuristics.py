@@ -22,6 +22,7 @@ from pipelines.clean.text import (
     view_of,
 )
 from skymoe.config import (
+    BlocklistConfig,
     C4Config,
     ChineseConfig,
     CodeConfig,
@@ -290,19 +291,62 @@ class CodeQuality(DocFilter):
         return None
 
 
+class Blocklist(DocFilter):
+    """Rejects pages full of spam vocabulary (gambling, adult, pills) from per-language term lists.
+
+    The terms are read once, at construction, so the step carries them to every worker.
+    """
+
+    name = "blocklist"
+
+    def __init__(self, config: BlocklistConfig, terms: dict[str, list[str]]):
+        super().__init__()
+        self.min_hits = config.min_hits
+        self.languages = tuple(sorted(terms))
+        self.patterns = {lang: re.compile("|".join(_term_pattern(t) for t in sorted(words, key=len, reverse=True)))
+                         for lang, words in terms.items() if words}
+
+    def check(self, doc: Document) -> str | None:
+        pattern = self.patterns.get(doc.metadata["lang"])
+        if pattern is None:
+            return None
+        hits = Counter(pattern.findall(doc.text.lower()))
+        if sum(hits.values()) >= self.min_hits:
+            return f"spam_terms: {', '.join(term for term, _ in hits.most_common(3))}"
+        return None
+
+
+def _term_pattern(term: str) -> str:
+    """Latin terms match whole words only ("cialis" must not match "specialist"), also when glued
+    to Chinese text ("yabo手机版"); CJK terms have no word boundaries and match as substrings."""
+    escaped = re.escape(term)
+    return rf"(?<![a-z0-9]){escaped}(?![a-z0-9])" if term.isascii() else escaped
+
+
+def read_terms(path: str) -> list[str]:
+    """A term list: one term per line; blank lines and '#' comments ignored; lower-cased."""
+    with open(path, encoding="utf-8") as handle:
+        return [line.strip().lower() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+
+
 def heuristic_steps(config: HeuristicsConfig) -> list[DocFilter]:
-    """The heuristic chain in order: repetition first (cheap rejections of spam), then quality."""
+    """The heuristic chain: spam terms, repetition, then quality. English follows datatrove's
+    Gopher -> C4 -> FineWeb order, so decisions can be compared rule for rule."""
     if not config.enabled:
         return []
     zh = config.chinese
+    blocklist = ([Blocklist(config.blocklist, {lang: read_terms(path) for lang, path in config.blocklist.files.items()})]
+                 if config.blocklist.enabled else [])
     return [
+        *blocklist,
         GopherRepetition(config.gopher_repetition, "en", config.gopher_repetition.top_n_grams,
                          config.gopher_repetition.dup_n_grams),
         GopherRepetition(config.gopher_repetition, "zh", zh.top_char_ngram, zh.dup_char_ngram),
         GopherQuality(config.gopher_quality),
-        ChineseQuality(zh),
         C4Lines(config.c4, "en"),
         C4Lines(config.c4, "zh", min_chars_per_line=zh.min_chars_per_line, min_sentences=zh.min_sentences),
+        # Chinese length and sentence rules judge what the line rules left, not the raw page.
+        ChineseQuality(zh),
         FineWebQuality(config.fineweb),
         CodeQuality(config.code),
     ]

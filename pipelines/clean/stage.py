@@ -19,6 +19,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -33,13 +34,14 @@ from pipelines.clean.langid import LanguageId
 from pipelines.clean.readers import InputError, InputShard, ShardReader, discover_inputs
 from pipelines.clean.steps import ORIGINAL, REJECT
 from skymoe.config import CleanConfig, ConfigError, bucket_names
+from skymoe.plots import bar_chart_png
 from skymoe.progress import Progress
 from skymoe.stage import DoneRecords, Manifest, StageRef, canonical_json, fingerprint, read_manifest, \
-    shard_entry, write_manifest
+    shard_entry, source_digest, write_manifest
 from skymoe.storage import Storage
 
 STAGE = "clean"
-CODE_VERSION = "clean-1"
+CODE_VERSION = f"clean-{source_digest(Path(__file__).resolve().parent)}"
 log = logging.getLogger("skymoe.clean")
 
 DOC_SCHEMA = pa.schema([
@@ -67,15 +69,31 @@ class CleanResult:
 def plan_clean(config: CleanConfig, storage: Storage, root: str) -> tuple[StageRef, list[InputShard]]:
     """Check inputs and example files, then fingerprint; raises before any work is done."""
     shards = discover_inputs(storage, config.inputs)
-    example_files: dict[str, str] = {}
-    if config.classifier.enabled:
-        for uri in config.classifier.positive + config.classifier.negative:
-            if not storage.exists(uri):
-                raise ConfigError(f"clean.classifier: example file not found: {uri}")
-            example_files[uri] = storage.checksum(uri)
-    inputs = {shard.uri: shard.checksum for shard in shards} | {f"examples:{k}": v for k, v in example_files.items()}
-    fp = fingerprint(STAGE, CODE_VERSION, config.model_dump(mode="json", exclude={"inputs", "executor"}), inputs)
+    fp = fingerprint(STAGE, CODE_VERSION, _fingerprinted_config(config, storage),
+                     {shard.uri: shard.checksum for shard in shards})
     return StageRef(root, STAGE, fp), shards
+
+
+def _fingerprinted_config(config: CleanConfig, storage: Storage) -> dict:
+    """The config as it affects output: resource files enter by content, not by path (a clone
+    elsewhere gets the same fingerprint); inputs enter separately and the executor not at all
+    (datatrove and Beam write identical output)."""
+    settings = config.model_dump(mode="json", exclude={"inputs", "executor"})
+
+    def content(uri: str, field: str) -> str:
+        if not storage.exists(uri):
+            raise ConfigError(f"clean.{field}: file not found: {uri}")
+        return storage.checksum(uri)
+
+    if config.classifier.enabled:
+        for side in ("positive", "negative"):
+            settings["classifier"][side] = [content(u, f"classifier.{side}") for u in getattr(config.classifier, side)]
+    if config.heuristics.enabled and config.heuristics.blocklist.enabled:
+        settings["heuristics"]["blocklist"]["files"] = {
+            lang: content(path, f"heuristics.blocklist.files.{lang}")
+            for lang, path in config.heuristics.blocklist.files.items()
+        }
+    return settings
 
 
 def run_clean(config: CleanConfig, storage: Storage, root: str) -> CleanResult:
@@ -102,6 +120,7 @@ def run_clean(config: CleanConfig, storage: Storage, root: str) -> CleanResult:
     timings["total"] = round(time.monotonic() - started, 3)
 
     manifest = _manifest(config, storage, ref, shards, model, timings)
+    manifest.extra["plots"] = _plots(storage, ref, manifest.counts)
     write_manifest(storage, ref, manifest)
     log.info("clean: %d -> %d documents, manifest at %s", manifest.counts["docs_in"], manifest.counts["docs_out"],
              ref.path("manifest.json"))
@@ -125,14 +144,19 @@ def _classifier(config: CleanConfig, storage: Storage, ref: StageRef, timings: d
 
 def _run_phase(phase: str, task, config: CleanConfig, storage: Storage, ref: StageRef,
                shards: list[InputShard], timings: dict) -> None:
-    done = DoneRecords(storage, ref, phase).all()
+    records = DoneRecords(storage, ref, phase)
+    done = records.ids()
     pending = [i for i, shard in enumerate(shards) if shard.shard_id not in done]
     started = time.monotonic()
     if pending:
         log.info("clean/%s: %d of %d shards to do (%s executor)", phase, len(pending), len(shards),
                  config.executor.kind)
-        map_shards(config.executor, task, pending, f"clean-{phase}")
-    missing = [s.shard_id for s in shards if s.shard_id not in DoneRecords(storage, ref, phase).all()]
+        progress = Progress(f"clean/{phase}", len(pending), "shards", log)
+        with progress.watching(lambda: len(records.ids() - done)):
+            map_shards(config.executor, task, pending, f"clean-{phase}")
+        progress.done = len(records.ids() - done)
+        progress.close()
+    missing = [s.shard_id for s in shards if s.shard_id not in records.ids()]
     if missing:
         raise RuntimeError(f"clean/{phase}: shards {missing} did not finish")
     timings[phase] = round(time.monotonic() - started, 3)
@@ -347,6 +371,15 @@ class ApplyShard:
 
 
 # ------------------------------------------------------------------------------ manifest
+def _plots(storage: Storage, ref: StageRef, counts: dict) -> list[str]:
+    """Where the documents went: kept per language and rejected per reason."""
+    values = {f"kept ({lang})": n for lang, n in counts["docs_out_by_lang"].items()}
+    values |= {f"rejected: {reason}": n for reason, n in counts["rejects_by_reason"].items()}
+    uri = ref.path("report", "documents.png")
+    storage.write_bytes(uri, bar_chart_png(f"clean: {counts['docs_in']:,} documents in", values, "documents"))
+    return ["report/documents.png"]
+
+
 def _manifest(config: CleanConfig, storage: Storage, ref: StageRef, shards: list[InputShard],
               model: QualityModel | None, timings: dict) -> Manifest:
     filtered = DoneRecords(storage, ref, "filter").all()
