@@ -7,11 +7,12 @@ cache entry is only trusted while the stage's manifest still exists in storage.
 
 from __future__ import annotations
 
+import base64
 import logging
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipelines.clean.stage import plan_clean, run_clean
 from skymoe.cli import STAGES
@@ -31,7 +32,17 @@ def clean_task(config_path: str | None, overrides: dict, ref: StageRef) -> dict[
     config = load_config(config_path, overrides)
     result = run_clean(config.clean, Storage.from_config(config.storage), config.storage.root)
     return {"uri": result.ref.uri, "fingerprint": result.ref.fingerprint, "counts": result.manifest.counts,
-            "timings": result.manifest.timings}
+            "timings": result.manifest.timings, "plots": result.manifest.extra.get("plots", [])}
+
+
+def _publish_plots(stage: str, summary: dict[str, Any], storage: Storage) -> None:
+    """A markdown artifact with the stage's PNG plots inlined, so the UI shows them directly."""
+    sections = [f"# {stage} `{summary['fingerprint']}`", f"Output: `{summary['uri']}`"]
+    for path in summary.get("plots", []):
+        png = storage.read_bytes(f"{summary['uri']}/{path}")
+        sections.append(f"![{path}](data:image/png;base64,{base64.b64encode(png).decode()})")
+    create_markdown_artifact(key=f"{stage}-report", markdown="\n\n".join(sections),
+                             description=f"{stage}: plots")
 
 
 def _publish_clean(summary: dict[str, Any]) -> None:
@@ -73,6 +84,7 @@ def pipeline_flow(config_path: str | None = None, root: str | None = None, input
     fresh = read_manifest(storage, ref) is None
     clean_summary = clean_task.with_options(refresh_cache=fresh)(config_path, overrides, ref)
     _publish_clean(clean_summary)
+    _publish_plots("clean", clean_summary, storage)
     summary["stages"]["clean"] = clean_summary
 
     wanted = STAGES[: STAGES.index(until) + 1]

@@ -201,11 +201,6 @@ def test_chinese_repetition_keeps_a_real_article_and_rejects_it_repeated():
     assert reason(run_one(en_repetition(), doc(tripled, "zh"))) is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG pipelines/clean/text.py _ZH_TOKEN: the Latin/digit alternative [^\\W_]+ also matches Han characters, so "
-    "a run starting with a digit or Latin letter swallows the Chinese that follows ('2016年夏季奥林匹克...' becomes "
-    "one token). Chinese n-grams then span whole clauses and a single such 'gram' exceeds the top_6_gram limit, "
-    "rejecting this complete Wikipedia article. Fix: (?:(?![<Han ranges>])[^\\W_])+ for the Latin/digit runs."))
 def test_chinese_repetition_keeps_a_real_article_that_mentions_a_year():
     document = doc(ZHWIKI[ZH_OLYMPICS], "zh")
     assert reason(run_one(zh_repetition(), document)) is None
@@ -416,12 +411,13 @@ def quality_model() -> QualityModel:
 def test_quality_model_reports_its_training(quality_model):
     metrics = quality_model.metrics
     assert metrics["positive_docs"] == 783 and metrics["negative_docs"] == 22
-    accuracy = metrics["held_out_accuracy"]
-    assert isinstance(accuracy, float) and 0.0 <= accuracy <= 1.0
-    # Measured 0.975 (155/159). Honest reading: the seed is 36:1 imbalanced and the held-out fifth of
-    # this split is 98.7% positive, so a constant "positive" classifier scores 0.987 on it; the
-    # number shows training worked, not that the model ranks well.
-    assert accuracy >= 0.9
+    recall = metrics["held_out_recall"]
+    # Per-class recall, because the seed is 36:1 imbalanced (a constant "positive" guess would get a
+    # plain accuracy of 0.987 on the held-out fifth). Honest reading: with all positives Chinese and
+    # all negatives English, this mostly measures language, not Wikipedia-likeness.
+    assert recall["positive"] >= 0.9
+    assert recall["negative"] is not None
+    assert metrics["held_out_balanced_accuracy"] == (recall["positive"] + recall["negative"]) / 2
 
 
 def test_quality_scores_wikipedia_text_above_web_pages(quality_model):
@@ -475,16 +471,10 @@ def test_quality_model_save_load_round_trip(quality_model, tmp_path):
     assert (tmp_path / "again.npz").read_bytes() == (tmp_path / "model.npz").read_bytes()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG pipelines/clean/classifier.py QualityModel.save: weights and bias are written as float32 while the "
-    "trained model holds float64, so the loaded model's scores differ from the trained one's (up to 4e-8; "
-    "9 of 1,800 corpus scores differ after the 6-decimal rounding of quality_score). The stage always scores "
-    "with the loaded model, so runs agree with each other, but the round trip is not exact. Fix: save float64, "
-    "or return the float32-rounded model from train_quality_model."))
 def test_quality_model_round_trip_scores_are_identical(quality_model, tmp_path):
     quality_model.save(Storage(), str(tmp_path / "model"))
     loaded = QualityModel.load(Storage(), str(tmp_path / "model"))
-    texts = C4_TEXTS + ZHWIKI
+    texts = C4_TEXTS[:100] + ZHWIKI[:100]
     assert np.array_equal(loaded.score(texts), quality_model.score(texts))
 
 
@@ -519,18 +509,17 @@ def test_english_rules_agree_with_datatrove_on_c4(datatrove_filters):
             theirs_keep_all &= theirs is None
         chain_agree += ours_keep_all == theirs_keep_all
     n = len(C4_TEXTS)
-    print("MEASURE", agree, chain_agree, same_reason, both_rejected)
     rates = {name: count / n for name, count in agree.items()}
     # Measured on the 300 C4 pages (keep/reject agreement): gopher_repetition 299/300,
     # gopher_quality 287/300 (all 13 differences: ours rejects gopher_below_alpha_threshold where
     # datatrove keeps, because the regex splits numbers like "1.4"/"5,000", "..." and "and/or" into
-    # more non-alphabetic tokens than spaCy), c4 298/300, fineweb 300/300; the whole chain 283/300.
+    # more non-alphabetic tokens than spaCy), c4 298/300, fineweb 300/300; the four rules together 288/300.
     assert rates["gopher_repetition"] >= 0.98
     assert rates["gopher_quality"] >= 0.94
     assert rates["c4"] >= 0.98
     assert rates["fineweb"] >= 0.98
     assert chain_agree / n >= 0.92
-    # Where both reject, the reason is the same (measured: 18/19, 58/59, 43/43, -/0).
+    # Where both reject, the reason is the same (measured: 14/15, 57/58, 43/43, fineweb none).
     for name in pairs:
         if both_rejected[name]:
             assert same_reason[name] / both_rejected[name] >= 0.9, name

@@ -11,6 +11,18 @@ from pathlib import Path
 from conftest import CORPUS, write_config
 
 
+_LIST_ARTIFACTS = """
+import asyncio, json
+from prefect.client.orchestration import get_client
+
+async def main():
+    async with get_client() as client:
+        print(json.dumps(sorted(a.key for a in await client.read_artifacts() if a.key)))
+
+asyncio.run(main())
+"""
+
+
 def _skymoe(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "skymoe.cli", *args], capture_output=True, text=True, env=env,
                           timeout=900)
@@ -36,6 +48,11 @@ def test_run_until_clean_on_demo_corpus_then_cached(tmp_path, prefect_env):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Cached" in second.stderr
     assert json.loads(second.stdout[second.stdout.index("{"):])["stages"]["clean"]["uri"] == clean["uri"]
+
+    artifacts = subprocess.run([sys.executable, "-c", _LIST_ARTIFACTS], capture_output=True, text=True, env=env,
+                               timeout=600)
+    keys = json.loads(artifacts.stdout.strip().splitlines()[-1])
+    assert keys.count("clean-summary") == 2 and keys.count("clean-report") == 2  # both runs published
 
     shown = _skymoe("show", "--root", str(root), "--json", env=env)
     stages = json.loads(shown.stdout)["stages"]

@@ -71,7 +71,7 @@ class QualityModel:
 
     def save(self, storage: Storage, uri_prefix: str) -> list[str]:
         buffer = io.BytesIO()
-        np.savez(buffer, weights=self.weights.astype(np.float32), bias=np.float32(self.bias))
+        np.savez(buffer, weights=self.weights, bias=np.float64(self.bias))  # float64: loading changes no score
         storage.write_bytes(f"{uri_prefix}.npz", buffer.getvalue())
         meta = {"kind": "hashed-char-ngram-logreg", "n_features": self.n_features, "ngram_range": NGRAM_RANGE,
                 "analyzer": "char_wb", "max_chars": MAX_CHARS, "metrics": self.metrics}
@@ -104,9 +104,14 @@ def train_quality_model(storage: Storage, config: ClassifierConfig) -> QualityMo
         return LogisticRegression(C=4.0, max_iter=2000, class_weight="balanced").fit(features[mask], labels[mask])
 
     probe = fit(~held_out)
-    accuracy = float((probe.predict(features[held_out]) == labels[held_out]).mean()) if held_out.any() else None
+    predicted, truth = probe.predict(features[held_out]), labels[held_out]
+    # Per-class recall: plain accuracy says little when one class dominates the seed.
+    recall = {name: float((predicted[truth == label] == label).mean()) if (truth == label).any() else None
+              for name, label in (("positive", 1), ("negative", 0))}
     model = fit(np.ones(len(texts), dtype=bool))
-    metrics = {"positive_docs": len(positives), "negative_docs": len(negatives), "held_out_accuracy": accuracy}
+    metrics = {"positive_docs": len(positives), "negative_docs": len(negatives),
+               "held_out_recall": recall,
+               "held_out_balanced_accuracy": None if None in recall.values() else sum(recall.values()) / 2}
     return QualityModel(model.coef_[0].astype(np.float64), float(model.intercept_[0]), config.n_features, metrics)
 
 

@@ -39,6 +39,8 @@ class LanguageId(PipelineStep):
         values = self._detector.compute_language_confidence_values(text[: self.config.max_chars])
         # Ties (e.g. text with no letters) come back in arbitrary order: break them by name.
         best = min(values, key=lambda v: (-v.value, v.language.name))
+        if best.value <= 0.0:
+            return "unknown", 0.0  # no letters to go by (numbers, symbols)
         name = best.language.name
         return _ISO.get(name, best.language.iso_code_639_1.name.lower()), float(best.value)
 

@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ FORMATS = {
 }
 READ_STEP = "read"
 # Files that travel with data but are not data: licenses and attributions stay beside the corpus.
-_NOT_DATA = ("license", "licence", "copying", "notice", "readme", "source", "attribution")
+_NOT_DATA = frozenset({"license", "licence", "copying", "notice", "readme", "source", "attribution"})
 
 
 class InputError(ValueError):
@@ -70,9 +71,9 @@ def discover_inputs(storage: Storage, patterns: list[str]) -> list[InputShard]:
             raise InputError(f"cannot list input {pattern}: {err}") from None
         if not files:
             raise InputError(f"input path does not exist or holds no files: {pattern}")
-        base = pattern.rstrip("/")
+        base = pattern.rstrip("/") if "://" in pattern else os.path.abspath(pattern)
         for uri in files:
-            if uri != base and uri.rsplit("/", 1)[-1].lower().startswith(_NOT_DATA):
+            if uri != base and _is_not_data(uri):
                 continue
             fmt = detect_format(uri)
             if fmt is None:
@@ -84,6 +85,12 @@ def discover_inputs(storage: Storage, patterns: list[str]) -> list[InputShard]:
     if not shards:
         raise InputError(f"no readable input files (known formats: {', '.join(sorted(FORMATS))}) in {patterns}")
     return [shards[uri] for uri in sorted(shards)]
+
+
+def _is_not_data(uri: str) -> bool:
+    """LICENSE, README.md, SOURCE.txt, ...: the stem, not a prefix, decides (sources.jsonl is data)."""
+    stem = uri.rsplit("/", 1)[-1].lower().split(".", 1)[0]
+    return stem in _NOT_DATA
 
 
 def _source_name(uri: str, base: str) -> str:
@@ -220,7 +227,7 @@ class ShardReader(PipelineStep):
 
         number = 0
         try:
-            for record in ArchiveIterator(io.BytesIO(raw)):
+            for record in ArchiveIterator(io.BytesIO(raw), check_digests=True):
                 if record.rec_type != "response":
                     continue
                 number += 1
@@ -231,6 +238,13 @@ class ShardReader(PipelineStep):
                 original = json.dumps({"url": url, "content_type": content_type,
                                        "payload": payload.decode("utf-8", errors="backslashreplace")},
                                       ensure_ascii=False)
+                missing = getattr(record.raw_stream, "limit", 0)  # bytes the header promised but the file lacks
+                if missing or record.digest_checker.passed is False:
+                    problems = f"{missing} bytes missing" if missing else "; ".join(record.digest_checker.problems)
+                    doc = self._rejected(shard, number, f"truncated_or_corrupt_warc: {problems}", original)
+                    doc.id = record_id
+                    yield doc
+                    continue
                 if "html" not in content_type.lower():
                     doc = self._rejected(shard, number, f"not_html: {content_type or 'no content type'}", original)
                     doc.id = record_id
@@ -251,10 +265,14 @@ def _gunzip_prefix(raw: bytes) -> tuple[bytes, bytes, str | None]:
     try:
         return gzip.decompress(raw), b"", None
     except (EOFError, zlib.error, OSError, gzip.BadGzipFile) as err:
-        decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            data = decompressor.decompress(raw)
-        except zlib.error:
-            data = b""
+        parts, rest = [], raw
+        while rest:  # a gzip file may hold several members: read on into each of them
+            decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            try:
+                parts.append(decompressor.decompress(rest))
+            except zlib.error:
+                break
+            rest = decompressor.unused_data if decompressor.eof else b""
+        data = b"".join(parts)
         cut = data.rfind(b"\n") + 1  # the last partial line is not a whole record
         return data[:cut], data[cut:], f"truncated_gzip: {type(err).__name__}: {err}"

@@ -15,12 +15,14 @@ from functools import cached_property
 
 from datatrove.data import Document
 
-# A word is a run of letters/digits (with inner apostrophes and hyphens); any other visible
-# character is a token of its own, as spaCy emits punctuation.
-_LATIN_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*|[^\w\s]|_+")
-_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef]")
+# A word is a number with inner separators ("1.4", "5,000"), or a run of letters/digits with inner
+# apostrophes or slashes ("don't", "and/or"); a run of the same punctuation mark ("...") is one
+# token, any other visible character a token of its own - spaCy's conventions, closely enough.
+_LATIN_WORD = re.compile(r"\d+(?:[.,:/]\d+)+|[^\W_]+(?:['’][^\W_]+)*(?:/[^\W_]+)*|([^\w\s])\1*|_+")
 # A Chinese "word" is one Han character; runs of Latin letters/digits stay whole.
-_ZH_TOKEN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef]|[^\W_]+|[^\w\s]")
+_HAN_CLASS = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef"
+_HAN = re.compile(f"[{_HAN_CLASS}]")
+_ZH_TOKEN = re.compile(rf"[{_HAN_CLASS}]|(?:(?![{_HAN_CLASS}])[^\W_])+|[^\w\s]")
 _EN_SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)")
 _ZH_SENTENCE_END = re.compile(r"[。！？!?；;]+[”’」』）)]*|\.{3,}|…+")
 _PARAGRAPH = re.compile(r"\n{2,}")
@@ -40,7 +42,7 @@ def count_han(text: str) -> int:
 
 
 def latin_words(text: str) -> list[str]:
-    return _LATIN_WORD.findall(text)
+    return [m.group(0) for m in _LATIN_WORD.finditer(text)]
 
 
 def zh_tokens(text: str) -> list[str]:

@@ -1,0 +1,389 @@
+"""Input discovery and record reading on bad and odd input.
+
+Every file is built in ``tmp_path`` from real text (the bundled corpus) with one defect planted,
+and every test checks the reader's promise: each record read comes out either as a kept document
+or as a rejected one that carries a reason and its original bytes. Nothing is silently lost.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from datatrove.data import Document
+
+from pipelines.clean.readers import InputError, ShardReader, detect_format, discover_inputs
+from pipelines.clean.steps import ORIGINAL, REJECT
+from skymoe.config import ReaderConfig
+from skymoe.storage import Storage
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO / "examples" / "corpus"
+C4_LINES = (CORPUS / "c4" / "c4_demo.jsonl").read_text("utf-8").splitlines()
+C4_TEXTS = [json.loads(line)["text"] for line in C4_LINES]
+ZHWIKI = (CORPUS / "zhwiki" / "zhwiki_part1.txt").read_text("utf-8").splitlines()
+WARC = CORPUS / "dolma" / "sample-0000.warc.gz"
+STORAGE = Storage()
+
+
+def read(paths: list[str | Path], config: ReaderConfig | None = None,
+         code_sources: frozenset[str] = frozenset()) -> list[Document]:
+    """Discover the inputs and read every shard, as the stage does (one task per shard)."""
+    shards = discover_inputs(STORAGE, [str(p) for p in paths])
+    reader = ShardReader(shards, config or ReaderConfig(), STORAGE, code_sources)
+    return [doc for rank in range(len(shards)) for doc in reader.run(rank=rank, world_size=len(shards))]
+
+
+def split(docs: list[Document]) -> tuple[list[Document], list[Document]]:
+    """(kept, rejected), checking that every rejected document says why and carries its record."""
+    kept = [d for d in docs if REJECT not in d.metadata]
+    rejected = [d for d in docs if REJECT in d.metadata]
+    for d in rejected:
+        assert d.metadata[REJECT]["step"] in {"read", "extract"} and d.metadata[REJECT]["reason"]
+        assert ORIGINAL in d.metadata
+    for d in kept:
+        assert d.text.strip() and ORIGINAL in d.metadata
+    return kept, rejected
+
+
+def reasons(docs: list[Document]) -> list[str]:
+    return [d.metadata[REJECT]["reason"] for d in docs if REJECT in d.metadata]
+
+
+def write_lines(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def c4_record(i: int, **extra) -> bytes:
+    return json.dumps({"text": C4_TEXTS[i], **extra}, ensure_ascii=False).encode("utf-8")
+
+
+# --------------------------------------------------------------------------- JSONL
+def test_malformed_json_lines_are_rejected_with_their_original(tmp_path):
+    records = [
+        c4_record(0, id="c4-0", url="https://example.org/air-cleaners"),
+        c4_record(1)[:-40],  # cut mid-string
+        b"[" + c4_record(2) + b"]",  # a JSON array, not an object
+        json.dumps({"id": "no-text", "content": C4_TEXTS[3]}).encode(),  # no "text" field
+        json.dumps({"text": 42}).encode(),  # text is not a string
+        b"",  # a blank line between records is not a record
+        c4_record(4),
+    ]
+    docs = read([write_lines(tmp_path / "mixed.jsonl", records)])
+    kept, rejected = split(docs)
+    assert len(docs) == 6  # every non-blank line is accounted for
+    assert [d.text for d in kept] == [C4_TEXTS[0], C4_TEXTS[4]]
+    assert kept[0].id == "c4-0" and kept[0].metadata["url"] == "https://example.org/air-cleaners"
+    assert kept[1].id.endswith(":6")  # no id field: shard id and line number
+    got = reasons(docs)
+    assert got[0].startswith("malformed_json: Unterminated string")
+    assert got[1] == "malformed_json: record is not an object"
+    assert got[2] == got[3] == "missing_text_field: 'text'"
+    assert rejected[0].metadata[ORIGINAL] == c4_record(1)[:-40].decode()
+    assert rejected[2].metadata[ORIGINAL] == records[3].decode()
+    assert all(d.metadata["source"] == "mixed" for d in docs)
+
+
+def test_invalid_utf8_is_rejected_in_jsonl_and_text(tmp_path):
+    bad = ZHWIKI[12].encode("utf-8")[:30] + b"\xff\xfe" + ZHWIKI[12].encode("utf-8")[30:]
+    jsonl = write_lines(tmp_path / "zh.jsonl", [json.dumps({"text": ZHWIKI[5]}, ensure_ascii=False).encode(),
+                                                 b'{"text": "' + bad + b'"}'])
+    text = write_lines(tmp_path / "zh.txt", [ZHWIKI[5].encode(), bad, ZHWIKI[23].encode()])
+    docs = read([jsonl, text])
+    kept, rejected = split(docs)
+    assert len(docs) == 5 and len(kept) == 3 and len(rejected) == 2
+    for d in rejected:
+        assert d.metadata[REJECT]["reason"].startswith("invalid_utf8: invalid start byte at byte ")
+        assert "\\xff\\xfe" in d.metadata[ORIGINAL]  # the bad bytes are kept, escaped
+        assert ZHWIKI[12][:10] in d.metadata[ORIGINAL]
+
+
+def test_empty_and_whitespace_only_documents(tmp_path):
+    jsonl = write_lines(tmp_path / "blank.jsonl", [
+        c4_record(0), json.dumps({"text": ""}).encode(), json.dumps({"text": " \n\t\u3000 "}).encode(), b"   ",
+    ])
+    text = tmp_path / "blank.txt"
+    text.write_bytes(f"{ZHWIKI[12]}\n\n   \t\n{ZHWIKI[23]}\r\n".encode())
+    docs = read([jsonl, text])
+    kept, rejected = split(docs)
+    # JSONL: 3 records (the whitespace-only line is not a record); text: 4 lines, each a document.
+    assert len(docs) == 3 + 4
+    assert [d.text for d in kept] == [C4_TEXTS[0], ZHWIKI[12], ZHWIKI[23]]  # "\r" of CRLF dropped
+    assert reasons(docs) == ["empty"] * 4
+
+
+def test_a_20_mb_document_is_rejected_as_too_large(tmp_path):
+    huge = "\n".join(C4_TEXTS * 40)[: 20_000_000]  # 20 MB of real C4 text in one record
+    path = write_lines(tmp_path / "big.jsonl", [c4_record(0), json.dumps({"text": huge}).encode(), c4_record(1)])
+    docs = read([path])
+    kept, rejected = split(docs)
+    assert len(docs) == 3 and [d.text for d in kept] == [C4_TEXTS[0], C4_TEXTS[1]]
+    size = len(huge.encode("utf-8"))
+    assert reasons(docs) == [f"too_large: {size} bytes > 5000000"]
+    assert json.loads(rejected[0].metadata[ORIGINAL])["text"] == huge
+    # The limit is configurable.
+    small = read([path], ReaderConfig(max_doc_bytes=len(C4_TEXTS[0].encode()) - 1))
+    assert [r.split(":")[0] for r in reasons(small)] == ["too_large"] * 3
+
+
+def test_text_field_id_field_and_url_field_are_configurable(tmp_path):
+    rows = [{"doc": "a", "body": C4_TEXTS[0], "link": "https://a.example"},
+            {"doc": "b", "body": C4_TEXTS[1], "text": "not this field"},
+            {"doc": "c", "text": C4_TEXTS[2]}]
+    path = write_lines(tmp_path / "custom.ndjson", [json.dumps(r).encode() for r in rows])
+    config = ReaderConfig(text_field="body", id_field="doc", url_field="link")
+    docs = read([path], config)
+    kept, rejected = split(docs)
+    assert [(d.id, d.text) for d in kept] == [("a", C4_TEXTS[0]), ("b", C4_TEXTS[1])]
+    assert kept[0].metadata["url"] == "https://a.example" and "url" not in kept[1].metadata
+    assert reasons(docs) == ["missing_text_field: 'body'"]
+
+
+def test_real_dolma_jsonl_with_its_own_ids():
+    path = CORPUS / "dolma" / "cc_en_head-0091.jsonl"
+    records = [json.loads(line) for line in path.read_text("utf-8").splitlines()]
+    docs = read([path])
+    kept, rejected = split(docs)
+    assert not rejected and [d.id for d in kept] == [r["id"] for r in records]
+    assert [d.text for d in kept] == [r["text"] for r in records]
+
+
+# --------------------------------------------------------------------------- gzip
+def test_truncated_gzip_reads_the_readable_records_and_rejects_the_partial_one(tmp_path):
+    whole = gzip.compress(("\n".join(C4_LINES) + "\n").encode("utf-8"))
+    path = tmp_path / "c4.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])  # cut in the middle
+    docs = read([path])
+    kept, rejected = split(docs)
+    assert 50 < len(kept) < 300
+    assert [d.text for d in kept] == C4_TEXTS[: len(kept)]  # the readable records, in order
+    assert len(rejected) == 1 and rejected[0] is docs[-1]
+    reason = rejected[0].metadata[REJECT]["reason"]
+    assert reason.startswith("truncated_gzip: EOFError")
+    partial = rejected[0].metadata[ORIGINAL]
+    assert partial and C4_LINES[len(kept)].startswith(partial)  # the partial record's bytes
+    # Nothing lost: the kept records and the partial bytes are the whole decompressible prefix.
+    prefix = gzip.decompress(whole)[: sum(len(line.encode()) + 1 for line in C4_LINES[: len(kept)]) + len(partial.encode())]
+    assert "\n".join(C4_LINES[: len(kept)]) + "\n" + partial == prefix.decode("utf-8")
+
+
+def test_whole_gzip_files_read_like_plain_ones(tmp_path):
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(("\n".join(C4_LINES[:20]) + "\n").encode()))
+    (tmp_path / "b.txt.gz").write_bytes(gzip.compress(("\n".join(ZHWIKI[:20]) + "\n").encode()))
+    docs = read([tmp_path])
+    kept, rejected = split(docs)
+    assert [d.text for d in docs[:20]] == C4_TEXTS[:20]
+    assert [d.text for d in docs[20:]] == ZHWIKI[:20]
+    assert len(docs) == 40 and not rejected
+
+
+def test_truncated_multi_member_gzip_loses_nothing(tmp_path):
+    first = gzip.compress(("\n".join(C4_LINES[:100]) + "\n").encode())
+    second = gzip.compress(("\n".join(C4_LINES[100:]) + "\n").encode())
+    path = tmp_path / "concatenated.jsonl.gz"
+    path.write_bytes(first + second[: len(second) // 2])
+    docs = read([path])
+    kept, rejected = split(docs)
+    assert len(kept) > 100
+    assert [d.text for d in kept] == C4_TEXTS[: len(kept)]
+    assert rejected[0].metadata[ORIGINAL] and C4_LINES[len(kept)].startswith(rejected[0].metadata[ORIGINAL])
+
+
+# --------------------------------------------------------------------------- WARC
+def _first_html_response() -> tuple[str, bytes]:
+    from warcio.archiveiterator import ArchiveIterator
+
+    with open(WARC, "rb") as handle:
+        for record in ArchiveIterator(handle):
+            if record.rec_type == "response":
+                return record.rec_headers.get_header("WARC-Target-URI"), record.content_stream().read()
+    raise AssertionError("no response record in the sample WARC")
+
+
+def test_warc_payloads_that_are_not_html_are_rejected(tmp_path):
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    import matplotlib
+
+    url, html = _first_html_response()  # a real page (semanticscholar.org research team)
+    png = (Path(matplotlib.get_data_path()) / "images" / "hand.png").read_bytes()  # a real PNG
+    buffer = io.BytesIO()
+    writer = WARCWriter(buffer, gzip=True)
+    writer.write_record(writer.create_warc_record(url, "request", payload=io.BytesIO(b"GET / HTTP/1.1\r\n\r\n")))
+    for target, content_type, payload in [(url, "text/html; charset=utf-8", html),
+                                          ("https://example.org/hand.png", "image/png", png)]:
+        headers = StatusAndHeaders("200 OK", [("Content-Type", content_type)], protocol="HTTP/1.1")
+        writer.write_record(writer.create_warc_record(target, "response", payload=io.BytesIO(payload),
+                                                      http_headers=headers))
+    path = tmp_path / "tiny.warc.gz"
+    path.write_bytes(buffer.getvalue())
+
+    docs = read([path])
+    kept, rejected = split(docs)
+    assert len(docs) == 2  # two responses; the request record is not a document
+    page, image = docs
+    assert page is kept[0] and page.metadata["url"] == url
+    assert "Semantic Scholar" in page.text and "<" not in page.text[:200]
+    assert page.id.startswith("<urn:uuid:")
+    assert image.metadata[REJECT] == {"step": "read", "reason": "not_html: image/png"}
+    original = json.loads(image.metadata[ORIGINAL])
+    assert original["url"] == "https://example.org/hand.png" and original["content_type"] == "image/png"
+    assert original["payload"].startswith("\\x89PNG")
+
+
+def test_real_warc_extraction_gives_documents_with_text():
+    from warcio.archiveiterator import ArchiveIterator
+
+    with open(WARC, "rb") as handle:
+        responses = [r.rec_headers.get_header("WARC-Record-ID") for r in ArchiveIterator(handle)
+                     if r.rec_type == "response"]
+    docs = read([WARC])
+    kept, rejected = split(docs)
+    assert len(responses) == 22 and [d.id for d in docs] == responses
+    assert not rejected
+    # Measured with trafilatura 2.3.1 (favor_precision): 601 to 13,140 characters per page.
+    assert all(len(d.text) > 300 and d.metadata["url"].startswith("https://") for d in kept)
+    assert all("<html" not in d.text.lower() and "</div>" not in d.text for d in kept)
+
+
+def test_a_truncated_warc_keeps_its_whole_records_and_rejects_the_cut_one(tmp_path):
+    from warcio.archiveiterator import ArchiveIterator
+
+    raw = WARC.read_bytes()
+    cut = raw[: len(raw) // 2]
+    complete = []  # response records whose bytes are all inside the cut
+    iterator = ArchiveIterator(io.BytesIO(raw))
+    for record in iterator:
+        if record.rec_type == "response":
+            record.content_stream().read()
+            iterator.read_to_end(record)
+            if iterator.get_record_offset() + iterator.get_record_length() <= len(cut):
+                complete.append(record.rec_headers.get_header("WARC-Record-ID"))
+    path = tmp_path / "cut.warc.gz"
+    path.write_bytes(cut)
+    docs = read([path])
+    kept, rejected = split(docs)
+    assert [d.id for d in kept] == complete  # measured: 13 whole responses before the cut
+    assert len(rejected) == 1 and rejected[0] is docs[-1]
+    assert rejected[0].metadata[REJECT]["reason"].startswith("truncated_or_corrupt_warc")
+
+
+# --------------------------------------------------------------------------- parquet and text
+def test_parquet_with_a_configurable_text_field(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"content": [C4_TEXTS[0], None, ZHWIKI[12], "  "],
+                      "doc_id": ["p0", "p1", "p2", "p3"],
+                      "page": ["https://a.example", None, None, None]})
+    path = tmp_path / "rows.parquet"
+    pq.write_table(table, path)
+    docs = read([path], ReaderConfig(text_field="content", id_field="doc_id", url_field="page"))
+    kept, rejected = split(docs)
+    assert len(docs) == 4
+    assert [(d.id, d.text) for d in kept] == [("p0", C4_TEXTS[0]), ("p2", ZHWIKI[12])]
+    assert kept[0].metadata["url"] == "https://a.example"
+    assert reasons(docs) == ["missing_text_field: 'content'", "empty"]
+    assert json.loads(rejected[0].metadata[ORIGINAL]) == {"content": None, "doc_id": "p1", "page": None}
+    with pytest.raises(InputError, match="no column 'text'"):
+        read([path])  # the default field is not there: a stage-level error, before any document
+
+
+def test_plain_text_is_one_document_per_line():
+    docs = read([CORPUS / "zhwiki" / "zhwiki_part1.txt"])
+    kept, rejected = split(docs)
+    assert len(docs) == 1500 and not rejected
+    assert [d.text for d in docs] == ZHWIKI
+    shard = discover_inputs(STORAGE, [str(CORPUS / "zhwiki" / "zhwiki_part1.txt")])[0]
+    assert [d.id for d in docs[:2]] == [f"{shard.shard_id}:0", f"{shard.shard_id}:1"]
+
+
+# --------------------------------------------------------------------------- discovery
+def test_a_missing_input_path_fails_early_with_the_path(tmp_path):
+    missing = tmp_path / "nowhere" / "data.jsonl"
+    with pytest.raises(InputError, match="does not exist") as err:
+        discover_inputs(STORAGE, [str(missing)])
+    assert str(missing) in str(err.value)
+    with pytest.raises(InputError, match="does not exist"):
+        discover_inputs(STORAGE, [str(tmp_path / "*.jsonl")])  # a glob that matches nothing
+    with pytest.raises(InputError, match="no inputs"):
+        discover_inputs(STORAGE, [])
+
+
+def test_an_unsupported_format_fails_early(tmp_path):
+    csv = tmp_path / "table.csv"
+    csv.write_text("text\nhello\n")
+    with pytest.raises(InputError, match="unsupported input format") as err:
+        discover_inputs(STORAGE, [str(csv)])
+    assert str(csv) in str(err.value)
+    folder = tmp_path / "only_csv"
+    folder.mkdir()
+    (folder / "table.csv").write_text("text\nhello\n")
+    with pytest.raises(InputError, match="no readable input files"):
+        discover_inputs(STORAGE, [str(folder)])
+    assert detect_format("x.JSONL.GZ") == "jsonl" and detect_format("x.warc.gz") == "warc"
+    assert detect_format("x.tar.gz") is None
+
+
+def _corpus_copy(root: Path) -> Path:
+    """A corpus folder laid out like examples/corpus: data next to licenses, READMEs and sources."""
+    (root / "c4").mkdir(parents=True)
+    (root / "zhwiki").mkdir()
+    shutil.copy(CORPUS / "c4" / "c4_demo.jsonl", root / "c4" / "c4_demo.jsonl")
+    shutil.copy(CORPUS / "c4" / "LICENSE.Apache-2.0.txt", root / "c4" / "LICENSE.Apache-2.0.txt")
+    shutil.copy(CORPUS / "c4" / "SOURCE.md", root / "c4" / "SOURCE.md")
+    (root / "zhwiki" / "part1.txt").write_text("\n".join(ZHWIKI[:30]) + "\n", encoding="utf-8")
+    shutil.copy(CORPUS / "zhwiki" / "LICENSE.CC-BY-SA-4.0.txt", root / "zhwiki" / "LICENSE.CC-BY-SA-4.0.txt")
+    shutil.copy(CORPUS / "zhwiki" / "SOURCE.md", root / "zhwiki" / "SOURCE.md")
+    shutil.copy(CORPUS / "README.md", root / "README.md")
+    (root / "README.txt").write_text("notes\n")
+    (root / "zhwiki" / ".part1.txt.swp").write_text("editor swap file\n")
+    (root / "_SUCCESS").write_text("")
+    return root
+
+
+def test_folder_and_glob_discovery_skip_license_readme_and_source_files(tmp_path):
+    root = _corpus_copy(tmp_path / "corpus")
+    shards = discover_inputs(STORAGE, [str(root)])
+    assert [(Path(s.uri).relative_to(root).as_posix(), s.format, s.source) for s in shards] == [
+        ("c4/c4_demo.jsonl", "jsonl", "c4"), ("zhwiki/part1.txt", "text", "zhwiki")]
+    again = discover_inputs(STORAGE, [str(root) + "/", str(root / "c4" / "c4_demo.jsonl")])
+    assert [s.shard_id for s in again] == [s.shard_id for s in shards]  # stable ids, no duplicates
+    assert all(s.checksum.startswith("xxh3:") for s in shards)
+
+    glob = discover_inputs(STORAGE, [str(root / "*" / "*.txt")])
+    assert [Path(s.uri).name for s in glob] == ["part1.txt"]  # LICENSE.*.txt skipped
+
+    docs = read([root], code_sources=frozenset({"zhwiki"}))
+    kept, rejected = split(docs)
+    assert len(docs) == 300 + 30 and not rejected
+    assert {d.metadata["source"] for d in docs} == {"c4", "zhwiki"}
+    assert all(d.metadata.get("lang") == "code" for d in docs if d.metadata["source"] == "zhwiki")
+    assert not any("lang" in d.metadata for d in docs if d.metadata["source"] == "c4")
+
+
+def test_the_bundled_corpus_reads_without_loss():
+    shards = discover_inputs(STORAGE, [str(CORPUS)])
+    assert [Path(s.uri).relative_to(CORPUS).as_posix() for s in shards] == [
+        "c4/c4_demo.jsonl", "cmrc2018/cmrc2018_contexts.jsonl", "dolma/cc_en_head-0091.jsonl",
+        "dolma/sample-0000.warc.gz", "zhwiki/zhwiki_part1.txt"]
+    assert [s.source for s in shards] == ["c4", "cmrc2018", "dolma", "dolma", "zhwiki"]
+    docs = read([CORPUS])
+    kept, rejected = split(docs)
+    # Records in the files: 300 + 600 + 10 JSONL lines, 22 WARC responses, 1500 text lines.
+    assert len(docs) == 300 + 600 + 10 + 22 + 1500
+    assert not rejected
+
+
+def test_relative_input_paths_give_the_same_sources(tmp_path, monkeypatch):
+    root = _corpus_copy(tmp_path / "corpus")
+    absolute = [s.source for s in discover_inputs(STORAGE, [str(root)])]
+    monkeypatch.chdir(tmp_path)
+    relative = [s.source for s in discover_inputs(STORAGE, ["corpus"])]
+    assert relative == absolute
