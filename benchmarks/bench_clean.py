@@ -3,8 +3,9 @@
 What is timed, single process, on the same documents (fresh ``Document`` objects every run,
 because the C4 rules rewrite ``doc.text``):
 
-(a) skymoe: the chain from ``heuristic_steps(HeuristicsConfig())`` (all of it, including the
-    zh/code steps, which pass English documents through untouched), documents tagged ``lang=en``;
+(a) skymoe: the chain from ``heuristic_steps(HeuristicsConfig())``, all of it: the spam-term
+    blocklist (no datatrove counterpart), the four English rules, and the zh/code steps, which pass
+    English documents through untouched; documents tagged ``lang=en``;
 (b) datatrove 0.10.1: ``GopherRepetitionFilter() -> GopherQualityFilter() -> C4QualityFilter()
     -> FineWebQualityFilter()``, default arguments, chained with ``run`` as a pipeline would;
 (c) skymoe's per-document filter phase: ``LanguageId(LanguageConfig())`` then (a), documents
@@ -14,21 +15,25 @@ plus a Chinese line: skymoe's chain on zhwiki articles (``lang=zh``; no datatrov
 Input: the 300 C4 documents and 10 Dolma CC documents in ``examples/corpus`` cycled to ``--docs``.
 Models are loaded and warmed up before the clock starts (spaCy blank English, lingua).
 
-Agreement: keep/drop of the two chains per document, and per rule, each rule applied on its own
+Agreement: keep/drop of the two chains per document (skymoe's whole chain, then its four
+counterpart rules alone, the blocklist left out), and per rule, each rule applied on its own
 to identical input (the original text; FineWeb gets the text as datatrove's C4 filter leaves it,
 as it would in the chain). Reasons are compared as ``rule:reason`` (the reason strings are the
 same in both implementations).
 
-Run: ``python benchmarks/bench_clean.py [--docs 3000] [--repeats 3] [--no-zh] [--no-langid]``.
+Run: ``python benchmarks/bench_clean.py [--docs 1860] [--repeats 3] [--no-zh] [--no-langid]``
+(about 3 minutes with the defaults on 2 shared cores; datatrove's ~20 ms/doc dominates).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -60,6 +65,21 @@ CORPUS = ROOT / "examples" / "corpus"
 EN_FILES = (CORPUS / "c4" / "c4_demo.jsonl", CORPUS / "dolma" / "cc_en_head-0091.jsonl")
 ZH_FILE = CORPUS / "zhwiki" / "zhwiki_part1.txt"
 RULES = ("gopher_repetition", "gopher_quality", "c4", "fineweb")  # chain order, skymoe step names
+SOURCES = ("pipelines/clean/text.py", "pipelines/clean/heuristics.py", "pipelines/clean/steps.py")
+
+
+def code_version() -> str:
+    """git HEAD, uncommitted changes to the filter sources, and a digest of those sources as read."""
+    digest = hashlib.sha256(b"".join((ROOT / p).read_bytes() for p in SOURCES)).hexdigest()[:12]
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "?"
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", *SOURCES],
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+        dirty = [line[3:] for line in dirty if line.strip()]
+    except (OSError, subprocess.SubprocessError):
+        head, dirty = "?", []
+    return f"git {head}{' + uncommitted ' + ', '.join(dirty) if dirty else ''}; filter sources sha256 {digest}"
 
 
 # ------------------------------------------------------------------------------ input
@@ -172,7 +192,28 @@ def diagnose(text: str) -> str:
 
     a, b = split_into_words(text), latin_words(text)
     return (f"{len(text)} chars; words spaCy {len(a)} / skymoe {len(b)}; "
-            f"alpha-word ratio spaCy {alpha(a):.3f} / skymoe {alpha(b):.3f} (threshold 0.8)")
+            f"alpha-word ratio spaCy {alpha(a):.4f} / skymoe {alpha(b):.4f} (min 0.8)")
+
+
+def top_ngrams(text: str) -> str:
+    """Gopher repetition measures under each tokenization: the top 2-gram and the duplicated 5-grams."""
+    from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate
+    from datatrove.utils.text import split_into_words
+
+    from pipelines.clean.heuristics import _repeated_ngram_chars
+    from pipelines.clean.text import latin_words
+
+    def top(words, n=2):
+        grams = Counter(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
+        if not grams:
+            return "-"
+        gram, count = grams.most_common(1)[0]
+        return f"{gram!r} x{count} = {len(gram) * count / len(text):.3f}"
+
+    a, b = split_into_words(text), latin_words(text)
+    return (f"top 2-gram spaCy {top(a)} / skymoe {top(b)} (max 0.20); duplicated 5-gram chars spaCy "
+            f"{find_all_duplicate(a, 5) / len(text):.4f} / skymoe {_repeated_ngram_chars(b, 5) / len(text):.4f} "
+            f"(max 0.15)")
 
 
 def c4_sentences(text: str) -> str:
@@ -187,7 +228,7 @@ def c4_sentences(text: str) -> str:
         if line.endswith((".", "?", "!", '"', "'")) and not line.endswith("...") and len(line.split()) >= 3:
             dt += len(split_into_sentences(line))
             sk += count_sentences(line, "en")
-    return f"C4 sentences (approx., before per-line drops) spaCy {dt} / skymoe {sk}"
+    return f"sentences on C4's candidate lines spaCy {dt} / skymoe {sk} (min 5)"
 
 
 # ------------------------------------------------------------------------------ report helpers
@@ -201,10 +242,39 @@ def pct(a: int, b: int) -> str:
     return f"{a}/{b} ({100 * a / b:.1f}%)" if b else f"{a}/0"
 
 
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "?"
+
+
+def report_chain(title: str, dt_chain: list, sk_chain: list, n: int) -> None:
+    print(f"  {title}:")
+    cm = Counter((d is None, s is None) for d, s in zip(dt_chain, sk_chain))
+    print(f"    agreement (both keep or both drop): {pct(cm[(True, True)] + cm[(False, False)], n)}")
+    print("    confusion             skymoe keep  skymoe drop")
+    print(f"      datatrove keep     {cm[(True, True)]:11d}  {cm[(True, False)]:11d}")
+    print(f"      datatrove drop     {cm[(False, True)]:11d}  {cm[(False, False)]:11d}")
+    both_drop = [(d, s) for d, s in zip(dt_chain, sk_chain) if d and s]
+    print(f"    both drop with the same rule:reason: {pct(sum(d == s for d, s in both_drop), len(both_drop))}; "
+          f"keep rate datatrove {100 * (cm[(True, True)] + cm[(True, False)]) / n:.1f}%, "
+          f"skymoe {100 * (cm[(True, True)] + cm[(False, True)]) / n:.1f}%")
+    crosstab = Counter((d or "keep", s or "keep") for d, s in zip(dt_chain, sk_chain) if d != s)
+    if crosstab:
+        print("    differing decisions (datatrove -> skymoe: docs):")
+        for (d, s), c in crosstab.most_common(8):
+            print(f"      {d} -> {s}: {c}")
+
+
 def main() -> int:
     global _LANGID
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--docs", type=int, default=3000, help="documents per run (real documents, cycled)")
+    ap.add_argument("--docs", type=int, default=1860,
+                    help="documents per run: the 310 real ones cycled (1860 = each exactly 6 times; datatrove at "
+                         "~50 docs/s makes 3000 x 3 repeats take 4-6 minutes on 2 shared cores)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats; medians are reported")
     ap.add_argument("--no-zh", action="store_true", help="skip the Chinese throughput line")
     ap.add_argument("--no-langid", action="store_true", help="skip (c), language id + heuristics")
@@ -212,6 +282,7 @@ def main() -> int:
     args = ap.parse_args()
     wall = time.perf_counter()
 
+    version = code_version()
     english = load_english()
     en_texts = [t for _, t in english]
     order = cycle_to(english, args.docs)
@@ -219,9 +290,13 @@ def main() -> int:
     n_c4 = sum(1 for label, _ in english if label.startswith("c4/"))
     print(f"skymoe clean-heuristics benchmark  (python {platform.python_version()}, {platform.machine()}, "
           f"single process, {args.repeats} repeats, medians)")
-    print(f"English input: {n} docs = the {len(english)} real documents ({n_c4} C4 c4_demo.jsonl + "
-          f"{len(english) - n_c4} Dolma cc_en_head-0091.jsonl, {sum(map(len, en_texts)) / len(en_texts):.0f} "
-          f"chars mean) cycled in order to {n}; fresh Document objects for every run")
+    print(f"skymoe code: {version}; datatrove {_version('datatrove')}, spaCy {_version('spacy')}")
+    sample = (f"the {len(english)} real documents" if n >= len(english)
+              else f"the first {n} of the {len(english)} real documents")
+    print(f"English input: {n} docs = {sample} ({n_c4} C4 c4_demo.jsonl + {len(english) - n_c4} Dolma "
+          f"cc_en_head-0091.jsonl, {sum(map(len, en_texts)) / len(en_texts):.0f} chars mean)"
+          f"{f' cycled in order to {n} ({n / len(english):.1f} copies each)' if n > len(english) else ''}; "
+          f"fresh Document objects for every run")
 
     zh = zh_order = None
     if not args.no_zh:
@@ -286,32 +361,29 @@ def main() -> int:
     # ------------------------------------------------------------------ decisions
     per_unique = [per_rule_decisions(t) for t in en_texts]
     dt_chain_u = [first_reject(dt) for dt, _ in per_unique]
-    mismatch = sum((dt_chain_u[u] is None) != (str(k) in dt_kept) for k, u in enumerate(order))
-    sk_chain = []
+    sk4_chain_u = [first_reject(sk) for _, sk in per_unique]
+    dt_chain = [dt_chain_u[u] for u in order]
+    sk4_chain = [sk4_chain_u[u] for u in order]  # skymoe's four counterpart rules, nothing else
+    sk_chain = []  # skymoe's whole default chain, as the timed run decided
     for k in range(n):
         mark = sk_out[str(k)]
         sk_chain.append(f"{mark['step']}:{mark['reason']}" if mark else None)
-    dt_chain = [dt_chain_u[u] for u in order]
+    dt_check = sum((dt_chain[k] is None) == (str(k) in dt_kept) for k in range(n))
+    own = [k for k in range(n) if sk_chain[k] and sk_chain[k].split(":", 1)[0] not in RULES]
+    own_set = set(own)
+    sk_check = sum(sk_chain[k] == sk4_chain[k] for k in range(n) if k not in own_set)
 
     print()
-    print(f"Keep/drop agreement of the two chains over the {n} docs ({len(set(order))} distinct texts)")
-    cm = Counter((d is None, s is None) for d, s in zip(dt_chain, sk_chain))
-    agree = cm[(True, True)] + cm[(False, False)]
-    print(f"  agreement (both keep or both drop): {pct(agree, n)}")
-    print("  confusion             skymoe keep  skymoe drop")
-    print(f"    datatrove keep       {cm[(True, True)]:10d}  {cm[(True, False)]:11d}")
-    print(f"    datatrove drop       {cm[(False, True)]:10d}  {cm[(False, False)]:11d}")
-    both_drop = [(d, s) for d, s in zip(dt_chain, sk_chain) if d and s]
-    print(f"  both drop with the same rule:reason: {pct(sum(d == s for d, s in both_drop), len(both_drop))}")
-    print(f"  datatrove keep rate {pct(cm[(True, True)] + cm[(True, False)], n)}; "
-          f"skymoe keep rate {pct(cm[(True, True)] + cm[(False, True)], n)}")
-    print(f"  (datatrove reasons from a per-rule pass; it matches the timed pipeline's kept set on "
-          f"{n - mismatch}/{n} docs)")
-    crosstab = Counter((d or "keep", s or "keep") for d, s in zip(dt_chain, sk_chain) if d != s)
-    if crosstab:
-        print("  differing decisions (datatrove -> skymoe), docs:")
-        for (d, s), c in crosstab.most_common(10):
-            print(f"    {c:5d}  {d}  ->  {s}")
+    print(f"Keep/drop agreement over the {n} docs ({len(set(order))} distinct texts)")
+    report_chain("skymoe's whole default chain vs datatrove's four filters", dt_chain, sk_chain, n)
+    if own:
+        own_reasons = Counter(sk_chain[k] for k in own)
+        print(f"  skymoe-only steps (no datatrove counterpart) rejected {len(own)} docs, "
+              f"{sum(dt_chain[k] is None for k in own)} of them kept by datatrove: "
+              f"{dict(own_reasons.most_common(3))}")
+    report_chain("the four counterpart rules only (GopherRep, GopherQual, C4, FineWeb)", dt_chain, sk4_chain, n)
+    print(f"  (consistency: datatrove per-rule pass vs the timed pipeline's kept set {dt_check}/{n}; skymoe "
+          f"per-rule pass vs the timed chain {sk_check}/{n - len(own)} docs not rejected by skymoe-only steps)")
 
     print()
     print("Per-rule agreement (each rule alone on identical input, over the same docs)")
@@ -328,25 +400,28 @@ def main() -> int:
             print("      " + "; ".join(f"{d} -> {s}: {k}" for (d, s), k in diff.most_common(4)))
 
     print()
-    print("Disagreement examples (distinct texts; chain decisions datatrove -> skymoe)")
-    first_k: dict[int, int] = {}
-    for k, u in enumerate(order):
-        first_k.setdefault(u, k)
+    print("Disagreement examples (distinct texts; four counterpart rules, chain decision datatrove -> skymoe)")
+    differing = [u for u in sorted(set(order)) if dt_chain_u[u] != sk4_chain_u[u]]
+    kinds = Counter((dt_chain_u[u], sk4_chain_u[u]) for u in differing)
+    picked = []  # one example of each kind of difference, most frequent first, then more of them
+    for kind, _ in kinds.most_common():
+        picked.append(next(u for u in differing if (dt_chain_u[u], sk4_chain_u[u]) == kind))
+    picked += [u for u in differing if u not in picked]
     shown = 0
-    for u, k in sorted(first_k.items()):
-        if shown >= args.examples:
-            break
-        if dt_chain_u[u] == sk_chain[k]:
-            continue
+    for u in picked[: args.examples]:
         shown += 1
         label, text = english[u]
-        print(f"  {label}: {dt_chain_u[u] or 'keep'} -> {sk_chain[k] or 'keep'}")
+        print(f"  {label}: {dt_chain_u[u] or 'keep'} -> {sk4_chain_u[u] or 'keep'}")
         print(f"      {diagnose(text)}")
-        if "c4:" in f"{dt_chain_u[u]}{sk_chain[k]}":
+        if "c4:" in f"{dt_chain_u[u]}{sk4_chain_u[u]}":
             print(f"      {c4_sentences(text)}")
+        if "gopher_repetition:" in f"{dt_chain_u[u]}{sk4_chain_u[u]}":
+            print(f"      {top_ngrams(text)}")
     if not shown:
         print("  none")
     print()
+    if code_version() != version:
+        print("WARNING: the filter sources changed while this ran; the numbers may mix two versions")
     print(f"Total wall time {time.perf_counter() - wall:.0f}s")
     return 0
 

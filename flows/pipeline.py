@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipelines.clean.stage import plan_clean, run_clean
-from skymoe.cli import STAGES
+from skymoe import PIPELINE_STAGES as STAGES
 from skymoe.config import load_config
 from skymoe.stage import StageRef, read_manifest
 from skymoe.storage import Storage

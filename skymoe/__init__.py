@@ -5,3 +5,6 @@ This package is the core every stage shares: configuration, storage, the stage c
 """
 
 __version__ = "0.1.0"
+
+# The pipeline's stages, in order; each writes under <root>/<stage>/<fingerprint>/.
+PIPELINE_STAGES = ("clean", "tokenize", "train", "evaluate")

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-STAGES = ("clean", "tokenize", "train", "evaluate")
+from skymoe import PIPELINE_STAGES as STAGES
 
 
 def _parser() -> argparse.ArgumentParser:

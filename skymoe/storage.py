@@ -10,7 +10,7 @@ from __future__ import annotations
 import glob as globlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -173,7 +173,3 @@ def _protocol(uri: str) -> str:
 def _hidden(path: str) -> bool:
     return any(part.startswith((".", "_")) for part in path.split("/")[-1:])
 
-
-def iter_lines(storage: Storage, uri: str) -> Iterator[bytes]:
-    with storage.open(uri, "rb") as handle:
-        yield from handle

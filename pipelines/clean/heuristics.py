@@ -13,6 +13,7 @@ import re
 from collections import Counter
 
 from datatrove.data import Document
+from datatrove.utils.text import TERMINAL_PUNCTUATION
 
 from pipelines.clean.steps import DocFilter
 from pipelines.clean.text import (
@@ -224,7 +225,7 @@ class FineWebQuality(DocFilter):
     def __init__(self, config: FineWebConfig):
         super().__init__()
         self.config = config
-        self.stops = tuple(TERMINAL_PUNCTUATION_EN + TERMINAL_PUNCTUATION_ZH)
+        self.stops = tuple(TERMINAL_PUNCTUATION)  # FineWeb's own set, for equal decisions
 
     def check(self, doc: Document) -> str | None:
         c, view = self.config, view_of(doc)

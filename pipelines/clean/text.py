@@ -15,15 +15,30 @@ from functools import cached_property
 
 from datatrove.data import Document
 
-# A word is a number with inner separators ("1.4", "5,000"), or a run of letters/digits with inner
-# apostrophes or slashes ("don't", "and/or"); a run of the same punctuation mark ("...") is one
-# token, any other visible character a token of its own - spaCy's conventions, closely enough.
-_LATIN_WORD = re.compile(r"\d+(?:[.,:/]\d+)+|[^\W_]+(?:['’][^\W_]+)*(?:/[^\W_]+)*|([^\w\s])\1*|_+")
+# English words follow spaCy's tokenizer (which datatrove's filters use) closely enough that the
+# rules' decisions agree: abbreviations ending in "." stay whole, contractions split ("do" "n't"),
+# URLs stay whole, and other punctuation marks are tokens of their own.
+_ABBREVIATIONS = (
+    "Mt Ak Ala Apr Ariz Ark Aug Calif Colo Conn Dec Del Feb Fla Ga Ia Id Ill Ind Jan Jul Jun Kan Kans Ky La "
+    "Mar Mass Mich Minn Miss Neb Nebr Nev Nov Oct Okla Ore Pa Sep Sept Tenn Va Wash Wis "
+    "Adm Bros co Co Corp Dr Gen Gov Inc Jr Ltd Md Messrs Mo Mont Mr Mrs Ms Prof Rep Rev Sen St vs"
+).split()
+_LATIN_WORD = re.compile(
+    r"(?:https?://|www\.)[^\s<>\"]*[^\s<>\".,;:!?)\]'’]"             # a URL
+    r"|(?:[^\W\d_]\.){2,}"                                             # U.S.  e.g.  a.m.
+    r"|\b(?=[^\W\d_]{2,7}\.)(?:" + "|".join(_ABBREVIATIONS) + r")\.(?!\w)"  # Dr.  Inc.  vs.
+    r"|\b[^\W\d_]\.(?![^\W_])"                                          # an initial: J.
+    r"|\d+(?:[.,:/]\d+)+|@\w+|and/or"                                  # 5,000  1.4  @handle
+    r"|[^\W_]+(?=n['’]t\b)|n['’]t\b"                                   # do | n't
+    r"|[^\W_]+(?:(?:[&@]|\.(?![A-Z])|['’](?!(?:[sSdDmM]|re|ve|ll)\b))[^\W\d_][^\W_]*"
+    r"|(?<=[^\W\d_])-\d[^\W_]*)*"                                       # AT&T  o'clock  IL-3
+    r"|['’](?:[sSdDmM]|re|ve|ll)\b"                                     # 's 're 've 'll 'm 'd
+    r"|\.{2,}|-{2,}|[^\w\s]|_+"                                          # ...  --  other marks
+)
 # A Chinese "word" is one Han character; runs of Latin letters/digits stay whole.
 _HAN_CLASS = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef"
 _HAN = re.compile(f"[{_HAN_CLASS}]")
 _ZH_TOKEN = re.compile(rf"[{_HAN_CLASS}]|(?:(?![{_HAN_CLASS}])[^\W_])+|[^\w\s]")
-_EN_SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)")
 _ZH_SENTENCE_END = re.compile(r"[。！？!?；;]+[”’」』）)]*|\.{3,}|…+")
 _PARAGRAPH = re.compile(r"\n{2,}")
 _LINES = re.compile(r"\n+")
@@ -42,7 +57,7 @@ def count_han(text: str) -> int:
 
 
 def latin_words(text: str) -> list[str]:
-    return [m.group(0) for m in _LATIN_WORD.finditer(text)]
+    return _LATIN_WORD.findall(text)
 
 
 def zh_tokens(text: str) -> list[str]:
@@ -50,11 +65,22 @@ def zh_tokens(text: str) -> list[str]:
 
 
 def count_sentences(text: str, lang: str) -> int:
-    """Sentence count: terminal marks, plus a trailing unterminated run of text."""
-    pattern = _ZH_SENTENCE_END if lang == "zh" else _EN_SENTENCE_END
-    ends = [m.end() for m in pattern.finditer(text)]
-    tail = text[ends[-1]:] if ends else text
-    return len(ends) + (1 if tail.strip() else 0)
+    """Sentence count. English counts as spaCy's sentencizer does: a new sentence starts at the
+    first word after a standalone ".", "!" or "?" token (so "Dr." or "U.S." end none). Chinese
+    counts terminal marks, plus a trailing unterminated run of text."""
+    if lang == "zh":
+        ends = [m.end() for m in _ZH_SENTENCE_END.finditer(text)]
+        tail = text[ends[-1]:] if ends else text
+        return len(ends) + (1 if tail.strip() else 0)
+    tokens = latin_words(text)
+    count, after_end = (1 if tokens else 0), False
+    for token in tokens:
+        if token in (".", "!", "?"):
+            after_end = True
+        elif after_end and any(c.isalnum() for c in token):
+            count += 1
+            after_end = False
+    return count
 
 
 class TextView:
