@@ -24,12 +24,18 @@ What is timed, per tool, is everything from the texts in memory to the duplicate
   sharded contiguously so datatrove keeps the earliest copy like skymoe does. The duplicates
   are the documents its Filter stage drops. datatrove's language setting picks one word
   tokenizer per pipeline and its "zh" does not segment, so it is given a WordTokenizer (its
-  documented extension point) that tokenizes English with datatrove's own "en" tokenizer
-  (spaCy) and Chinese per character - the only way to get per-character CJK shingles there.
+  documented extension point) that sends documents that are mostly Han characters to a Chinese
+  tokenization - per character by default (--datatrove-zh char; the only way to get
+  per-character CJK shingles there), or datatrove's own "cmn" (jieba) or "zh" - and all others
+  to datatrove's own "en" tokenizer (spaCy). Its default xxhash64 shingle hash is kept, with the
+  n-gram string encoded first (xxhash >= 4 rejects the str that datatrove 0.10.1 passes).
 
-Precision: a flagged document is correct when it is a planted copy (P-planted); P-natural also
-counts flagged base documents whose true 5-gram Jaccard with an earlier member of their cluster
-is >= 0.5 (natural near-duplicates in the base data). Recall: flagged planted copies / planted.
+Precision: a flagged document is correct when it is a planted copy whose source is in its
+cluster, or a source whose cluster kept its copy (P-planted); P-natural also counts flagged
+documents whose true 5-gram Jaccard with another member of their cluster is >= 0.5 (natural
+near-duplicates in the base data). Recall: planted copies that share a cluster with their
+source (so exactly one of the two survives) / planted copies. datatrove's clusters are read from
+its Cluster stage (save_cluster_id=True) after the clock stops.
 Speeds are medians over --repeats on a shared 2-core machine.
 
     python benchmarks/bench_minhash.py --base 10000 --planted 2500 --repeats 3 --seed 0
@@ -99,7 +105,8 @@ def load_real(min_chars: int) -> tuple[list[str], list[str]]:
     for path in (CORPUS / "c4" / "c4_demo.jsonl", CORPUS / "dolma" / "cc_en_head-0091.jsonl"):
         en += [json.loads(line)["text"] for line in path.open(encoding="utf-8")]
     zh += [line.rstrip("\n") for line in (CORPUS / "zhwiki" / "zhwiki_part1.txt").open(encoding="utf-8")]
-    zh += [json.loads(line)["text"] for line in (CORPUS / "cmrc2018" / "cmrc2018_contexts.jsonl").open(encoding="utf-8")]
+    cmrc = CORPUS / "cmrc2018" / "cmrc2018_contexts.jsonl"
+    zh += [json.loads(line)["text"] for line in cmrc.open(encoding="utf-8")]
     keep = lambda docs: [d.strip() for d in docs if len(d.strip()) >= min_chars]  # noqa: E731
     return keep(en), keep(zh)
 
@@ -131,8 +138,11 @@ def synthetic_docs(rng: np.random.Generator, docs: list[str], lang: str, count: 
             pool.append(seg)
             owner.append(d)
     used_pairs: set[tuple[int, int]] = set()
-    out = []
+    out, attempts = [], 0
     while len(out) < count:
+        attempts += 1
+        if attempts > 100 * count + 1000:
+            raise SystemExit(f"too few {lang} segments for {count} distinct concatenated documents")
         k = int(rng.integers(3, 5))
         pick = rng.choice(len(pool), size=k, replace=False)
         if len({owner[p] for p in pick}) < k:
@@ -186,7 +196,7 @@ def build_corpus(args) -> dict:
         base = [real[i] for i in sorted(rng.choice(len(real), args.base, replace=False))]
         n_syn_en = n_syn_zh = 0
     else:
-        n_syn_en = max(0, args.base // 2 - len(en_real))
+        n_syn_en = min(max(0, args.base // 2 - len(en_real)), args.base - len(real))
         n_syn_zh = args.base - len(real) - n_syn_en
         base = (real + [(t, "en") for t in synthetic_docs(rng, en_real, "en", n_syn_en, 350)]
                 + [(t, "zh") for t in synthetic_docs(rng, zh_real, "zh", n_syn_zh, 150)])
@@ -307,19 +317,23 @@ class KeptIds(PipelineStep):
         yield from ()
 
 
-class EnZhCharTokenizer(WordTokenizer):
-    """datatrove's own "en" tokenizer for English, one token per character for Chinese text."""
+class EnZhTokenizer(WordTokenizer):
+    """Per document: datatrove's "en" tokenizer (spaCy) for English; for Chinese one token per
+    character ("char"), or datatrove's own tokenizer for a language code ("cmn": spaCy-zh + jieba
+    words; "zh": no segmentation)."""
 
-    def __init__(self):
+    def __init__(self, zh_mode: str = "char"):
         super().__init__("en+zh")
-        self._en = None
-
-    def _is_zh(self, text: str) -> bool:
-        return 3 * len(_HAN.findall(text)) > len(text)
+        self.zh_mode = zh_mode
+        self._en = self._zh = None
 
     def word_tokenize(self, text: str) -> list[str]:
-        if self._is_zh(text):
-            return [c for c in text if not c.isspace()]
+        if 3 * len(_HAN.findall(text)) > len(text):
+            if self.zh_mode == "char":
+                return [c for c in text if not c.isspace()]
+            if self._zh is None:
+                self._zh = load_word_tokenizer(self.zh_mode)
+            return self._zh.word_tokenize(text)
         if self._en is None:
             self._en = load_word_tokenizer("en")
         return self._en.word_tokenize(text)
@@ -358,7 +372,7 @@ def run_datatrove(texts: list[str], workers: int, zh_mode: str, hash_fc: str) ->
     """The four MinHash stages, texts in memory -> ids that the Filter stage drops."""
     config = MinhashConfig(n_grams=NGRAM, num_buckets=BANDS, hashes_per_bucket=ROWS, seed=SEED,
                            hash_config=HashConfig(precision=64, hash_fc=hash_fc))
-    language = EnZhCharTokenizer() if zh_mode == "char" else zh_mode
+    language = EnZhTokenizer(zh_mode)
     source = _Texts(texts)
     stages = {}
     with tempfile.TemporaryDirectory(prefix="bench_minhash_") as tmp, quiet_stderr():
@@ -399,24 +413,43 @@ def run_datatrove(texts: list[str], workers: int, zh_mode: str, hash_fc: str) ->
 
 # ------------------------------------------------------------------------------------ scoring
 def score(result: dict, corpus: dict, shingles: list) -> dict:
-    flagged, root, src, kind = result["flagged"], result["root"], corpus["src"], corpus["kind"]
+    """Precision/recall of one run. ``root`` labels clusters (its smallest member for both tools).
+
+    A flagged copy is right when its source is in its cluster; a flagged base document is right
+    (planted) when its cluster kept one of its copies instead. Other flagged documents are natural
+    near-duplicates when their true 5-gram Jaccard with another member of their cluster is >= 0.5.
+    A copy is recalled when it and its source share a cluster (so exactly one of them survives).
+    """
+    flagged, label, src, kind = result["flagged"], result["root"], corpus["src"], corpus["kind"]
+    n = len(flagged)
     is_copy = src >= 0
-    planted_hits = flagged & is_copy
-    natural = 0
     members: dict[int, list[int]] = {}
-    for i, r in enumerate(root):
+    for i, r in enumerate(label):
         members.setdefault(int(r), []).append(i)
+    kept_of = {r: next((m for m in ms if not flagged[m]), r) for r, ms in members.items() if len(ms) > 1}
+    recalled = is_copy & (label == label[np.where(is_copy, src, np.arange(n))])
+    right = flagged & recalled
     for i in np.flatnonzero(flagged & ~is_copy):
-        earlier = [j for j in members.get(int(root[i]), []) if j < i][:200]
-        if earlier and max(jaccard(shingles[i], shingles[j]) for j in earlier) >= 0.5:
+        kept = kept_of.get(int(label[i]), i)
+        right[i] = src[kept] == i
+    natural, false_j = 0, []
+    for i in np.flatnonzero(flagged & ~right):
+        others = [j for j in members[int(label[i])] if j != i][:200]
+        best = max((jaccard(shingles[i], shingles[j]) for j in others), default=0.0)
+        if best >= 0.5:
             natural += 1
-    n_flagged = int(flagged.sum())
-    by_kind = {k: float(planted_hits[kind == k].sum() / max(1, (kind == k).sum())) for k in KINDS}
-    return {"flagged": n_flagged, "planted_hits": int(planted_hits.sum()), "natural": natural,
-            "false": n_flagged - int(planted_hits.sum()) - natural,
-            "p_planted": planted_hits.sum() / max(1, n_flagged),
-            "p_natural": (planted_hits.sum() + natural) / max(1, n_flagged),
-            "recall": planted_hits.sum() / max(1, is_copy.sum()), "by_kind": by_kind}
+        else:
+            false_j.append(round(best, 3))
+    n_flagged, n_right = int(flagged.sum()), int(right.sum())
+    by_kind = {k: float(recalled[kind == k].sum() / max(1, (kind == k).sum())) for k in KINDS}
+    langs = np.array(corpus["langs"])
+    for lang in ("en", "zh"):
+        in_lang = is_copy & (langs == lang)
+        by_kind[lang] = float(recalled[in_lang].sum() / max(1, in_lang.sum()))
+    return {"flagged": n_flagged, "planted_hits": n_right, "natural": natural, "false_jaccard": sorted(false_j),
+            "false": n_flagged - n_right - natural, "p_planted": n_right / max(1, n_flagged),
+            "p_natural": (n_right + natural) / max(1, n_flagged),
+            "recall": recalled.sum() / max(1, is_copy.sum()), "by_kind": by_kind}
 
 
 def main() -> None:
@@ -428,9 +461,9 @@ def main() -> None:
     parser.add_argument("--min-chars", type=int, default=200)
     parser.add_argument("--workers", default="1,2", help="datatrove worker counts to run, e.g. 1,2")
     parser.add_argument("--datatrove-zh", default="char", choices=["char", "cmn", "zh"],
-                        help="Chinese tokenization for datatrove: per character (custom tokenizer), "
-                             "jieba words ('cmn', English then uses the jieba/spaCy-zh tokenizer too), "
-                             "or 'zh' (no segmentation)")
+                        help="datatrove's tokens for Chinese documents: per character, or its own "
+                             "tokenizer for 'cmn' (jieba words) or 'zh' (no segmentation); English "
+                             "documents always get its 'en' tokenizer")
     parser.add_argument("--datatrove-hash", default="xxhash", choices=["xxhash", "sha1"],
                         help="datatrove shingle hash (64-bit); xxhash is its default")
     args = parser.parse_args()
@@ -450,8 +483,9 @@ def main() -> None:
     jac = np.array([jaccard(shingles[i], shingles[src[i]]) if src[i] >= 0 else np.nan for i in range(n)])
     print(f"  planted {int((src >= 0).sum())} near-copies, each after its source; true 5-gram Jaccard to source "
           "(median): " + ", ".join(f"{k} {np.nanmedian(jac[kind == k]):.2f}" for k in KINDS))
-    print(f"settings: {NGRAM}-grams, {BANDS} bands x {ROWS} rows, seed {SEED}; datatrove Chinese tokenization: "
-          f"{args.datatrove_zh}, shingle hash {args.datatrove_hash}64"
+    zh_tokens = {"char": "per character", "cmn": "its 'cmn' (jieba words)", "zh": "its 'zh' (unsegmented)"}
+    print(f"settings: {NGRAM}-grams, {BANDS} bands x {ROWS} rows, seed {SEED}; datatrove tokens: en its 'en' (spaCy), "
+          f"zh {zh_tokens[args.datatrove_zh]}; datatrove shingle hash {args.datatrove_hash}64"
           + (" (str encoded to UTF-8 for xxhash>=4)" if args.datatrove_hash == "xxhash" else "")
           + f"; {os.cpu_count()} cores; repeats {args.repeats}"
           + ("; (`tokenizers` missing: stubbed for datatrove's unrelated exact-substring import)"
@@ -489,10 +523,18 @@ def main() -> None:
               f"{s['planted_hits']:>8} {s['natural']:>8} {s['false']:>6} {s['p_planted']:>9.4f} "
               f"{s['p_natural']:>9.4f} {s['recall']:>7.4f}  {same}")
     print()
-    print("recall by edit level   " + "".join(f"{k:>13}" for k in KINDS))
+    columns = KINDS + ["en", "zh"]
+    print("recall by edit level   " + "".join(f"{k:>13}" for k in columns))
     for name, *_, s, _ in rows:
-        print(f"{name:<23}" + "".join(f"{s['by_kind'][k]:>13.3f}" for k in KINDS))
-    print(f"{'median true Jaccard':<23}" + "".join(f"{np.nanmedian(jac[kind == k]):>13.2f}" for k in KINDS))
+        print(f"{name:<23}" + "".join(f"{s['by_kind'][k]:>13.3f}" for k in columns))
+    langs_arr = np.array(langs)
+    print(f"{'median true Jaccard':<23}" + "".join(f"{np.nanmedian(jac[kind == k]):>13.2f}" for k in KINDS)
+          + "".join(f"{np.nanmedian(jac[langs_arr == k]):>13.2f}" for k in ("en", "zh")))
+    print(f"{'planted copies':<23}" + "".join(f"{int((kind == k).sum()):>13}" for k in KINDS)
+          + "".join(f"{int(((src >= 0) & (langs_arr == k)).sum()):>13}" for k in ("en", "zh")))
+    print()
+    for name, *_, s, _ in rows:
+        print(f"{name}: false positives, best true 5-gram Jaccard to another cluster member: {s['false_jaccard']}")
     print()
     for name, med, *_, stages in rows:
         if stages:

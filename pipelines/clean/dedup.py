@@ -6,7 +6,10 @@
 - recurring text: lines that occur in many documents are boilerplate and are cut out.
 
 Shingles are hashed without building n-gram strings: each token is hashed once, and n-gram hashes
-are combined from token hashes with vectorized arithmetic, which is what makes this fast.
+are combined from token hashes with vectorized arithmetic, which is what makes this fast. The
+MinHash permutations work in place on one (shingles x hashes) block, reducing mod 2^61-1 by
+folding instead of dividing. All hashes are seeded or fixed (xxh3, numpy's PCG64 from ``seed``),
+never Python's salted ``hash()``, so every process computes the same signatures.
 """
 
 from __future__ import annotations
@@ -17,12 +20,18 @@ import unicodedata
 import numpy as np
 import xxhash
 
-from pipelines.clean.text import latin_words
-
 _MERSENNE = np.uint64((1 << 61) - 1)
 _MAX32 = np.uint64(0xFFFFFFFF)
 _SPACE = re.compile(r"\s+")
 _ROLL = np.uint64(0x9E3779B97F4A7C15)
+_FOLD = np.uint64(61)
+# Latin words for shingling: runs of letters/digits with inner apostrophes (the words the MinHash
+# has always used). Deliberately not ``pipelines.clean.text.latin_words``: that spaCy-like
+# segmentation is tuned for the quality filters, and tuning it must not silently change MinHash
+# signatures (it is also ~3x slower, and was no better for near-duplicate recall/precision).
+_LATIN_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
+# Rows of the (shingles x hashes) block per step: bounds memory for very long documents.
+_BLOCK_ROWS = 4096
 
 
 def normalized_hash(text: str) -> int:
@@ -53,14 +62,20 @@ def remove_lines(text: str, recurring: set[int], min_chars: int) -> tuple[str, i
 
 
 def token_hashes(text: str, lang: str) -> np.ndarray:
-    """One 64-bit hash per token: code points for Chinese (whitespace dropped), words otherwise."""
+    """One 64-bit hash per token: code points for Chinese (whitespace dropped), lower-cased words
+    otherwise (punctuation is not a token)."""
     if lang == "zh":
         compact = _SPACE.sub("", text)
         points = np.frombuffer(compact.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
         return points * _ROLL + np.uint64(1)
-    words = [w.lower() for w in latin_words(text) if w[0].isalnum()]
-    return np.fromiter((xxhash.xxh3_64_intdigest(w.encode("utf-8")) for w in words), dtype=np.uint64,
-                       count=len(words))
+    words = _LATIN_WORD.findall(text)
+    if not words:
+        return np.zeros(0, dtype=np.uint64)
+    # One lower() and one encode() for the whole document instead of one per word. Words hold no
+    # spaces, and str.lower() is context free across a space (even Greek final sigma), so this
+    # gives exactly the per-word ``w.lower().encode()`` bytes.
+    pieces = " ".join(words).lower().encode("utf-8").split(b" ")
+    return np.fromiter(map(xxhash.xxh3_64_intdigest, pieces), dtype=np.uint64, count=len(pieces))
 
 
 def shingle_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
@@ -69,28 +84,52 @@ def shingle_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
         return np.zeros(1, dtype=np.uint64)
     if len(tokens) < n:
         n = len(tokens)
-    with np.errstate(over="ignore"):
-        combined = np.zeros(len(tokens) - n + 1, dtype=np.uint64)
+    combined = np.zeros(len(tokens) - n + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):  # wrap-around mod 2^64 is the point of the mixing
         for offset in range(n):
-            combined = (combined ^ tokens[offset : offset + len(combined)]) * _ROLL
-    return np.unique(combined >> np.uint64(32))
+            combined ^= tokens[offset : offset + len(combined)]
+            combined *= _ROLL
+    combined >>= np.uint64(32)
+    return np.unique(combined)
+
+
+def _parameter(seed: int, index: int, name: str) -> int:
+    return xxhash.xxh64_intdigest(f"{seed}:{index}:{name}".encode())
 
 
 class MinHasher:
     """MinHash signatures with ``bands * rows`` universal hash functions ((a*x+b) mod p)."""
 
     def __init__(self, bands: int, rows: int, ngram: int, seed: int):
-        rng = np.random.default_rng(seed)
         count = bands * rows
         self.bands, self.rows, self.ngram = bands, rows, ngram
-        self.a = rng.integers(1, int(_MERSENNE), size=count, dtype=np.uint64)
-        self.b = rng.integers(0, int(_MERSENNE), size=count, dtype=np.uint64)
+        # Parameters from xxhash of (seed, index), not numpy's generator: a stored dedup index must
+        # stay comparable with new signatures after a numpy upgrade.
+        self.a = np.array([_parameter(seed, i, "a") % (int(_MERSENNE) - 1) + 1 for i in range(count)], dtype=np.uint64)
+        self.b = np.array([_parameter(seed, i, "b") % int(_MERSENNE) for i in range(count)], dtype=np.uint64)
 
     def signature(self, text: str, lang: str) -> np.ndarray:
         shingles = shingle_hashes(token_hashes(text, lang), self.ngram)
-        with np.errstate(over="ignore"):
-            permuted = (shingles[:, None] * self.a[None, :] + self.b[None, :]) % _MERSENNE
-        return (permuted & _MAX32).min(axis=0).astype(np.uint32)
+        lowest = np.full(len(self.a), _MAX32, dtype=np.uint64)
+        for start in range(0, len(shingles), _BLOCK_ROWS):
+            np.minimum(lowest, self._permuted_min(shingles[start : start + _BLOCK_ROWS]), out=lowest)
+        return lowest.astype(np.uint32)
+
+    def _permuted_min(self, shingles: np.ndarray) -> np.ndarray:
+        """min over shingles of ((a*x + b) mod 2^64) mod (2^61-1), low 32 bits, per hash function.
+
+        Same values as ``(x*a + b) % p & 0xFFFFFFFF``, but in place on one block and with the
+        Mersenne reduction done by folding (x = hi*2^61 + lo = hi + lo mod p), which avoids
+        numpy's 64-bit division and the temporaries that cost ~3x the arithmetic itself.
+        """
+        block = np.multiply(shingles[:, None], self.a[None, :])  # wraps mod 2^64, as before
+        block += self.b
+        high = block >> _FOLD
+        block &= _MERSENNE
+        block += high  # now in [0, p + 7]
+        np.subtract(block, _MERSENNE, out=block, where=block >= _MERSENNE)
+        block &= _MAX32
+        return block.min(axis=0)
 
 
 def near_duplicate_clusters(signatures: np.ndarray, bands: int, rows: int, alive: np.ndarray) -> np.ndarray:
