@@ -1,4 +1,5 @@
-"""The pipeline flow: each stage is one Prefect task whose cache key is the stage fingerprint.
+"""The pipeline flow: each stage is one Prefect task whose cache key is the stage's output location
+(root / stage / fingerprint).
 
 The flow plans each stage first (inputs + config -> fingerprint, cheap), so a rerun with nothing
 changed is a Prefect cache hit ("Cached" in the UI) and the stage function is not even called. A
@@ -11,26 +12,28 @@ import base64
 import logging
 from typing import Any
 
+import flows.prefect_env  # noqa: F401  (offline settings must precede the first Prefect import)
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pipelines.clean.stage import plan_clean, run_clean
+from pipelines.clean.stage import CleanPlan, plan_clean, run_clean
 from skymoe import PIPELINE_STAGES as STAGES
 from skymoe.config import load_config
-from skymoe.stage import StageRef, read_manifest
+from skymoe.stage import read_manifest
 from skymoe.storage import Storage
 
 IMPLEMENTED = ("clean",)
 
 
 def _stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    return f"skymoe-{parameters['ref'].stage}-{parameters['ref'].fingerprint}"
+    """The stage output's full location: same fingerprint under another root is another output."""
+    return f"skymoe-{parameters['plan'].ref.uri}"
 
 
 @task(name="clean", cache_key_fn=_stage_cache_key, persist_result=True)
-def clean_task(config_path: str | None, overrides: dict, ref: StageRef) -> dict[str, Any]:
+def clean_task(config_path: str | None, overrides: dict, plan: CleanPlan) -> dict[str, Any]:
     config = load_config(config_path, overrides)
-    result = run_clean(config.clean, Storage.from_config(config.storage), config.storage.root)
+    result = run_clean(config.clean, Storage.from_config(config.storage), config.storage.root, plan)
     return {"uri": result.ref.uri, "fingerprint": result.ref.fingerprint, "counts": result.manifest.counts,
             "timings": result.manifest.timings, "plots": result.manifest.extra.get("plots", [])}
 
@@ -80,9 +83,9 @@ def pipeline_flow(config_path: str | None = None, root: str | None = None, input
     storage.check_writable_root(config.storage.root)
 
     summary: dict[str, Any] = {"root": config.storage.root, "stages": {}}
-    ref, _ = plan_clean(config.clean, storage, config.storage.root)
-    fresh = read_manifest(storage, ref) is None
-    clean_summary = clean_task.with_options(refresh_cache=fresh)(config_path, overrides, ref)
+    plan = plan_clean(config.clean, storage, config.storage.root)
+    fresh = read_manifest(storage, plan.ref) is None
+    clean_summary = clean_task.with_options(refresh_cache=fresh)(config_path, overrides, plan)
     _publish_clean(clean_summary)
     _publish_plots("clean", clean_summary, storage)
     summary["stages"]["clean"] = clean_summary

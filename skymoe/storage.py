@@ -43,6 +43,8 @@ class Storage:
         return cls(s3_endpoint_url=config.s3.endpoint_url, s3_region=config.s3.region)
 
     def options(self, uri: str) -> dict[str, Any]:
+        """fsspec options for a URI. S3 listings are never cached: done-records are written by
+        other processes (executor workers, a resumed run), and a cached listing would hide them."""
         if not uri.startswith("s3://"):
             return {}
         client_kwargs: dict[str, Any] = {}
@@ -51,9 +53,10 @@ class Storage:
             client_kwargs["endpoint_url"] = endpoint
         if self.s3_region:
             client_kwargs["region_name"] = self.s3_region
-        return {"client_kwargs": client_kwargs} if client_kwargs else {}
+        return {"use_listings_cache": False, **({"client_kwargs": client_kwargs} if client_kwargs else {})}
 
     def fs(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        """The filesystem and the path inside it."""
         return url_to_fs(uri, **self.options(uri))
 
     # -------------------------------------------------------------------------------- reading
@@ -67,10 +70,6 @@ class Storage:
 
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode("utf-8")
-
-    def open(self, uri: str, mode: str = "rb", **kwargs: Any):
-        fs, path = self.fs(uri)
-        return fs.open(path, mode, **kwargs)
 
     def size(self, uri: str) -> int:
         fs, path = self.fs(uri)
@@ -97,7 +96,8 @@ class Storage:
             files = [path]
         else:
             files = []
-        return sorted(f"{protocol}://{f}" if protocol else f for f in files if not _hidden(f))
+        root = path.rstrip("/") if not globlib.has_magic(path) else path[: _first_magic(path)].rsplit("/", 1)[0]
+        return sorted(f"{protocol}://{f}" if protocol else f for f in files if not _hidden(f, root))
 
     def checksum(self, uri: str) -> str:
         """A content checksum: xxh3 of the bytes for local files, the store's ETag for objects."""
@@ -126,19 +126,24 @@ class Storage:
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())  # a done-record must never point at bytes still in the page cache
         os.replace(tmp, path)
 
     def write_text(self, uri: str, text: str) -> None:
         self.write_bytes(uri, text.encode("utf-8"))
 
-    def remove(self, uri: str, recursive: bool = False) -> None:
-        fs, path = self.fs(uri)
-        if self._retry(lambda: fs.exists(path)):
-            self._retry(lambda: fs.rm(path, recursive=recursive))
-
     def check_writable_root(self, uri: str) -> None:
         """Fail early with a clear message when a root cannot be used (e.g. missing bucket)."""
         fs, path = self.fs(uri)
+        if not _protocol(uri):
+            try:
+                os.makedirs(path, exist_ok=True)
+            except OSError as err:
+                raise StorageError(f"cannot create root folder {uri}: {err}") from None
+            if not os.access(path, os.W_OK):
+                raise StorageError(f"root folder {uri} is not writable")
+            return
         if _protocol(uri) == "s3":
             bucket = path.split("/", 1)[0]
             try:
@@ -170,6 +175,12 @@ def _protocol(uri: str) -> str:
     return uri.split("://", 1)[0] if "://" in uri else ""
 
 
-def _hidden(path: str) -> bool:
-    return any(part.startswith((".", "_")) for part in path.split("/")[-1:])
+def _first_magic(path: str) -> int:
+    return min(i for i, ch in enumerate(path) if ch in "*?[")
+
+
+def _hidden(path: str, root: str) -> bool:
+    """Hidden files and anything in hidden folders below the listed root (.ipynb_checkpoints/, _tmp/)."""
+    below = path[len(root):] if path.startswith(root) else path.rsplit("/", 1)[-1]
+    return any(part.startswith((".", "_")) for part in below.split("/") if part)
 

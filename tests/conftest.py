@@ -14,7 +14,6 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "examples" / "corpus"
 QUALITY = REPO / "examples" / "quality"
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")

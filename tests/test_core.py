@@ -52,24 +52,24 @@ def test_fingerprint_stable_and_sensitive(tmp_path, small_corpus):
     storage = Storage()
     config_path = write_config(tmp_path / "c.yaml", str(tmp_path / "out"), [str(small_corpus)])
     config = load_config(config_path)
-    ref, shards = plan_clean(config.clean, storage, config.storage.root)
-    again, _ = plan_clean(load_config(config_path).clean, storage, config.storage.root)
-    assert ref.fingerprint == again.fingerprint
-    assert len(shards) == 7
+    plan = plan_clean(config.clean, storage, config.storage.root)
+    ref = plan.ref
+    assert plan_clean(load_config(config_path).clean, storage, config.storage.root).ref == ref
+    assert len(plan.shards) == 7
 
     changed = load_config(config_path, {"clean": {"language": {"min_confidence": 0.9}}})
-    assert plan_clean(changed.clean, storage, config.storage.root)[0].fingerprint != ref.fingerprint
+    assert plan_clean(changed.clean, storage, config.storage.root).ref.fingerprint != ref.fingerprint
 
     executor_only = load_config(config_path, {"clean": {"executor": {"kind": "beam"}}})
-    assert plan_clean(executor_only.clean, storage, config.storage.root)[0].fingerprint == ref.fingerprint
+    assert plan_clean(executor_only.clean, storage, config.storage.root).ref.fingerprint == ref.fingerprint
 
     copy = tmp_path / "corpus-copy"
     subprocess.run(["cp", "-r", str(small_corpus), str(copy)], check=True)
     moved = load_config(config_path, {"clean": {"inputs": [str(copy)]}})
-    base_fp = plan_clean(moved.clean, storage, config.storage.root)[0].fingerprint
+    base_fp = plan_clean(moved.clean, storage, config.storage.root).ref.fingerprint
     with open(copy / "c4" / "part0.jsonl", "a", encoding="utf-8") as handle:
         handle.write('{"text": "one more line of input"}\n')
-    assert plan_clean(moved.clean, storage, config.storage.root)[0].fingerprint != base_fp
+    assert plan_clean(moved.clean, storage, config.storage.root).ref.fingerprint != base_fp
 
 
 def test_missing_input_fails_before_work(tmp_path):
@@ -82,7 +82,7 @@ def test_missing_input_fails_before_work(tmp_path):
 def test_help_imports_nothing_heavy():
     code = (
         "import sys\n"
-        "from skymoe.cli import main\n"
+        "from flows.cli import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "heavy = [m for m in ('prefect', 'datatrove', 'apache_beam', 'torch', 'pyarrow', 'pydantic') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"

@@ -24,7 +24,7 @@ asyncio.run(main())
 
 
 def _skymoe(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "skymoe.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env,
                           timeout=900)
 
 

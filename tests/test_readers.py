@@ -33,7 +33,7 @@ STORAGE = Storage()
 def read(paths: list[str | Path], config: ReaderConfig | None = None,
          code_sources: frozenset[str] = frozenset()) -> list[Document]:
     """Discover the inputs and read every shard, as the stage does (one task per shard)."""
-    shards = discover_inputs(STORAGE, [str(p) for p in paths])
+    shards, _ = discover_inputs(STORAGE, [str(p) for p in paths])
     reader = ShardReader(shards, config or ReaderConfig(), STORAGE, code_sources)
     return [doc for rank in range(len(shards)) for doc in reader.run(rank=rank, world_size=len(shards))]
 
@@ -300,7 +300,7 @@ def test_plain_text_is_one_document_per_line():
     kept, rejected = split(docs)
     assert len(docs) == 1500 and not rejected
     assert [d.text for d in docs] == ZHWIKI
-    shard = discover_inputs(STORAGE, [str(CORPUS / "zhwiki" / "zhwiki_part1.txt")])[0]
+    shard = discover_inputs(STORAGE, [str(CORPUS / "zhwiki" / "zhwiki_part1.txt")])[0][0]
     assert [d.id for d in docs[:2]] == [f"{shard.shard_id}:0", f"{shard.shard_id}:1"]
 
 
@@ -350,14 +350,21 @@ def _corpus_copy(root: Path) -> Path:
 
 def test_folder_and_glob_discovery_skip_license_readme_and_source_files(tmp_path):
     root = _corpus_copy(tmp_path / "corpus")
-    shards = discover_inputs(STORAGE, [str(root)])
+    shards, skipped = discover_inputs(STORAGE, [str(root)])
     assert [(Path(s.uri).relative_to(root).as_posix(), s.format, s.source) for s in shards] == [
         ("c4/c4_demo.jsonl", "jsonl", "c4"), ("zhwiki/part1.txt", "text", "zhwiki")]
-    again = discover_inputs(STORAGE, [str(root) + "/", str(root / "c4" / "c4_demo.jsonl")])
+    # What was not read is reported, with the reason (hidden files are not data at all).
+    assert sorted((Path(s["uri"]).relative_to(root).as_posix(), s["why"]) for s in skipped) == [
+        ("README.md", "license/readme/attribution file"), ("README.txt", "license/readme/attribution file"),
+        ("c4/LICENSE.Apache-2.0.txt", "license/readme/attribution file"),
+        ("c4/SOURCE.md", "license/readme/attribution file"),
+        ("zhwiki/LICENSE.CC-BY-SA-4.0.txt", "license/readme/attribution file"),
+        ("zhwiki/SOURCE.md", "license/readme/attribution file")]
+    again, _ = discover_inputs(STORAGE, [str(root) + "/", str(root / "c4" / "c4_demo.jsonl")])
     assert [s.shard_id for s in again] == [s.shard_id for s in shards]  # stable ids, no duplicates
     assert all(s.checksum.startswith("xxh3:") for s in shards)
 
-    glob = discover_inputs(STORAGE, [str(root / "*" / "*.txt")])
+    glob, _ = discover_inputs(STORAGE, [str(root / "*" / "*.txt")])
     assert [Path(s.uri).name for s in glob] == ["part1.txt"]  # LICENSE.*.txt skipped
 
     docs = read([root], code_sources=frozenset({"zhwiki"}))
@@ -369,7 +376,7 @@ def test_folder_and_glob_discovery_skip_license_readme_and_source_files(tmp_path
 
 
 def test_the_bundled_corpus_reads_without_loss():
-    shards = discover_inputs(STORAGE, [str(CORPUS)])
+    shards, _ = discover_inputs(STORAGE, [str(CORPUS)])
     assert [Path(s.uri).relative_to(CORPUS).as_posix() for s in shards] == [
         "c4/c4_demo.jsonl", "cmrc2018/cmrc2018_contexts.jsonl", "dolma/cc_en_head-0091.jsonl",
         "dolma/sample-0000.warc.gz", "zhwiki/zhwiki_part1.txt"]
@@ -383,7 +390,7 @@ def test_the_bundled_corpus_reads_without_loss():
 
 def test_relative_input_paths_give_the_same_sources(tmp_path, monkeypatch):
     root = _corpus_copy(tmp_path / "corpus")
-    absolute = [s.source for s in discover_inputs(STORAGE, [str(root)])]
+    absolute = [s.source for s in discover_inputs(STORAGE, [str(root)])[0]]
     monkeypatch.chdir(tmp_path)
-    relative = [s.source for s in discover_inputs(STORAGE, ["corpus"])]
+    relative = [s.source for s in discover_inputs(STORAGE, ["corpus"])[0]]
     assert relative == absolute

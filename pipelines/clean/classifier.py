@@ -98,16 +98,23 @@ def train_quality_model(storage: Storage, config: ClassifierConfig) -> QualityMo
     texts = [t[:MAX_CHARS] for t in positives + negatives]
     labels = np.array([1] * len(positives) + [0] * len(negatives))
     features = _vectorizer(config.n_features).transform(texts)
-    held_out = np.random.default_rng(config.seed).random(len(texts)) < 0.2
-
     def fit(mask: np.ndarray) -> LogisticRegression:
         return LogisticRegression(C=4.0, max_iter=2000, class_weight="balanced").fit(features[mask], labels[mask])
 
-    probe = fit(~held_out)
-    predicted, truth = probe.predict(features[held_out]), labels[held_out]
-    # Per-class recall: plain accuracy says little when one class dominates the seed.
-    recall = {name: float((predicted[truth == label] == label).mean()) if (truth == label).any() else None
-              for name, label in (("positive", 1), ("negative", 0))}
+    # A stratified 80/20 probe: each class keeps at least one example on both sides (when it has two).
+    rng = np.random.default_rng(config.seed)
+    held_out = np.zeros(len(texts), dtype=bool)
+    for label in (0, 1):
+        members = np.flatnonzero(labels == label)
+        if len(members) >= 2:
+            count = min(max(1, round(0.2 * len(members))), len(members) - 1)
+            held_out[rng.choice(members, size=count, replace=False)] = True
+    recall: dict[str, float | None] = {"positive": None, "negative": None}
+    if held_out.any() and len(set(labels[~held_out])) == 2:
+        predicted, truth = fit(~held_out).predict(features[held_out]), labels[held_out]
+        # Per-class recall: plain accuracy says little when one class dominates the seed.
+        recall = {name: float((predicted[truth == label] == label).mean()) if (truth == label).any() else None
+                  for name, label in (("positive", 1), ("negative", 0))}
     model = fit(np.ones(len(texts), dtype=bool))
     metrics = {"positive_docs": len(positives), "negative_docs": len(negatives),
                "held_out_recall": recall,

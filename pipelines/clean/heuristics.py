@@ -32,6 +32,7 @@ from skymoe.config import (
     GopherRepetitionConfig,
     HeuristicsConfig,
 )
+from skymoe.storage import Storage
 
 _PUNCTUATION = set(
     "!/—”:％１〈&(、━\\【#%「」，】；+^]~“《„';’{|∶´[=-`*．（–？！：$～«〉,><》)?）。…@_.\"}►»"
@@ -324,19 +325,19 @@ def _term_pattern(term: str) -> str:
     return rf"(?<![a-z0-9]){escaped}(?![a-z0-9])" if term.isascii() else escaped
 
 
-def read_terms(path: str) -> list[str]:
+def read_terms(storage: Storage, uri: str) -> list[str]:
     """A term list: one term per line; blank lines and '#' comments ignored; lower-cased."""
-    with open(path, encoding="utf-8") as handle:
-        return [line.strip().lower() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+    lines = storage.read_text(uri).splitlines()
+    return [line.strip().lower() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def heuristic_steps(config: HeuristicsConfig) -> list[DocFilter]:
+def heuristic_steps(config: HeuristicsConfig, storage: Storage = Storage()) -> list[DocFilter]:
     """The heuristic chain: spam terms, repetition, then quality. English follows datatrove's
     Gopher -> C4 -> FineWeb order, so decisions can be compared rule for rule."""
     if not config.enabled:
         return []
     zh = config.chinese
-    blocklist = ([Blocklist(config.blocklist, {lang: read_terms(path) for lang, path in config.blocklist.files.items()})]
+    blocklist = ([Blocklist(config.blocklist, {lang: read_terms(storage, uri) for lang, uri in config.blocklist.files.items()})]
                  if config.blocklist.enabled else [])
     return [
         *blocklist,

@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import xxhash
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 
@@ -26,7 +27,7 @@ from skymoe.config import ReaderConfig
 from skymoe.storage import Storage
 
 FORMATS = {
-    ".jsonl": "jsonl", ".json": "jsonl", ".jsonl.gz": "jsonl", ".json.gz": "jsonl", ".ndjson": "jsonl",
+    ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".ndjson": "jsonl", ".ndjson.gz": "jsonl",
     ".parquet": "parquet",
     ".warc": "warc", ".warc.gz": "warc",
     ".txt": "text", ".txt.gz": "text",
@@ -57,11 +58,16 @@ def detect_format(uri: str) -> str | None:
     return None
 
 
-def discover_inputs(storage: Storage, patterns: list[str]) -> list[InputShard]:
-    """Expand files, folders and globs into shards, failing early on anything unusable."""
+def discover_inputs(storage: Storage, patterns: list[str]) -> tuple[list[InputShard], list[dict[str, str]]]:
+    """Expand files, folders and globs into shards, failing early on anything unusable.
+
+    Returns the shards and the files found but not read (licenses, READMEs, unknown formats),
+    each with the reason, so that nothing is left out without a record of it.
+    """
     if not patterns:
         raise InputError("no inputs given (clean.inputs in the config, or --input)")
     shards: dict[str, InputShard] = {}
+    skipped: list[dict[str, str]] = []
     for pattern in patterns:
         try:
             files = storage.expand(pattern)
@@ -74,17 +80,19 @@ def discover_inputs(storage: Storage, patterns: list[str]) -> list[InputShard]:
         base = pattern.rstrip("/") if "://" in pattern else os.path.abspath(pattern)
         for uri in files:
             if uri != base and _is_not_data(uri):
+                skipped.append({"uri": uri, "why": "license/readme/attribution file"})
                 continue
             fmt = detect_format(uri)
             if fmt is None:
                 if uri == base:
                     raise InputError(f"unsupported input format: {uri} (known: {', '.join(sorted(FORMATS))})")
-                continue  # a folder may hold READMEs and licenses next to the data
+                skipped.append({"uri": uri, "why": "unknown format"})
+                continue
             shard_id = hashlib.sha1(uri.encode("utf-8")).hexdigest()[:12]
             shards[uri] = InputShard(shard_id, uri, fmt, _source_name(uri, base), storage.checksum(uri))
     if not shards:
         raise InputError(f"no readable input files (known formats: {', '.join(sorted(FORMATS))}) in {patterns}")
-    return [shards[uri] for uri in sorted(shards)]
+    return [shards[uri] for uri in sorted(shards)], skipped
 
 
 def _is_not_data(uri: str) -> bool:
@@ -117,6 +125,8 @@ class ShardReader(PipelineStep):
     def run(self, data=None, rank: int = 0, world_size: int = 1) -> Iterator[Document]:
         shard = self.shards[rank]
         raw = self.storage.read_bytes(shard.uri)
+        if shard.checksum.startswith("xxh3:") and f"xxh3:{xxhash.xxh3_128_hexdigest(raw)}" != shard.checksum:
+            raise InputError(f"{shard.uri} changed after the stage was planned; rerun to pick up the new content")
         records = {"jsonl": self._jsonl, "text": self._text, "parquet": self._parquet, "warc": self._warc}
         for doc in records[shard.format](shard, raw):
             doc.metadata.setdefault("source", shard.source)
@@ -127,9 +137,9 @@ class ShardReader(PipelineStep):
             yield doc
 
     # ---------------------------------------------------------------------------- formats
-    def _lines(self, shard: InputShard, raw: bytes) -> Iterator[tuple[int, bytes, str | None]]:
-        """(line number, line bytes, problem) - decompressing gzip and reporting truncation as a
-        last pseudo-line that holds the partial record's bytes."""
+    def _decoded_lines(self, shard: InputShard, raw: bytes) -> Iterator[tuple[int, str | Document]]:
+        """(line number, text) per line - or a rejected document for a line that cannot be decoded
+        and, last, for the partial record of a truncated gzip."""
         problem, tail = None, b""
         if shard.uri.endswith(".gz"):
             raw, tail, problem = _gunzip_prefix(raw)
@@ -137,9 +147,14 @@ class ShardReader(PipelineStep):
         if lines and lines[-1] == b"":
             lines.pop()
         for number, line in enumerate(lines):
-            yield number, line, None
+            try:
+                yield number, line.decode("utf-8").rstrip("\r")
+            except UnicodeDecodeError as err:
+                yield number, self._rejected(shard, number, f"invalid_utf8: {err.reason} at byte {err.start}",
+                                             line.decode("utf-8", errors="backslashreplace"))
         if problem:
-            yield len(lines), tail, problem
+            yield len(lines), self._rejected(shard, len(lines), problem,
+                                             tail.decode("utf-8", errors="backslashreplace"))
 
     def _rejected(self, shard: InputShard, number: int, reason: str, original: str) -> Document:
         doc = Document(text="", id=f"{shard.shard_id}:{number}", metadata={ORIGINAL: original})
@@ -165,44 +180,29 @@ class ShardReader(PipelineStep):
 
     def _jsonl(self, shard: InputShard, raw: bytes) -> Iterator[Document]:
         field = self.config.text_field
-        for number, line, problem in self._lines(shard, raw):
-            if problem:
-                yield self._rejected(shard, number, problem, line.decode("utf-8", errors="backslashreplace"))
-                continue
-            try:
-                line_text = line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield self._rejected(shard, number, f"invalid_utf8: {err.reason} at byte {err.start}",
-                                     line.decode("utf-8", errors="backslashreplace"))
-                continue
-            if not line_text.strip():
+        for number, line in self._decoded_lines(shard, raw):
+            if isinstance(line, Document):
+                yield line
+            elif not line.strip():
                 continue  # a blank line between records is not a record
-            try:
-                record = json.loads(line_text)
-            except json.JSONDecodeError as err:
-                yield self._rejected(shard, number, f"malformed_json: {err.msg} at column {err.colno}", line_text)
-                continue
-            if not isinstance(record, dict):
-                yield self._rejected(shard, number, "malformed_json: record is not an object", line_text)
-                continue
-            text = record.get(field)
-            if not isinstance(text, str):
-                yield self._rejected(shard, number, f"missing_text_field: '{field}'", line_text)
-                continue
-            yield self._checked_text(shard, number, text, line_text, record)
+            else:
+                yield self._json_record(shard, number, line, field)
+
+    def _json_record(self, shard: InputShard, number: int, line: str, field: str) -> Document:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            return self._rejected(shard, number, f"malformed_json: {err.msg} at column {err.colno}", line)
+        if not isinstance(record, dict):
+            return self._rejected(shard, number, "malformed_json: record is not an object", line)
+        text = record.get(field)
+        if not isinstance(text, str):
+            return self._rejected(shard, number, f"missing_text_field: '{field}'", line)
+        return self._checked_text(shard, number, text, line, record)
 
     def _text(self, shard: InputShard, raw: bytes) -> Iterator[Document]:
-        for number, line, problem in self._lines(shard, raw):
-            if problem:
-                yield self._rejected(shard, number, problem, line.decode("utf-8", errors="backslashreplace"))
-                continue
-            try:
-                text = line.decode("utf-8").rstrip("\r")
-            except UnicodeDecodeError as err:
-                yield self._rejected(shard, number, f"invalid_utf8: {err.reason} at byte {err.start}",
-                                     line.decode("utf-8", errors="backslashreplace"))
-                continue
-            yield self._checked_text(shard, number, text, text, {})
+        for number, line in self._decoded_lines(shard, raw):
+            yield line if isinstance(line, Document) else self._checked_text(shard, number, line, line, {})
 
     def _parquet(self, shard: InputShard, raw: bytes) -> Iterator[Document]:
         import pyarrow.parquet as pq

@@ -13,11 +13,13 @@ Phases, each resumable:
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +43,12 @@ from skymoe.stage import DoneRecords, Manifest, StageRef, canonical_json, finger
 from skymoe.storage import Storage
 
 STAGE = "clean"
-CODE_VERSION = f"clean-{source_digest(Path(__file__).resolve().parent)}"
+# Output depends on this package's source and on the libraries that make decisions in it.
+CODE_VERSION = "clean-{}+{}".format(
+    source_digest(Path(__file__).resolve().parent),
+    ",".join(f"{name}={importlib.metadata.version(name)}" for name in
+             ("datatrove", "trafilatura", "lingua-language-detector", "scikit-learn", "warcio", "pyarrow")),
+)
 log = logging.getLogger("skymoe.clean")
 
 DOC_SCHEMA = pa.schema([
@@ -59,6 +66,15 @@ INDEX_SCHEMA = pa.schema([
 
 
 @dataclass(frozen=True)
+class CleanPlan:
+    """What a run will do, known before any work: where it writes, what it reads, what it skips."""
+
+    ref: StageRef
+    shards: list[InputShard]
+    skipped: list[dict[str, str]]
+
+
+@dataclass(frozen=True)
 class CleanResult:
     ref: StageRef
     manifest: Manifest
@@ -66,17 +82,19 @@ class CleanResult:
 
 
 # ------------------------------------------------------------------------------ planning
-def plan_clean(config: CleanConfig, storage: Storage, root: str) -> tuple[StageRef, list[InputShard]]:
-    """Check inputs and example files, then fingerprint; raises before any work is done."""
-    shards = discover_inputs(storage, config.inputs)
+def plan_clean(config: CleanConfig, storage: Storage, root: str) -> CleanPlan:
+    """Check inputs and resource files, then fingerprint; raises before any work is done."""
+    shards, skipped = discover_inputs(storage, config.inputs)
+    for item in skipped:
+        log.info("clean: not reading %s (%s)", item["uri"], item["why"])
     fp = fingerprint(STAGE, CODE_VERSION, _fingerprinted_config(config, storage),
                      {shard.uri: shard.checksum for shard in shards})
-    return StageRef(root, STAGE, fp), shards
+    return CleanPlan(StageRef(root, STAGE, fp), shards, skipped)
 
 
 def _fingerprinted_config(config: CleanConfig, storage: Storage) -> dict:
-    """The config as it affects output: resource files enter by content, not by path (a clone
-    elsewhere gets the same fingerprint); inputs enter separately and the executor not at all
+    """The config as it affects output: resource files (classifier examples, blocklists) enter by
+    content, not by path; inputs enter separately, by URI and checksum; the executor not at all
     (datatrove and Beam write identical output)."""
     settings = config.model_dump(mode="json", exclude={"inputs", "executor"})
 
@@ -96,10 +114,15 @@ def _fingerprinted_config(config: CleanConfig, storage: Storage) -> dict:
     return settings
 
 
-def run_clean(config: CleanConfig, storage: Storage, root: str) -> CleanResult:
-    """Run (or resume, or reuse) the cleaning stage and return its manifest."""
+def run_clean(config: CleanConfig, storage: Storage, root: str, plan: CleanPlan | None = None) -> CleanResult:
+    """Run (or resume, or reuse) the cleaning stage and return its manifest.
+
+    ``plan`` is the result of :func:`plan_clean` when the caller planned already (the Prefect
+    flow keys its cache on it); the stage then writes exactly where that plan said.
+    """
+    plan = plan or plan_clean(config, storage, root)
+    ref, shards = plan.ref, plan.shards
     storage.check_writable_root(root)
-    ref, shards = plan_clean(config, storage, root)
     existing = read_manifest(storage, ref)
     if existing is not None:
         log.info("clean: cache hit at %s", ref.uri)
@@ -120,6 +143,7 @@ def run_clean(config: CleanConfig, storage: Storage, root: str) -> CleanResult:
     timings["total"] = round(time.monotonic() - started, 3)
 
     manifest = _manifest(config, storage, ref, shards, model, timings)
+    manifest.extra["skipped_inputs"] = plan.skipped
     manifest.extra["plots"] = _plots(storage, ref, manifest.counts)
     write_manifest(storage, ref, manifest)
     log.info("clean: %d -> %d documents, manifest at %s", manifest.counts["docs_in"], manifest.counts["docs_out"],
@@ -192,7 +216,7 @@ class FilterShard:
         self.steps = [
             ShardReader(shards, config.reader, storage, frozenset(config.reader.code_sources)),
             LanguageId(config.language),
-            *heuristic_steps(config.heuristics),
+            *heuristic_steps(config.heuristics, storage),
             *([QualityScorer(model)] if model is not None else []),
         ]
 
@@ -254,13 +278,15 @@ def decide(config: CleanConfig, storage: Storage, ref: StageRef, shards: list[In
     row_of = np.concatenate([t["row"].to_numpy() for t in tables] or [[]]).astype(np.int64)
     langs = np.array([lang for t in tables for lang in t["lang"].to_pylist()], dtype=object)
     n_docs = len(row_of)
+    alive = np.ones(n_docs, dtype=bool)  # not dropped by an earlier decision
     reason = np.full(n_docs, None, dtype=object)
     step = np.full(n_docs, None, dtype=object)
 
-    def drop(mask: np.ndarray, step_name: str, why) -> None:
-        for i in np.flatnonzero(mask & (reason == None)):  # noqa: E711 - elementwise on an object array
+    def drop(mask: np.ndarray, step_name: str, why: str | Callable[[int], str]) -> None:
+        for i in np.flatnonzero(mask & alive):
             reason[i] = why(i) if callable(why) else why
             step[i] = step_name
+            alive[i] = False
 
     bucket_edges: dict[str, list[float]] = {}
     if config.classifier.enabled and n_docs:
@@ -279,7 +305,6 @@ def decide(config: CleanConfig, storage: Storage, ref: StageRef, shards: list[In
 
     if config.dedup.exact and n_docs:
         hashes = np.concatenate([t["exact_hash"].to_numpy() for t in tables])
-        alive = reason == None  # noqa: E711
         _, first = np.unique(hashes[alive], return_index=True)
         alive_idx = np.flatnonzero(alive)
         first_of = {hashes[alive_idx[f]]: alive_idx[f] for f in first}
@@ -292,7 +317,7 @@ def decide(config: CleanConfig, storage: Storage, ref: StageRef, shards: list[In
     near_dups = 0
     if mh.enabled and n_docs:
         signatures = np.stack([np.asarray(sig, dtype=np.uint32) for t in tables for sig in t["minhash"].to_pylist()])
-        root = dedup.near_duplicate_clusters(signatures, mh.num_bands, mh.rows_per_band, reason == None)  # noqa: E711
+        root = dedup.near_duplicate_clusters(signatures, mh.num_bands, mh.rows_per_band, alive.copy())
         is_dup = root != np.arange(n_docs)
         near_dups = int(is_dup.sum())
         drop(is_dup, "near_dedup", lambda i: f"near_duplicate_of: {_doc_key(shards, shard_of, row_of, root[i])}")
@@ -300,12 +325,11 @@ def decide(config: CleanConfig, storage: Storage, ref: StageRef, shards: list[In
     rc = config.dedup.recurring
     recurring = np.zeros(0, dtype=np.uint64)
     if rc.enabled and n_docs:
-        alive = reason == None  # noqa: E711
         per_doc = [np.asarray(h, dtype=np.uint64) for t in tables for h in t["line_hashes"].to_pylist()]
         recurring = dedup.recurring_lines([h for h, a in zip(per_doc, alive) if a], rc.min_docs)
     storage.write_bytes(ref.path("dedup", "recurring_lines.npy"), _npy(recurring))
 
-    dropped = np.flatnonzero(reason != None)  # noqa: E711
+    dropped = np.flatnonzero(~alive)
     _write_table(storage, ref.path("dedup", "decisions.parquet"), [
         {"shard": shards[shard_of[i]].shard_id, "row": int(row_of[i]), "step": step[i], "reason": reason[i]}
         for i in dropped
@@ -345,10 +369,11 @@ class ApplyShard:
             verdict = decided.get(row)
             if verdict is None and recurring:
                 text, cut = dedup.remove_lines(doc["text"], recurring, rc.min_line_chars)
-                lines_cut += cut
-                if cut and len(text) < rc.min_chars_after:
-                    verdict = ("recurring_text", f"too_short_after_removal: {len(text)} chars")
-                doc = {**doc, "text": text}
+                if cut:
+                    lines_cut += cut
+                    if len(text) < rc.min_chars_after:
+                        verdict = ("recurring_text", f"too_short_after_removal: {len(text)} chars")
+                    doc = {**doc, "text": text}
             if verdict is not None:
                 reasons[_reason_key(*verdict)] += 1
                 rejects.append(_reject_row(doc["id"], shard, doc["source"], verdict[0], verdict[1],

@@ -48,10 +48,6 @@ TERMINAL_PUNCTUATION_EN = (".", "?", "!", '"', "'")
 TERMINAL_PUNCTUATION_ZH = ("。", "！", "？", "!", "?", "…", "”", "」", "』", "；", ".", '"')
 
 
-def is_han(char: str) -> bool:
-    return _HAN.match(char) is not None
-
-
 def count_han(text: str) -> int:
     return len(_HAN.findall(text))
 

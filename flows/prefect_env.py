@@ -1,4 +1,5 @@
-"""Prefect settings for offline use, applied before Prefect is imported (see platform notes)."""
+"""Prefect settings for offline use. Imported by ``flows.pipeline`` before Prefect itself, so they
+hold for the CLI, for tests and for deployment runs started by a worker alike."""
 
 from __future__ import annotations
 
@@ -17,3 +18,6 @@ def configure_prefect() -> None:
     """Set offline defaults without overriding what the user configured."""
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+configure_prefect()

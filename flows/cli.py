@@ -1,4 +1,7 @@
-"""The ``skymoe`` command. Heavy modules are imported inside the commands, so ``--help`` is instant."""
+"""The ``skymoe`` command. Heavy modules are imported inside the commands, so ``--help`` is instant.
+
+It lives with the flows because ``run`` composes stages through Prefect; ``show`` needs only the core.
+"""
 
 from __future__ import annotations
 
@@ -48,12 +51,16 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.clean.stage import plan_clean
     from skymoe.config import load_config
-    from skymoe.prefect_env import configure_prefect
+    from skymoe.storage import Storage
 
     overrides = _overrides(args)
-    load_config(args.config, overrides)  # fail on a bad config before Prefect starts
-    configure_prefect()
+    # Fail on a bad config, missing inputs or an unusable root before Prefect starts.
+    config = load_config(args.config, overrides)
+    storage = Storage.from_config(config.storage)
+    plan_clean(config.clean, storage, config.storage.root)
+    storage.check_writable_root(config.storage.root)
     from flows.pipeline import pipeline_flow
 
     summary = pipeline_flow(config_path=args.config, root=args.root, inputs=overrides.get("clean", {}).get("inputs"),
@@ -90,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"run": _cmd_run, "show": _cmd_show}[args.command](args)
-    except (ValueError, StorageError) as err:  # bad config or inputs, found before any work starts
+    except (ValueError, StorageError, OSError) as err:  # bad config, inputs or root: found before any work
         print(f"skymoe: error: {err}", file=sys.stderr)
         return 2
 
