@@ -8,6 +8,7 @@ config resolve against the config file's own folder, so a preset works from any 
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -262,7 +263,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         raise ConfigError(f"{config_file}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_file}: top level must be a mapping, got {type(raw).__name__}")
-    merged = _deep_merge(raw, overrides or {})
+    # The output root is the user's, like any path given on a command line: relative to the
+    # working directory. Other paths in the file are the file's own: relative to its folder.
+    if isinstance(raw.get("storage"), dict) and isinstance(raw["storage"].get("root"), str):
+        raw["storage"]["root"] = _resolve(raw["storage"]["root"], Path.cwd())
+    merged = _deep_merge(_resolve_paths(raw, config_file.resolve().parent), _resolve_paths(overrides or {}, Path.cwd()))
+    storage = merged.setdefault("storage", {})
+    if isinstance(storage, dict):
+        storage.setdefault("root", _resolve(StorageConfig().root, Path.cwd()))
     try:
         config = PipelineConfig.model_validate(merged)
     except ValidationError as err:
@@ -270,7 +278,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
             f"field '{'.'.join(str(p) for p in e['loc']) or '<top>'}': {e['msg']}" for e in err.errors()
         )
         raise ConfigError(f"{config_file}: {problems}") from None
-    return _resolve_paths(config, config_file.resolve().parent)
+    return config
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -291,20 +299,35 @@ def _resolve(path: str, base: Path) -> str:
     return str((base / path).resolve()) if _is_relative_local(path) else path
 
 
-def _resolve_paths(config: PipelineConfig, base: Path) -> PipelineConfig:
-    """Make relative local paths absolute against the config file's folder."""
-    clean = config.clean
-    classifier = clean.classifier.model_copy(
-        update={
-            "positive": [_resolve(p, base) for p in clean.classifier.positive],
-            "negative": [_resolve(p, base) for p in clean.classifier.negative],
-        }
-    )
-    blocklist = clean.heuristics.blocklist.model_copy(
-        update={"files": {lang: _resolve(p, base) for lang, p in clean.heuristics.blocklist.files.items()}}
-    )
-    heuristics = clean.heuristics.model_copy(update={"blocklist": blocklist})
-    clean = clean.model_copy(update={"inputs": [_resolve(p, base) for p in clean.inputs], "classifier": classifier,
-                                     "heuristics": heuristics})
-    storage = config.storage.model_copy(update={"root": _resolve(config.storage.root, Path.cwd())})
-    return config.model_copy(update={"clean": clean, "storage": storage})
+# Fields holding local paths: (section path, kind) where kind says how the value holds them.
+_PATH_FIELDS = (
+    (("clean", "inputs"), "list"),
+    (("clean", "classifier", "positive"), "list"),
+    (("clean", "classifier", "negative"), "list"),
+    (("clean", "heuristics", "blocklist", "files"), "dict"),
+    (("storage", "root"), "str"),
+)
+
+
+def _resolve_paths(raw: dict, base: Path) -> dict:
+    """Make relative local paths in a raw config dict absolute against ``base``.
+
+    A config file's paths resolve against the file's folder (a preset works from anywhere);
+    overrides from the command line or a deployment resolve against the working directory.
+    Values of the wrong type are left alone for validation to report.
+    """
+    resolved = copy.deepcopy(raw)
+    for keys, kind in _PATH_FIELDS:
+        parent = resolved
+        for key in keys[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or keys[-1] not in parent:
+            continue
+        value = parent[keys[-1]]
+        if kind == "list" and isinstance(value, list):
+            parent[keys[-1]] = [_resolve(v, base) if isinstance(v, str) else v for v in value]
+        elif kind == "dict" and isinstance(value, dict):
+            parent[keys[-1]] = {k: _resolve(v, base) if isinstance(v, str) else v for k, v in value.items()}
+        elif kind == "str" and isinstance(value, str):
+            parent[keys[-1]] = _resolve(value, base)
+    return resolved
