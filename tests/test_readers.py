@@ -33,8 +33,9 @@ STORAGE = Storage()
 def read(paths: list[str | Path], config: ReaderConfig | None = None,
          code_sources: frozenset[str] = frozenset()) -> list[Document]:
     """Discover the inputs and read every shard, as the stage does (one task per shard)."""
-    shards, _ = discover_inputs(STORAGE, [str(p) for p in paths])
-    reader = ShardReader(shards, config or ReaderConfig(), STORAGE, code_sources)
+    config = config or ReaderConfig()
+    shards, _ = discover_inputs(STORAGE, [str(p) for p in paths], config.text_field)
+    reader = ShardReader(shards, config, STORAGE, code_sources)
     return [doc for rank in range(len(shards)) for doc in reader.run(rank=rank, world_size=len(shards))]
 
 
@@ -292,7 +293,11 @@ def test_parquet_with_a_configurable_text_field(tmp_path):
     assert reasons(docs) == ["missing_text_field: 'content'", "empty"]
     assert json.loads(rejected[0].metadata[ORIGINAL]) == {"content": None, "doc_id": "p1", "page": None}
     with pytest.raises(InputError, match="no column 'text'"):
-        read([path])  # the default field is not there: a stage-level error, before any document
+        read([path])  # the default field is not there: a stage-level error, found when planning
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(path.read_bytes()[:-20])  # a damaged footer
+    with pytest.raises(InputError, match="not a readable Parquet file"):
+        discover_inputs(STORAGE, [str(broken)], "content")
 
 
 def test_plain_text_is_one_document_per_line():

@@ -58,7 +58,8 @@ def detect_format(uri: str) -> str | None:
     return None
 
 
-def discover_inputs(storage: Storage, patterns: list[str]) -> tuple[list[InputShard], list[dict[str, str]]]:
+def discover_inputs(storage: Storage, patterns: list[str], text_field: str = "text",
+                    ) -> tuple[list[InputShard], list[dict[str, str]]]:
     """Expand files, folders and globs into shards, failing early on anything unusable.
 
     Returns the shards and the files found but not read (licenses, READMEs, unknown formats),
@@ -88,11 +89,27 @@ def discover_inputs(storage: Storage, patterns: list[str]) -> tuple[list[InputSh
                     raise InputError(f"unsupported input format: {uri} (known: {', '.join(sorted(FORMATS))})")
                 skipped.append({"uri": uri, "why": "unknown format"})
                 continue
+            if fmt == "parquet":
+                _check_parquet_schema(storage, uri, text_field)
             shard_id = hashlib.sha1(uri.encode("utf-8")).hexdigest()[:12]
             shards[uri] = InputShard(shard_id, uri, fmt, _source_name(uri, base), storage.checksum(uri))
     if not shards:
         raise InputError(f"no readable input files (known formats: {', '.join(sorted(FORMATS))}) in {patterns}")
     return [shards[uri] for uri in sorted(shards)], skipped
+
+
+def _check_parquet_schema(storage: Storage, uri: str, text_field: str) -> None:
+    """Read a Parquet footer now, so a corrupt file or a missing column stops the stage before work."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.fs(uri)
+    try:
+        with fs.open(path, "rb") as handle:
+            names = pq.read_schema(handle).names
+    except Exception as err:  # pyarrow raises ArrowInvalid / OSError for a damaged footer
+        raise InputError(f"{uri}: not a readable Parquet file: {err}") from None
+    if text_field not in names:
+        raise InputError(f"{uri}: no column '{text_field}' (columns: {names}); set clean.reader.text_field")
 
 
 def _is_not_data(uri: str) -> bool:

@@ -84,7 +84,7 @@ class CleanResult:
 # ------------------------------------------------------------------------------ planning
 def plan_clean(config: CleanConfig, storage: Storage, root: str) -> CleanPlan:
     """Check inputs and resource files, then fingerprint; raises before any work is done."""
-    shards, skipped = discover_inputs(storage, config.inputs)
+    shards, skipped = discover_inputs(storage, config.inputs, config.reader.text_field)
     for item in skipped:
         log.info("clean: not reading %s (%s)", item["uri"], item["why"])
     fp = fingerprint(STAGE, CODE_VERSION, _fingerprinted_config(config, storage),
