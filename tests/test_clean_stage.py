@@ -15,6 +15,7 @@ import pytest
 
 from conftest import write_config
 from pipelines.clean.stage import run_clean
+from skymoe.catalog import list_stage_outputs
 from skymoe.config import load_config
 from skymoe.storage import Storage
 
@@ -93,6 +94,8 @@ def test_kill_9_mid_run_resumes_byte_identical(reference_run, tmp_path):
     finished_before = {p.name for p in done_dir.glob("*.json")}
     assert not (stage_dir / "manifest.json").exists()
     assert 2 <= len(finished_before) < 7
+    [listing] = list_stage_outputs(Storage(), str(root))  # what `skymoe show` prints for a crashed run
+    assert not listing.complete and listing.counts["filter_shards_done"] >= len(finished_before)
 
     resumed = _run(config_path, storage={"root": str(root)})
     assert not resumed.cached
