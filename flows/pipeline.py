@@ -12,7 +12,7 @@ import base64
 import logging
 from typing import Any
 
-import flows.prefect_env  # noqa: F401  (offline settings must precede the first Prefect import)
+from flows.prefect_env import forward_stage_logs  # offline settings: must precede the first Prefect import
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -66,6 +66,7 @@ def pipeline_flow(config_path: str | None = None, root: str | None = None, input
                   until: str = "evaluate", executor: str | None = None) -> dict[str, Any]:
     """Run the stages up to ``until``; every stage is skipped when its output already exists."""
     logger = get_run_logger()
+    forward_stage_logs()
     if until not in STAGES:
         raise ValueError(f"until must be one of {STAGES}, got {until!r}")
     overrides: dict[str, Any] = {}

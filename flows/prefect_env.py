@@ -3,6 +3,7 @@ hold for the CLI, for tests and for deployment runs started by a worker alike.""
 
 from __future__ import annotations
 
+import logging
 import os
 
 OFFLINE_DEFAULTS = {
@@ -18,6 +19,20 @@ def configure_prefect() -> None:
     """Set offline defaults without overriding what the user configured."""
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+def forward_stage_logs() -> None:
+    """Send the ``skymoe`` logger's records (progress with rate and ETA) to the Prefect run.
+
+    ``PREFECT_LOGGING_EXTRA_LOGGERS`` does this when set before Prefect configures logging (the
+    CLI); a deployment run started by a worker imports Prefect first, so attach the handler here.
+    """
+    from prefect.logging.handlers import APILogHandler
+
+    stage_logger = logging.getLogger("skymoe")
+    stage_logger.setLevel(logging.INFO)
+    if not any(isinstance(handler, APILogHandler) for handler in stage_logger.handlers):
+        stage_logger.addHandler(APILogHandler())
 
 
 configure_prefect()
