@@ -1,0 +1,1 @@
+"""Tokenization: a byte-level BPE tokenizer (trained here or loaded) and, next, packed token shards."""
