@@ -17,12 +17,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipelines.clean.stage import CleanPlan, plan_clean, run_clean
+from pipelines.tokenize.stage import TokenizePlan, plan_tokenize, run_tokenize
 from skymoe import PIPELINE_STAGES as STAGES
 from skymoe.config import load_config
-from skymoe.stage import read_manifest
+from skymoe.stage import StageRef, read_manifest
 from skymoe.storage import Storage
 
-IMPLEMENTED = ("clean",)
+IMPLEMENTED = ("clean", "tokenize")
 
 
 def _stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -36,6 +37,24 @@ def clean_task(config_path: str | None, overrides: dict, plan: CleanPlan) -> dic
     result = run_clean(config.clean, Storage.from_config(config.storage), config.storage.root, plan)
     return {"uri": result.ref.uri, "fingerprint": result.ref.fingerprint, "counts": result.manifest.counts,
             "timings": result.manifest.timings, "plots": result.manifest.extra.get("plots", [])}
+
+
+@task(name="tokenize", cache_key_fn=_stage_cache_key, persist_result=True)
+def tokenize_task(config_path: str | None, overrides: dict, plan: TokenizePlan, clean_ref: StageRef) -> dict[str, Any]:
+    config = load_config(config_path, overrides)
+    result = run_tokenize(config.tokenize, Storage.from_config(config.storage), config.storage.root, clean_ref, plan)
+    return {"uri": result.ref.uri, "fingerprint": result.ref.fingerprint, "counts": result.manifest.counts,
+            "timings": result.manifest.timings, "mixture": result.manifest.extra["mixture"]}
+
+
+def _publish_tokenize(summary: dict[str, Any]) -> None:
+    rows = [{"what": key.replace("_", " "), "value": value} for key, value in sorted(summary["counts"].items())]
+    rows += [{"what": f"mixture {domain}", "value": f"x{plan['repeat']:.3g}: {plan['tokens']:,} -> "
+                                                    f"{plan['realised_tokens']:,} tokens"}
+             for domain, plan in summary["mixture"].items()]
+    rows += [{"what": "output", "value": summary["uri"]}]
+    create_table_artifact(key="tokenize-summary", table=rows,
+                          description=f"Tokenize stage {summary['fingerprint']}: sequences, tokens, mixture")
 
 
 def _publish_plots(stage: str, summary: dict[str, Any], storage: Storage) -> None:
@@ -92,10 +111,18 @@ def pipeline_flow(config_path: str | None = None, root: str | None = None, input
     summary["stages"]["clean"] = clean_summary
 
     wanted = STAGES[: STAGES.index(until) + 1]
+    if "tokenize" in wanted:
+        clean_ref = plan.ref
+        token_plan = plan_tokenize(config.tokenize, storage, config.storage.root, clean_ref)
+        fresh = read_manifest(storage, token_plan.ref) is None
+        tokenize_summary = tokenize_task.with_options(refresh_cache=fresh)(config_path, overrides, token_plan,
+                                                                           clean_ref)
+        _publish_tokenize(tokenize_summary)
+        summary["stages"]["tokenize"] = tokenize_summary
     missing = [s for s in wanted if s not in IMPLEMENTED]
     if missing:
         logger.warning("stages %s are not part of this skymoe version yet; stopped after %s",
-                       ", ".join(missing), IMPLEMENTED[-1])
+                       ", ".join(missing), wanted[len(wanted) - len(missing) - 1])
         summary["not_implemented"] = missing
     logging.getLogger("skymoe").info("pipeline done: %s", {k: v["uri"] for k, v in summary["stages"].items()})
     return summary

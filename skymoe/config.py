@@ -227,11 +227,54 @@ class CleanConfig(_Strict):
     docs_per_output_shard: int = Field(20_000, ge=1)
 
 
+# ---------------------------------------------------------------------------------------- tokenize
+class TokenizerConfig(_Strict):
+    """Train a byte-level BPE on the cleaned corpus, or load one given by ``path`` (a
+    ``tokenizer.json`` or a tokenizer folder; never a hub name)."""
+
+    path: str | None = None
+    vocab_size: int = Field(4096, ge=259, le=2**32)
+    min_frequency: int = Field(2, ge=1)
+    train_docs: int = Field(50_000, ge=1, description="cleaned documents the tokenizer is trained on")
+
+
+class MixtureConfig(_Strict):
+    """Sampling weights per language (the report trains on about en : zh : code = 7 : 2 : 1).
+
+    Empty weights keep the corpus's natural proportions. A language's training sequences are
+    repeated (or subsampled) so its share of tokens matches its weight, but never repeated more
+    than ``max_repeats`` times.
+    """
+
+    weights: dict[str, float] = Field(default_factory=dict)
+    max_repeats: float = Field(5.0, ge=1.0)
+
+    @field_validator("weights")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = [lang for lang, weight in value.items() if not weight > 0]
+        if bad:
+            raise ValueError(f"weights must be > 0 (got {bad})")
+        return value
+
+
+class TokenizeConfig(_Strict):
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    seq_len: int = Field(256, ge=8, description="tokens a training sequence predicts (rows hold seq_len + 1)")
+    token_dtype: Literal["uint16", "uint32"] | None = Field(None, description="None = the narrowest that fits")
+    validation_permille: int = Field(20, ge=0, le=500, description="documents (by hash) held out, per mille")
+    seed: int = 0
+    mixture: MixtureConfig = MixtureConfig()
+    sequences_per_file: int = Field(8192, ge=1)
+    encode_batch: int = Field(512, ge=1, description="documents per tokenizers encode_batch call")
+
+
 # ------------------------------------------------------------------------------------------ whole
 class PipelineConfig(_Strict):
     name: str = "skymoe"
     storage: StorageConfig = StorageConfig()
     clean: CleanConfig = CleanConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
 
     @field_validator("name")
     @classmethod
@@ -305,6 +348,7 @@ _PATH_FIELDS = (
     (("clean", "classifier", "positive"), "list"),
     (("clean", "classifier", "negative"), "list"),
     (("clean", "heuristics", "blocklist", "files"), "dict"),
+    (("tokenize", "tokenizer", "path"), "str"),
     (("storage", "root"), "str"),
 )
 

@@ -28,7 +28,7 @@ def _skymoe(*args: str, env: dict) -> subprocess.CompletedProcess:
                           timeout=900)
 
 
-def test_run_until_clean_on_demo_corpus_then_cached(tmp_path, prefect_env):
+def test_run_until_clean_then_tokenize_on_demo_corpus(tmp_path, prefect_env):
     env = dict(os.environ)
     root = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", str(root), [str(CORPUS)],
@@ -44,20 +44,26 @@ def test_run_until_clean_on_demo_corpus_then_cached(tmp_path, prefect_env):
     assert "Finished in state Completed" in first.stderr
     assert "clean/filter" in first.stderr  # stage progress lines reach the run's log
 
-    second = _skymoe("run", "--config", str(config), "--until", "clean", env=env)
+    second = _skymoe("run", "--config", str(config), "--until", "tokenize", env=env)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "Cached" in second.stderr
-    assert json.loads(second.stdout[second.stdout.index("{"):])["stages"]["clean"]["uri"] == clean["uri"]
+    assert "Cached" in second.stderr  # clean is not redone
+    stages = json.loads(second.stdout[second.stdout.index("{"):])["stages"]
+    assert stages["clean"]["uri"] == clean["uri"]
+    assert stages["tokenize"]["counts"]["train_sequences"] > 100
 
     artifacts = subprocess.run([sys.executable, "-c", _LIST_ARTIFACTS], capture_output=True, text=True, env=env,
                                timeout=600)
     keys = json.loads(artifacts.stdout.strip().splitlines()[-1])
     assert keys.count("clean-summary") == 2 and keys.count("clean-report") == 2  # both runs published
+    assert keys.count("tokenize-summary") == 1
 
     shown = _skymoe("show", "--root", str(root), "--json", env=env)
-    stages = json.loads(shown.stdout)["stages"]
-    assert stages == [{"name": "clean", "fingerprint": clean["uri"].rsplit("/", 1)[-1], "uri": clean["uri"],
-                       "complete": True, "counts": {k: v for k, v in clean["counts"].items() if not isinstance(v, dict)}}]
+    listed = json.loads(shown.stdout)["stages"]
+    assert listed[0] == {"name": "clean", "fingerprint": clean["uri"].rsplit("/", 1)[-1], "uri": clean["uri"],
+                         "complete": True,
+                         "counts": {k: v for k, v in clean["counts"].items() if not isinstance(v, dict)}}
+    assert [(s["name"], s["uri"], s["complete"]) for s in listed[1:]] == [
+        ("tokenize", stages["tokenize"]["uri"], True)]
 
 
 def test_bad_config_fails_before_work(tmp_path, prefect_env):

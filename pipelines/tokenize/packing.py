@@ -1,0 +1,60 @@
+"""Packing: token ids of whole documents -> fixed-length training rows, as Arrow arrays.
+
+Documents are concatenated (each followed by EOS) into one stream per (split, language) and cut
+into rows of ``seq_len + 1`` ids (the extra id is the last position's target). A row records
+where documents start inside it, so a loader can build per-document attention masks. The tail
+shorter than a row is dropped and counted. Everything is vectorized: rows are slices of one
+numpy array, and the Arrow list columns are built from offsets without copying per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    ids: np.ndarray  # (rows, seq_len + 1)
+    doc_starts: list[np.ndarray]  # per row: offsets where a document begins
+    dropped_tokens: int
+
+
+def pack(documents: list[np.ndarray], eos_id: int, row_len: int, dtype: np.dtype) -> PackedRows:
+    """Concatenate documents (each + EOS) and cut the stream into rows of ``row_len`` ids."""
+    if not documents:
+        return PackedRows(np.zeros((0, row_len), dtype=dtype), [], 0)
+    lengths = np.array([len(d) + 1 for d in documents], dtype=np.int64)
+    stream = np.empty(int(lengths.sum()), dtype=dtype)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    for doc, start, end in zip(documents, starts, ends):
+        stream[start : end - 1] = doc
+        stream[end - 1] = eos_id
+    rows = len(stream) // row_len
+    ids = stream[: rows * row_len].reshape(rows, row_len)
+    # Document starts falling in row r are those in [r*row_len, (r+1)*row_len).
+    bounds = np.searchsorted(starts, np.arange(rows + 1) * row_len)
+    doc_starts = [(starts[bounds[r] : bounds[r + 1]] - r * row_len).astype(np.int32) for r in range(rows)]
+    return PackedRows(ids, doc_starts, len(stream) - rows * row_len)
+
+
+def rows_table(rows: PackedRows, lang: str, source: str, start: int, stop: int) -> pa.Table:
+    """Rows ``start:stop`` as an Arrow table; list columns share the numpy buffers' layout."""
+    ids = rows.ids[start:stop]
+    count, row_len = ids.shape
+    id_offsets = pa.array(np.arange(count + 1, dtype=np.int32) * row_len)
+    input_ids = pa.ListArray.from_arrays(id_offsets, pa.array(ids.reshape(-1)))
+    starts = rows.doc_starts[start:stop]
+    start_offsets = np.zeros(count + 1, dtype=np.int32)
+    np.cumsum([len(s) for s in starts], out=start_offsets[1:])
+    flat_starts = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int32)
+    doc_starts = pa.ListArray.from_arrays(pa.array(start_offsets), pa.array(flat_starts, type=pa.int32()))
+    return pa.table({
+        "input_ids": input_ids,
+        "doc_starts": doc_starts,
+        "lang": pa.array([lang] * count, type=pa.string()),
+        "source": pa.array([source] * count, type=pa.string()),
+    })

@@ -1,0 +1,240 @@
+"""The tokenize stage: cleaned Parquet shards -> tokenizer + packed Arrow shards + index, under
+the stage contract (``<root>/tokenize/<fingerprint>/``, done-records per unit, manifest last).
+
+Phases, each resumable:
+1. ``tokenizer`` - train a byte-level BPE on the cleaned documents, or copy the given one;
+2. ``encode`` (per cleaned shard) - split documents into train / validation by a hash of the
+   document, shuffle the training documents under the seed, encode, pack per language, and write
+   Arrow IPC files (``train/`` and ``validation/``);
+3. the manifest: the file index (sequences and tokens per file, split, language, source) and the
+   mixture plan (repeat factor and realised tokens per language and source).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import io
+import logging
+import time
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+import xxhash
+
+from pipelines.tokenize.mixture import repeat_factors
+from pipelines.tokenize.packing import PackedRows, pack, rows_table
+from pipelines.tokenize.tokenizer import (
+    EOS,
+    check_token_dtype,
+    load_tokenizer,
+    save_tokenizer,
+    smallest_token_dtype,
+    train_tokenizer,
+)
+from skymoe.config import TokenizeConfig
+from skymoe.progress import Progress
+from skymoe.stage import (
+    DoneRecords,
+    Manifest,
+    StageRef,
+    canonical_json,
+    fingerprint,
+    read_manifest,
+    source_digest,
+    write_manifest,
+)
+from skymoe.storage import Storage, join
+
+STAGE = "tokenize"
+CODE_VERSION = "tokenize-{}+{}".format(
+    source_digest(Path(__file__).resolve().parent),
+    ",".join(f"{name}={importlib.metadata.version(name)}" for name in ("tokenizers", "pyarrow")),
+)
+SPLITS = ("train", "validation")
+log = logging.getLogger("skymoe.tokenize")
+
+
+class TokenizeError(ValueError):
+    """The stage cannot start: no complete cleaning output, or a corpus too small to pack."""
+
+
+@dataclass(frozen=True)
+class TokenizeUnit:
+    """One cleaned shard: the unit of work and of resume."""
+
+    unit_id: str
+    uri: str
+    source: str
+
+
+@dataclass(frozen=True)
+class TokenizePlan:
+    ref: StageRef
+    units: list[TokenizeUnit]
+
+
+@dataclass(frozen=True)
+class TokenizeResult:
+    ref: StageRef
+    manifest: Manifest
+    cached: bool
+
+
+def plan_tokenize(config: TokenizeConfig, storage: Storage, root: str, clean_ref: StageRef) -> TokenizePlan:
+    """The units to encode and the fingerprint; fails before any work when cleaning is incomplete."""
+    clean = read_manifest(storage, clean_ref)
+    if clean is None:
+        raise TokenizeError(f"no complete cleaning output at {clean_ref.uri} (manifest.json missing)")
+    units = [TokenizeUnit(Path(entry["path"]).stem, clean_ref.path(entry["path"]),
+                          _source_of(clean.extra["inputs"], entry["input"]))
+             for entry in clean.shards if entry["docs"] > 0]
+    settings = config.model_dump(mode="json", exclude={"encode_batch"})
+    if config.tokenizer.path:
+        settings["tokenizer"]["path"] = storage.checksum(_tokenizer_file(config.tokenizer.path))
+    fp = fingerprint(STAGE, CODE_VERSION, settings, {"clean": clean_ref.fingerprint})
+    return TokenizePlan(StageRef(root, STAGE, fp), units)
+
+
+def _source_of(inputs: list[dict], input_uri: str) -> str:
+    return next(item["source"] for item in inputs if item["uri"] == input_uri)
+
+
+def _tokenizer_file(path: str) -> str:
+    return path if path.endswith(".json") else join(path, "tokenizer.json")
+
+
+def run_tokenize(config: TokenizeConfig, storage: Storage, root: str, clean_ref: StageRef,
+                 plan: TokenizePlan | None = None) -> TokenizeResult:
+    """Run (or resume, or reuse) the tokenize stage and return its manifest."""
+    plan = plan or plan_tokenize(config, storage, root, clean_ref)
+    ref = plan.ref
+    existing = read_manifest(storage, ref)
+    if existing is not None:
+        log.info("tokenize: cache hit at %s", ref.uri)
+        return TokenizeResult(ref, existing, cached=True)
+    started = time.monotonic()
+    tokenizer_uri = ref.path("tokenizer")
+    done = DoneRecords(storage, ref, "tokenizer")
+    if done.get("tokenizer") is None:
+        tokenizer = (load_tokenizer(storage, config.tokenizer.path) if config.tokenizer.path
+                     else train_tokenizer(_training_texts(storage, plan.units, config), config.tokenizer.vocab_size,
+                                          config.tokenizer.min_frequency))
+        save_tokenizer(tokenizer, storage, tokenizer_uri)
+        done.mark("tokenizer", {"vocab_size": tokenizer.get_vocab_size()})
+        log.info("tokenize: tokenizer with %d ids at %s", tokenizer.get_vocab_size(), tokenizer_uri)
+    tokenizer = load_tokenizer(storage, tokenizer_uri)
+    vocab_size = tokenizer.get_vocab_size()
+    dtype = check_token_dtype(config.token_dtype, vocab_size) if config.token_dtype else smallest_token_dtype(vocab_size)
+    timings = {"tokenizer": round(time.monotonic() - started, 3)}
+
+    encoded = DoneRecords(storage, ref, "encode")
+    finished = encoded.ids()
+    progress = Progress("tokenize/encode", len(plan.units), "shards", log)
+    for unit in plan.units:
+        if unit.unit_id not in finished:
+            encoded.mark(unit.unit_id, _encode_unit(unit, config, storage, ref, tokenizer, dtype))
+        progress.update()
+    progress.close()
+    timings["encode"] = round(time.monotonic() - started - timings["tokenizer"], 3)
+
+    manifest = _manifest(config, storage, ref, clean_ref, plan, encoded.all(), vocab_size, dtype, timings)
+    write_manifest(storage, ref, manifest)
+    log.info("tokenize: %d training sequences, manifest at %s", manifest.counts["train_sequences"],
+             ref.path("manifest.json"))
+    return TokenizeResult(ref, manifest, cached=False)
+
+
+def _read_docs(storage: Storage, unit: TokenizeUnit) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(unit.uri)), columns=["id", "text", "lang"])
+
+
+def _training_texts(storage: Storage, units: list[TokenizeUnit], config: TokenizeConfig):
+    """Cleaned texts in shard order, up to ``train_docs`` (the tokenizer's training data)."""
+    remaining = config.tokenizer.train_docs
+    for unit in units:
+        for text in _read_docs(storage, unit)["text"].to_pylist()[:remaining]:
+            yield text
+            remaining -= 1
+        if remaining <= 0:
+            return
+
+
+def is_validation(doc_id: str, text: str, permille: int) -> bool:
+    """Held out by a hash of the document itself, so the split never depends on order or shards."""
+    return xxhash.xxh64_intdigest(f"{doc_id}\x00{text}".encode("utf-8")) % 1000 < permille
+
+
+def _encode_unit(unit: TokenizeUnit, config: TokenizeConfig, storage: Storage, ref: StageRef, tokenizer,
+                 dtype: np.dtype) -> dict:
+    """Encode one cleaned shard and write its Arrow files; returns the unit's done-record."""
+    table = _read_docs(storage, unit)
+    ids, texts, langs = table["id"].to_pylist(), table["text"].to_pylist(), table["lang"].to_pylist()
+    # Training documents in a seeded order (the seed and the unit id, never Python's hash()).
+    order = np.random.default_rng([config.seed, zlib.crc32(unit.unit_id.encode())]).permutation(len(texts))
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i in order:
+        split = "validation" if is_validation(ids[i], texts[i], config.validation_permille) else "train"
+        groups[(split, langs[i])].append(int(i))
+    eos = tokenizer.token_to_id(EOS)
+    files, counts = [], defaultdict(int)
+    for (split, lang), members in sorted(groups.items()):
+        documents = []
+        for start in range(0, len(members), config.encode_batch):
+            batch = [texts[i] for i in members[start : start + config.encode_batch]]
+            documents += [np.asarray(e.ids, dtype=dtype) for e in tokenizer.encode_batch(batch)]
+        rows = pack(documents, eos, config.seq_len + 1, dtype)
+        counts[f"{split}_docs"] += len(members)
+        counts[f"{split}_dropped_tokens"] += rows.dropped_tokens
+        files += _write_rows(storage, ref, unit, split, lang, rows, config.sequences_per_file)
+    return {"files": files, "counts": dict(counts)}
+
+
+def _write_rows(storage: Storage, ref: StageRef, unit: TokenizeUnit, split: str, lang: str, rows: PackedRows,
+                per_file: int) -> list[dict]:
+    written = []
+    for part, start in enumerate(range(0, len(rows.ids), per_file)):
+        stop = min(start + per_file, len(rows.ids))
+        table = rows_table(rows, lang, unit.source, start, stop)
+        sink = pa.BufferOutputStream()
+        with ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        path = f"{split}/{unit.unit_id}-{lang}-{part:04d}.arrow"
+        storage.write_bytes(ref.path(path), sink.getvalue().to_pybytes())
+        written.append({"path": path, "split": split, "lang": lang, "source": unit.source,
+                        "sequences": stop - start, "tokens": (stop - start) * rows.ids.shape[1]})
+    return written
+
+
+def _manifest(config: TokenizeConfig, storage: Storage, ref: StageRef, clean_ref: StageRef, plan: TokenizePlan,
+              records: dict[str, dict], vocab_size: int, dtype: np.dtype, timings: dict) -> Manifest:
+    index = [entry for unit in plan.units for entry in records[unit.unit_id]["files"]]
+    train_tokens: dict[str, int] = defaultdict(int)
+    for entry in index:
+        if entry["split"] == "train":
+            train_tokens[f"{entry['lang']}/{entry['source']}"] += entry["tokens"]
+    if not train_tokens:
+        raise TokenizeError(f"the corpus is smaller than one training sequence of {config.seq_len + 1} tokens "
+                            "per language: nothing to train on (lower tokenize.seq_len or add data)")
+    mixture = repeat_factors(dict(train_tokens), config.mixture.weights, config.mixture.max_repeats)
+    counts: dict[str, int] = defaultdict(int)
+    for unit in plan.units:
+        for key, value in records[unit.unit_id]["counts"].items():
+            counts[key] += value
+    for entry in index:
+        counts[f"{entry['split']}_sequences"] += entry["sequences"]
+        counts[f"{entry['split']}_tokens"] += entry["tokens"]
+    shards = [{**entry, "bytes": storage.size(ref.path(entry["path"])),
+               "checksum": storage.checksum(ref.path(entry["path"]))} for entry in index]
+    return Manifest(
+        stage=STAGE, fingerprint=ref.fingerprint, code_version=CODE_VERSION,
+        config=canonical_json(config.model_dump(mode="json")), inputs={"clean": clean_ref.uri},
+        shards=shards, counts=dict(counts), timings=timings,
+        extra={"index": index, "mixture": mixture, "seq_len": config.seq_len, "token_dtype": str(dtype),
+               "vocab_size": vocab_size, "tokenizer": "tokenizer"},
+    )

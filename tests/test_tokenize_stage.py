@@ -1,0 +1,135 @@
+"""The tokenize stage on real cleaned documents: packing, splits, mixture, resume, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import write_config
+from pipelines.clean.stage import run_clean
+from pipelines.tokenize.stage import TokenizeError, is_validation, plan_tokenize, run_tokenize
+from pipelines.tokenize.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from skymoe.config import load_config
+from skymoe.stage import StageRef
+from skymoe.storage import Storage
+
+TOKENIZE = {"tokenizer": {"vocab_size": 1000}, "seq_len": 64, "validation_permille": 100,
+            "sequences_per_file": 50, "mixture": {"weights": {"en": 0.7, "zh": 0.3}}}
+
+
+@pytest.fixture(scope="module")
+def cleaned(tmp_path_factory, small_corpus):
+    tmp = tmp_path_factory.mktemp("tokenize")
+    config_path = write_config(tmp / "c.yaml", str(tmp / "out"), [str(small_corpus)])
+    config = load_config(config_path, {"tokenize": TOKENIZE})
+    return config, run_clean(config.clean, Storage(), config.storage.root).ref
+
+
+def _tokenize(config, clean_ref: StageRef, root: str | None = None, **overrides):
+    settings = config.tokenize.model_copy(update=overrides)
+    return run_tokenize(settings, Storage(), root or config.storage.root, clean_ref)
+
+
+def _arrow_rows(path: Path) -> list[dict]:
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_file(source).read_all().to_pylist()
+
+
+def _files(stage_uri: str) -> dict[str, bytes]:
+    return {str(p.relative_to(stage_uri)): p.read_bytes() for p in sorted(Path(stage_uri).rglob("*.arrow"))}
+
+
+def test_rows_splits_and_mixture(cleaned):
+    config, clean_ref = cleaned
+    result = _tokenize(config, clean_ref)
+    manifest, stage = result.manifest, Path(result.ref.uri)
+    tokenizer = load_tokenizer(Storage(), str(stage / "tokenizer"))
+    eos = tokenizer.token_to_id("</s>")
+
+    rows_seen = 0
+    for entry in manifest.extra["index"]:
+        rows = _arrow_rows(stage / entry["path"])
+        assert len(rows) == entry["sequences"] <= 50
+        for row in rows:
+            assert len(row["input_ids"]) == 65 and row["lang"] == entry["lang"]
+            assert all(0 <= s < 65 for s in row["doc_starts"])
+            # every document start follows an EOS (or opens the row)
+            assert all(s == 0 or row["input_ids"][s - 1] == eos for s in row["doc_starts"])
+        rows_seen += len(rows)
+    counts = manifest.counts
+    assert rows_seen == counts["train_sequences"] + counts["validation_sequences"]
+    assert counts["validation_sequences"] > 0 and counts["train_sequences"] > counts["validation_sequences"]
+    assert {e["split"] for e in manifest.extra["index"]} == {"train", "validation"}
+    assert manifest.extra["token_dtype"] == "uint16"
+
+    # Mixture: en is upsampled toward 70% of training tokens, zh subsampled, repeats capped at 5.
+    mixture = manifest.extra["mixture"]
+    en = sum(v["realised_tokens"] for k, v in mixture.items() if k.startswith("en/"))
+    zh = sum(v["realised_tokens"] for k, v in mixture.items() if k.startswith("zh/"))
+    assert all(0 < v["repeat"] <= 5 for v in mixture.values())
+    assert en / (en + zh) == pytest.approx(0.7, abs=0.01)
+
+
+def test_validation_split_is_by_document_hash(cleaned):
+    config, clean_ref = cleaned
+    result = _tokenize(config, clean_ref)
+    docs = [row for entry in load_clean_data(clean_ref) for row in entry]
+    held_out = [d for d in docs if is_validation(d["id"], d["text"], 100)]
+    assert result.manifest.counts["validation_docs"] == len(held_out)
+    assert result.manifest.counts["train_docs"] == len(docs) - len(held_out)
+
+
+def load_clean_data(clean_ref: StageRef) -> list[list[dict]]:
+    return [pq.read_table(p).to_pylist() for p in sorted(Path(clean_ref.uri, "data").glob("*.parquet"))]
+
+
+def test_rerun_is_cached_and_resume_is_byte_identical(cleaned, tmp_path):
+    config, clean_ref = cleaned
+    reference = _tokenize(config, clean_ref)
+    assert _tokenize(config, clean_ref).cached
+
+    root = tmp_path / "crashed"
+    first = _tokenize(config, clean_ref, str(root))
+    stage = Path(first.ref.uri)
+    expected = _files(first.ref.uri)
+    assert expected == _files(reference.ref.uri)  # same inputs + config = same bytes anywhere
+    # A crash: no manifest, half the units unfinished, one of their files half-written.
+    (stage / "manifest.json").unlink()
+    records = sorted((stage / "_done" / "encode").glob("*.json"))
+    for record in records[: len(records) // 2]:
+        record.unlink()
+        victim = next(stage.rglob(f"{record.stem}-*.arrow"))
+        victim.write_bytes(victim.read_bytes()[:100])
+    resumed = _tokenize(config, clean_ref, str(root))
+    assert not resumed.cached
+    assert _files(resumed.ref.uri) == expected
+    assert resumed.manifest.counts == reference.manifest.counts
+
+
+def test_config_change_moves_the_output(cleaned):
+    config, clean_ref = cleaned
+    base = plan_tokenize(config.tokenize, Storage(), config.storage.root, clean_ref).ref
+    other = config.tokenize.model_copy(update={"seq_len": 32})
+    assert plan_tokenize(other, Storage(), config.storage.root, clean_ref).ref != base
+
+
+def test_given_tokenizer_is_used(cleaned, tmp_path):
+    config, clean_ref = cleaned
+    given = train_tokenizer(["a small given tokenizer", "with its own vocabulary 123"] * 50, 300)
+    save_tokenizer(given, Storage(), str(tmp_path / "given"))
+    settings = config.tokenize.model_copy(
+        update={"tokenizer": config.tokenize.tokenizer.model_copy(update={"path": str(tmp_path / "given")})})
+    result = run_tokenize(settings, Storage(), str(tmp_path / "out"), clean_ref)
+    assert result.manifest.extra["vocab_size"] == given.get_vocab_size()
+    assert (Path(result.ref.uri) / "tokenizer" / "tokenizer.json").read_text() == given.to_str()
+
+
+def test_corpus_smaller_than_one_sequence_and_missing_clean_output(cleaned, tmp_path):
+    config, clean_ref = cleaned
+    with pytest.raises(TokenizeError, match="smaller than one training sequence"):
+        _tokenize(config, clean_ref, str(tmp_path / "tiny"), seq_len=10_000_000)
+    with pytest.raises(TokenizeError, match="no complete cleaning output"):
+        plan_tokenize(config.tokenize, Storage(), str(tmp_path), StageRef(str(tmp_path), "clean", "0" * 16))
