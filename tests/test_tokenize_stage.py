@@ -133,3 +133,27 @@ def test_corpus_smaller_than_one_sequence_and_missing_clean_output(cleaned, tmp_
         _tokenize(config, clean_ref, str(tmp_path / "tiny"), seq_len=10_000_000)
     with pytest.raises(TokenizeError, match="no complete cleaning output"):
         plan_tokenize(config.tokenize, Storage(), str(tmp_path), StageRef(str(tmp_path), "clean", "0" * 16))
+
+
+def test_training_reader_and_datasets_read_the_stage_output(cleaned, tmp_path, monkeypatch):
+    from pipelines.tokenize.reader import TokenReader
+
+    config, clean_ref = cleaned
+    result = _tokenize(config, clean_ref)
+    stage = Path(result.ref.uri)
+    reader = TokenReader(Storage(), result.ref.uri, split="train", seed=3)
+    assert reader.num_sequences == result.manifest.counts["train_sequences"]
+    uninterrupted = [(k, ids.tolist()) for (k, ids), _ in zip(reader.samples(), range(40))]
+    resumed = TokenReader(Storage(), result.ref.uri, split="train", seed=3, consumed_samples=17)
+    assert [(k, ids.tolist()) for (k, ids), _ in zip(resumed.samples(), range(23))] == uninterrupted[17:]
+    assert set(TokenReader(Storage(), result.ref.uri, split="validation").by_domain()) <= {
+        f"{e['lang']}/{e['source']}" for e in result.manifest.extra["index"] if e["split"] == "validation"}
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import datasets
+
+    files = [str(stage / e["path"]) for e in result.manifest.extra["index"] if e["split"] == "train"]
+    loaded = datasets.load_dataset("arrow", data_files=files, split="train", cache_dir=str(tmp_path / "cache"))
+    assert len(loaded) == reader.num_sequences
+    assert loaded[0]["input_ids"] == reader.sequence(0).tolist()
