@@ -157,3 +157,21 @@ def test_training_reader_and_datasets_read_the_stage_output(cleaned, tmp_path, m
     loaded = datasets.load_dataset("arrow", data_files=files, split="train", cache_dir=str(tmp_path / "cache"))
     assert len(loaded) == reader.num_sequences
     assert loaded[0]["input_ids"] == reader.sequence(0).tolist()
+
+
+def test_id_type_too_small_for_the_vocabulary_fails_before_work(cleaned, tmp_path):
+    from pipelines.tokenize.tokenizer import TokenizerError
+
+    config, clean_ref = cleaned
+    settings = config.tokenize.model_copy(update={
+        "token_dtype": "uint16", "tokenizer": config.tokenize.tokenizer.model_copy(update={"vocab_size": 100_000})})
+    with pytest.raises(TokenizerError, match="use uint32"):
+        plan_tokenize(settings, Storage(), str(tmp_path), clean_ref)
+    assert not (tmp_path / "tokenize").exists()
+
+
+def test_long_documents_span_rows_and_are_counted(cleaned):
+    config, clean_ref = cleaned
+    counts = _tokenize(config, clean_ref).manifest.counts
+    assert counts["docs_longer_than_a_sequence"] > 0  # most cleaned pages exceed 64 tokens
+    assert counts.get("empty_docs", 0) == 0  # cleaning never emits empty documents

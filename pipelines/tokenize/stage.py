@@ -94,6 +94,8 @@ def plan_tokenize(config: TokenizeConfig, storage: Storage, root: str, clean_ref
     units = [TokenizeUnit(Path(entry["path"]).stem, clean_ref.path(entry["path"]),
                           _source_of(clean.extra["inputs"], entry["input"]))
              for entry in clean.shards if entry["docs"] > 0]
+    if config.token_dtype and not config.tokenizer.path:
+        check_token_dtype(config.token_dtype, config.tokenizer.vocab_size)  # before training, not after
     settings = config.model_dump(mode="json", exclude={"encode_batch"})
     if config.tokenizer.path:
         settings["tokenizer"]["path"] = storage.checksum(_tokenizer_file(config.tokenizer.path))
@@ -178,16 +180,22 @@ def _encode_unit(unit: TokenizeUnit, config: TokenizeConfig, storage: Storage, r
     # Training documents in a seeded order (the seed and the unit id, never Python's hash()).
     order = np.random.default_rng([config.seed, zlib.crc32(unit.unit_id.encode())]).permutation(len(texts))
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    counts: dict[str, int] = defaultdict(int)
     for i in order:
+        if not texts[i]:
+            counts["empty_docs"] += 1  # nothing to learn from; an EOS alone would only add noise
+            continue
         split = "validation" if is_validation(ids[i], texts[i], config.validation_permille) else "train"
         groups[(split, langs[i])].append(int(i))
     eos = tokenizer.token_to_id(EOS)
-    files, counts = [], defaultdict(int)
+    files = []
     for (split, lang), members in sorted(groups.items()):
         documents = []
         for start in range(0, len(members), config.encode_batch):
             batch = [texts[i] for i in members[start : start + config.encode_batch]]
             documents += [np.asarray(e.ids, dtype=dtype) for e in tokenizer.encode_batch(batch)]
+        # Long documents simply continue over several rows; counted so the spread is visible.
+        counts["docs_longer_than_a_sequence"] += sum(len(d) >= config.seq_len for d in documents)
         rows = pack(documents, eos, config.seq_len + 1, dtype)
         counts[f"{split}_docs"] += len(members)
         counts[f"{split}_dropped_tokens"] += rows.dropped_tokens
