@@ -239,11 +239,11 @@ class TokenizerConfig(_Strict):
 
 
 class MixtureConfig(_Strict):
-    """Sampling weights per language (the report trains on about en : zh : code = 7 : 2 : 1).
+    """Sampling weights per language ("en") or per language and source ("zh/zhwiki"); the report
+    trains on about en : zh : code = 7 : 2 : 1.
 
-    Empty weights keep the corpus's natural proportions. A language's training sequences are
-    repeated (or subsampled) so its share of tokens matches its weight, but never repeated more
-    than ``max_repeats`` times.
+    Empty weights keep the corpus's natural proportions. Training sequences are repeated (or
+    subsampled) so each share of tokens matches its weight, never more than ``max_repeats`` times.
     """
 
     weights: dict[str, float] = Field(default_factory=dict)
