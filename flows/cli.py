@@ -37,17 +37,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    overrides: dict = {}
-    if getattr(args, "root", None):
-        overrides["storage"] = {"root": args.root}
-    clean: dict = {}
-    if getattr(args, "inputs", None):
-        clean["inputs"] = [os.path.abspath(p) if "://" not in p else p for p in args.inputs]
-    if getattr(args, "executor", None):
-        clean["executor"] = {"kind": args.executor}
-    if clean:
-        overrides["clean"] = clean
-    return overrides
+    from skymoe.config import run_overrides
+
+    inputs = [os.path.abspath(p) if "://" not in p else p for p in getattr(args, "inputs", None) or []]
+    return run_overrides(getattr(args, "root", None), inputs, getattr(args, "executor", None))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

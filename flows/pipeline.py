@@ -13,13 +13,13 @@ import logging
 from typing import Any
 
 from flows.prefect_env import forward_stage_logs  # offline settings: must precede the first Prefect import
-from prefect import flow, get_run_logger, task
+from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipelines.clean.stage import CleanPlan, plan_clean, run_clean
 from pipelines.tokenize.stage import TokenizePlan, plan_tokenize, run_tokenize
 from skymoe import PIPELINE_STAGES as STAGES
-from skymoe.config import load_config
+from skymoe.config import load_config, run_overrides
 from skymoe.stage import StageRef, read_manifest
 from skymoe.storage import Storage
 
@@ -57,6 +57,13 @@ def _publish_tokenize(summary: dict[str, Any]) -> None:
                           description=f"Tokenize stage {summary['fingerprint']}: sequences, tokens, mixture")
 
 
+def _run_stage(stage_task: Task, storage: Storage, ref: StageRef, *args: Any) -> dict[str, Any]:
+    """Call a stage task; its cached result is reused only while the output's manifest exists
+    (someone may have deleted the folder since)."""
+    fresh = read_manifest(storage, ref) is None
+    return stage_task.with_options(refresh_cache=fresh)(*args)
+
+
 def _publish_plots(stage: str, summary: dict[str, Any], storage: Storage) -> None:
     """A markdown artifact with the stage's PNG plots inlined, so the UI shows them directly."""
     sections = [f"# {stage} `{summary['fingerprint']}`", f"Output: `{summary['uri']}`"]
@@ -88,35 +95,23 @@ def pipeline_flow(config_path: str | None = None, root: str | None = None, input
     forward_stage_logs()
     if until not in STAGES:
         raise ValueError(f"until must be one of {STAGES}, got {until!r}")
-    overrides: dict[str, Any] = {}
-    if root:
-        overrides["storage"] = {"root": root}
-    clean_overrides: dict[str, Any] = {}
-    if inputs:
-        clean_overrides["inputs"] = inputs
-    if executor:
-        clean_overrides["executor"] = {"kind": executor}
-    if clean_overrides:
-        overrides["clean"] = clean_overrides
+    overrides = run_overrides(root, inputs, executor)
     config = load_config(config_path, overrides)
     storage = Storage.from_config(config.storage)
     storage.check_writable_root(config.storage.root)
 
     summary: dict[str, Any] = {"root": config.storage.root, "stages": {}}
     plan = plan_clean(config.clean, storage, config.storage.root)
-    fresh = read_manifest(storage, plan.ref) is None
-    clean_summary = clean_task.with_options(refresh_cache=fresh)(config_path, overrides, plan)
+    clean_summary = _run_stage(clean_task, storage, plan.ref, config_path, overrides, plan)
     _publish_clean(clean_summary)
     _publish_plots("clean", clean_summary, storage)
     summary["stages"]["clean"] = clean_summary
 
     wanted = STAGES[: STAGES.index(until) + 1]
     if "tokenize" in wanted:
-        clean_ref = plan.ref
-        token_plan = plan_tokenize(config.tokenize, storage, config.storage.root, clean_ref)
-        fresh = read_manifest(storage, token_plan.ref) is None
-        tokenize_summary = tokenize_task.with_options(refresh_cache=fresh)(config_path, overrides, token_plan,
-                                                                           clean_ref)
+        token_plan = plan_tokenize(config.tokenize, storage, config.storage.root, plan.ref)
+        tokenize_summary = _run_stage(tokenize_task, storage, token_plan.ref, config_path, overrides, token_plan,
+                                      plan.ref)
         _publish_tokenize(tokenize_summary)
         summary["stages"]["tokenize"] = tokenize_summary
     missing = [s for s in wanted if s not in IMPLEMENTED]

@@ -284,6 +284,22 @@ class PipelineConfig(_Strict):
         return value
 
 
+def run_overrides(root: str | None = None, inputs: list[str] | None = None,
+                  executor: str | None = None) -> dict[str, Any]:
+    """The nested overrides for the knobs a run exposes (CLI flags, deployment parameters)."""
+    overrides: dict[str, Any] = {}
+    if root:
+        overrides["storage"] = {"root": root}
+    clean: dict[str, Any] = {}
+    if inputs:
+        clean["inputs"] = list(inputs)
+    if executor:
+        clean["executor"] = {"kind": executor}
+    if clean:
+        overrides["clean"] = clean
+    return overrides
+
+
 def preset_path(name: str) -> Path:
     """The YAML file of a preset shipped in ``configs/``."""
     return CONFIGS_DIR / f"{name}.yaml"
