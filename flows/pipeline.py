@@ -44,7 +44,8 @@ def tokenize_task(config_path: str | None, overrides: dict, plan: TokenizePlan, 
     config = load_config(config_path, overrides)
     result = run_tokenize(config.tokenize, Storage.from_config(config.storage), config.storage.root, clean_ref, plan)
     return {"uri": result.ref.uri, "fingerprint": result.ref.fingerprint, "counts": result.manifest.counts,
-            "timings": result.manifest.timings, "mixture": result.manifest.extra["mixture"]}
+            "timings": result.manifest.timings, "mixture": result.manifest.extra["mixture"],
+            "plots": result.manifest.extra.get("plots", [])}
 
 
 def _publish_tokenize(summary: dict[str, Any]) -> None:
@@ -113,6 +114,7 @@ def pipeline_flow(config_path: str | None = None, root: str | None = None, input
         tokenize_summary = _run_stage(tokenize_task, storage, token_plan.ref, config_path, overrides, token_plan,
                                       plan.ref)
         _publish_tokenize(tokenize_summary)
+        _publish_plots("tokenize", tokenize_summary, storage)
         summary["stages"]["tokenize"] = tokenize_summary
     missing = [s for s in wanted if s not in IMPLEMENTED]
     if missing:

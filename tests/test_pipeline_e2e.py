@@ -55,7 +55,7 @@ def test_run_until_clean_then_tokenize_on_demo_corpus(tmp_path, prefect_env):
                                timeout=600)
     keys = json.loads(artifacts.stdout.strip().splitlines()[-1])
     assert keys.count("clean-summary") == 2 and keys.count("clean-report") == 2  # both runs published
-    assert keys.count("tokenize-summary") == 1
+    assert keys.count("tokenize-summary") == 1 and keys.count("tokenize-report") == 1
 
     shown = _skymoe("show", "--root", str(root), "--json", env=env)
     listed = json.loads(shown.stdout)["stages"]

@@ -38,6 +38,7 @@ from pipelines.tokenize.tokenizer import (
     train_tokenizer,
 )
 from skymoe.config import TokenizeConfig
+from skymoe.plots import bar_chart_png
 from skymoe.progress import Progress
 from skymoe.stage import (
     DoneRecords,
@@ -146,10 +147,19 @@ def run_tokenize(config: TokenizeConfig, storage: Storage, root: str, clean_ref:
     timings["encode"] = round(time.monotonic() - started - timings["tokenizer"], 3)
 
     manifest = _manifest(config, storage, ref, clean_ref, plan, encoded.all(), vocab_size, dtype, timings)
+    manifest.extra["plots"] = _plots(storage, ref, manifest.extra["mixture"])
     write_manifest(storage, ref, manifest)
     log.info("tokenize: %d training sequences, manifest at %s", manifest.counts["train_sequences"],
              ref.path("manifest.json"))
     return TokenizeResult(ref, manifest, cached=False)
+
+
+def _plots(storage: Storage, ref: StageRef, mixture: dict[str, dict]) -> list[str]:
+    """Training tokens per domain as the corpus has them and as the mixture uses them per epoch."""
+    values = {f"{domain} (corpus)": plan["tokens"] for domain, plan in mixture.items()}
+    values |= {f"{domain} (x{plan['repeat']:.2g} per epoch)": plan["realised_tokens"] for domain, plan in mixture.items()}
+    storage.write_bytes(ref.path("report", "mixture.png"), bar_chart_png("tokenize: training tokens", values, "tokens"))
+    return ["report/mixture.png"]
 
 
 def _read_docs(storage: Storage, unit: TokenizeUnit) -> pa.Table:
