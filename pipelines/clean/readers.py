@@ -80,6 +80,8 @@ def discover_inputs(storage: Storage, patterns: list[str], text_field: str = "te
             raise InputError(f"input path does not exist or holds no files: {pattern}")
         base = pattern.rstrip("/") if "://" in pattern else os.path.abspath(pattern)
         for uri in files:
+            if uri in shards:
+                continue  # named twice (a folder and a file in it): the first naming decides its id
             if uri != base and _is_not_data(uri):
                 skipped.append({"uri": uri, "why": "license/readme/attribution file"})
                 continue
@@ -91,8 +93,11 @@ def discover_inputs(storage: Storage, patterns: list[str], text_field: str = "te
                 continue
             if fmt == "parquet":
                 _check_parquet_schema(storage, uri, text_field)
-            shard_id = hashlib.sha1(uri.encode("utf-8")).hexdigest()[:12]
+            shard_id = hashlib.sha1(_location_free_name(uri, base).encode("utf-8")).hexdigest()[:12]
             shards[uri] = InputShard(shard_id, uri, fmt, _source_name(uri, base), storage.checksum(uri))
+    ids = [shard.shard_id for shard in shards.values()]
+    if len(set(ids)) != len(ids):
+        raise InputError(f"two inputs share a folder and file name; give them distinct names: {patterns}")
     if not shards:
         raise InputError(f"no readable input files (known formats: {', '.join(sorted(FORMATS))}) in {patterns}")
     return [shards[uri] for uri in sorted(shards)], skipped
@@ -116,6 +121,20 @@ def _is_not_data(uri: str) -> bool:
     """LICENSE, README.md, SOURCE.txt, ...: the stem, not a prefix, decides (sources.jsonl is data)."""
     stem = uri.rsplit("/", 1)[-1].lower().split(".", 1)[0]
     return stem in _NOT_DATA
+
+
+def _location_free_name(uri: str, base: str) -> str:
+    """The file's name below its input folder, with that folder's own name ("corpus/c4/x.jsonl").
+
+    Shard ids (and so document ids and the validation split) come from this, not from the full
+    URI, so the same corpus gives the same output wherever it is checked out or mounted.
+    """
+    if uri == base:
+        return uri.rsplit("/", 1)[-1]
+    magic = [i for i, ch in enumerate(base) if ch in "*?["]
+    folder = base[: magic[0]].rsplit("/", 1)[0] if magic else base  # a glob's fixed leading folder
+    parent = folder.rstrip("/").rsplit("/", 1)[0]
+    return uri[len(parent):].lstrip("/")
 
 
 def _source_name(uri: str, base: str) -> str:
