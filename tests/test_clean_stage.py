@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,3 +112,13 @@ def test_manifest_lists_checksums_and_no_credentials(reference_run):
     manifest = json.loads(text)
     assert all(entry["checksum"].startswith("xxh3:") for entry in manifest["shards"])
     assert "secret" not in text.lower()
+
+
+def test_same_corpus_elsewhere_gives_the_same_documents(reference_run, small_corpus, tmp_path):
+    """Ids, and so everything derived from them, do not depend on where the corpus is mounted."""
+    config_path, reference = reference_run
+    moved = tmp_path / "elsewhere" / small_corpus.name
+    shutil.copytree(small_corpus, moved)
+    result = _run(config_path, storage={"root": str(tmp_path / "out")}, clean={"inputs": [str(moved)]})
+    assert result.ref.fingerprint != reference.ref.fingerprint  # inputs are located data
+    assert sorted(_data_bytes(result.ref.uri).values()) == sorted(_data_bytes(reference.ref.uri).values())
