@@ -175,3 +175,46 @@ def test_long_documents_span_rows_and_are_counted(cleaned):
     counts = _tokenize(config, clean_ref).manifest.counts
     assert counts["docs_longer_than_a_sequence"] > 0  # most cleaned pages exceed 64 tokens
     assert counts.get("empty_docs", 0) == 0  # cleaning never emits empty documents
+
+
+def test_kill_9_mid_encode_resumes_byte_identical(cleaned, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config, clean_ref = cleaned
+    reference = _tokenize(config, clean_ref)
+    root = tmp_path / "killed"
+    # encode_batch=1 only slows the run down (it is not part of the fingerprint): room to kill it.
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from pathlib import Path\n"
+        "from skymoe.config import load_config\n"
+        "from skymoe.stage import StageRef\n"
+        "from skymoe.storage import Storage\n"
+        "from pipelines.tokenize.stage import run_tokenize\n"
+        "config = load_config(Path(%r), {'tokenize': %r})\n"
+        "settings = config.tokenize.model_copy(update={'encode_batch': 1})\n"
+        "run_tokenize(settings, Storage(), %r, StageRef(%r, 'clean', %r))\n"
+    ) % (str(Path(__file__).parent), str(Path(clean_ref.root).parent / "c.yaml"), TOKENIZE, str(root),
+         clean_ref.root, clean_ref.fingerprint)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    done_dir = root / "tokenize" / reference.ref.fingerprint / "_done" / "encode"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if done_dir.exists() and len(list(done_dir.glob("*.json"))) >= 2:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.name for p in done_dir.glob("*.json")}
+    units = plan_tokenize(config.tokenize, Storage(), str(root), clean_ref).units
+    assert 2 <= len(finished) < len(units)
+    resumed = _tokenize(config, clean_ref, str(root))
+    assert not resumed.cached
+    assert _files(resumed.ref.uri) == _files(reference.ref.uri)
+    assert resumed.manifest.counts == reference.manifest.counts
