@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from pipelines.clean import dedup
 from pipelines.clean.classifier import QualityModel, QualityScorer, train_quality_model
-from pipelines.clean.executors import map_shards
+from pipelines.clean.executors import ShardTask, map_shards
 from pipelines.clean.heuristics import heuristic_steps
 from pipelines.clean.langid import LanguageId
 from pipelines.clean.readers import InputError, InputShard, ShardReader, discover_inputs
@@ -166,7 +166,7 @@ def _classifier(config: CleanConfig, storage: Storage, ref: StageRef, timings: d
     return QualityModel.load(storage, prefix)
 
 
-def _run_phase(phase: str, task, config: CleanConfig, storage: Storage, ref: StageRef,
+def _run_phase(phase: str, task: ShardTask, config: CleanConfig, storage: Storage, ref: StageRef,
                shards: list[InputShard], timings: dict) -> None:
     records = DoneRecords(storage, ref, phase)
     done = records.ids()
