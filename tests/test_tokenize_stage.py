@@ -157,6 +157,7 @@ def test_training_reader_and_datasets_read_the_stage_output(cleaned, tmp_path, m
     loaded = datasets.load_dataset("arrow", data_files=files, split="train", cache_dir=str(tmp_path / "cache"))
     assert len(loaded) == reader.num_sequences
     assert loaded[0]["input_ids"] == reader.sequence(0).tolist()
+    assert [loaded[i]["doc_starts"] for i in range(5)] == [reader.document_starts(i).tolist() for i in range(5)]
 
 
 def test_id_type_too_small_for_the_vocabulary_fails_before_work(cleaned, tmp_path):

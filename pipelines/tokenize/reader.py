@@ -42,10 +42,12 @@ class TokenReaderError(ValueError):
 
 @dataclass(frozen=True)
 class _Chunk:
-    """One record batch's token ids as numpy views of the Arrow buffers (no copy)."""
+    """One record batch's token ids and document starts as numpy views of the Arrow buffers (no copy)."""
 
     values: np.ndarray
     offsets: np.ndarray
+    starts_values: np.ndarray
+    starts_offsets: np.ndarray
 
 
 class TokenReader:
@@ -106,12 +108,23 @@ class TokenReader:
 
     def sequence(self, index: int) -> np.ndarray:
         """The ``seq_len + 1`` ids of sequence ``index`` (files in manifest order), a read-only view."""
+        chunk_index, row = self._locate(index)
+        chunk = self._chunks[chunk_index]
+        start = int(chunk.offsets[row])
+        return chunk.values[start : start + self.seq_len + 1]
+
+    def document_starts(self, index: int) -> np.ndarray:
+        """Offsets in sequence ``index`` where a document begins (for per-document attention masks:
+        position p may attend to q <= p only when no document starts in (q, p])."""
+        chunk_index, row = self._locate(index)
+        chunk = self._chunks[chunk_index]
+        return chunk.starts_values[chunk.starts_offsets[row] : chunk.starts_offsets[row + 1]]
+
+    def _locate(self, index: int) -> tuple[int, int]:
         if not 0 <= index < self.num_sequences:
             raise IndexError(f"sequence {index} out of range ({self.num_sequences} sequences)")
         chunk_index = int(np.searchsorted(self._starts, index, side="right")) - 1
-        chunk = self._chunks[chunk_index]
-        start = int(chunk.offsets[index - int(self._starts[chunk_index])])
-        return chunk.values[start : start + self.seq_len + 1]
+        return chunk_index, index - int(self._starts[chunk_index])
 
     def sample_sequence(self, sample: int) -> int:
         """Which sequence global sample ``sample`` (counted over all epochs and ranks) is."""
@@ -202,7 +215,10 @@ class TokenReader:
             offsets = column.offsets.to_numpy(zero_copy_only=True)
             if column.null_count or column.values.null_count or np.any(np.diff(offsets) != self.seq_len + 1):
                 raise TokenReaderError(f"{uri}: every row must hold exactly {self.seq_len + 1} ids")
-            chunks.append(_Chunk(column.values.to_numpy(zero_copy_only=True), offsets))
+            starts = reader.get_batch(i).column("doc_starts")
+            chunks.append(_Chunk(column.values.to_numpy(zero_copy_only=True), offsets,
+                                 starts.values.to_numpy(zero_copy_only=True),
+                                 starts.offsets.to_numpy(zero_copy_only=True)))
         rows = sum(len(c.offsets) - 1 for c in chunks)
         if rows != entry["sequences"]:
             raise TokenReaderError(f"{uri}: {rows} rows, the manifest lists {entry['sequences']}")
