@@ -61,18 +61,6 @@ import xxhash
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-try:  # datatrove's dedup package imports its exact-substring step, which needs `tokenizers`;
-    import tokenizers  # noqa: F401  MinHash never uses it, so a stub is enough when it is absent.
-    TOKENIZERS_STUB = False
-except ImportError:
-    import types
-
-    _stub = types.ModuleType("tokenizers")
-    _stub.processors = types.ModuleType("tokenizers.processors")
-    _stub.processors.TemplateProcessing = type("TemplateProcessing", (), {})
-    sys.modules.update({"tokenizers": _stub, "tokenizers.processors": _stub.processors})
-    TOKENIZERS_STUB = True
-
 from datatrove.data import Document  # noqa: E402
 from datatrove.executor import LocalPipelineExecutor  # noqa: E402
 from datatrove.pipeline.base import PipelineStep  # noqa: E402
@@ -487,9 +475,7 @@ def main() -> None:
     print(f"settings: {NGRAM}-grams, {BANDS} bands x {ROWS} rows, seed {SEED}; datatrove tokens: en its 'en' (spaCy), "
           f"zh {zh_tokens[args.datatrove_zh]}; datatrove shingle hash {args.datatrove_hash}64"
           + (" (str encoded to UTF-8 for xxhash>=4)" if args.datatrove_hash == "xxhash" else "")
-          + f"; {os.cpu_count()} cores; repeats {args.repeats}"
-          + ("; (`tokenizers` missing: stubbed for datatrove's unrelated exact-substring import)"
-             if TOKENIZERS_STUB else ""))
+          + f"; {os.cpu_count()} cores; repeats {args.repeats}")
 
     tools = [("skymoe", lambda: run_skymoe(texts, langs, 1)), ("skymoe 2 procs", lambda: run_skymoe(texts, langs, 2))]
     for w in [int(x) for x in args.workers.split(",") if x]:

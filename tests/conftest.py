@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +59,22 @@ def write_config(path: Path, root: str, inputs: list[str], **clean_overrides) ->
         clean[key] = value
     path.write_text(yaml.safe_dump({"name": "test", "storage": {"root": root}, "clean": clean}), encoding="utf-8")
     return path
+
+
+def kill_after_done_records(code: str, done_dir: Path, count: int = 2) -> set[str]:
+    """Run ``code`` in a fresh Python process, SIGKILL its whole process group as soon as
+    ``done_dir`` holds ``count`` done-records, and return the records that existed at the kill."""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if done_dir.exists() and len(list(done_dir.glob("*.json"))) >= count:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return {p.name for p in done_dir.glob("*.json")}
 
 
 def free_port() -> int:

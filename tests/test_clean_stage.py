@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_config
+from conftest import kill_after_done_records, write_config
 from pipelines.clean.stage import run_clean
 from skymoe.catalog import list_stage_outputs
 from skymoe.config import load_config
@@ -80,19 +75,9 @@ def test_kill_9_mid_run_resumes_byte_identical(reference_run, tmp_path):
         "from pathlib import Path\n"
         "_run(Path(%r), storage={'root': %r})\n"
     ) % (str(Path(__file__).parent), str(config_path), str(root))
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
     done_dir = root / "clean" / reference.ref.fingerprint / "_done" / "filter"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if done_dir.exists() and len(list(done_dir.glob("*.json"))) >= 2:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    finished_before = kill_after_done_records(code, done_dir)
     stage_dir = root / "clean" / reference.ref.fingerprint
-    finished_before = {p.name for p in done_dir.glob("*.json")}
     assert not (stage_dir / "manifest.json").exists()
     assert 2 <= len(finished_before) < 7
     [listing] = list_stage_outputs(Storage(), str(root))  # what `skymoe show` prints for a crashed run

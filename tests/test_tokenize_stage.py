@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_config
+from conftest import kill_after_done_records, write_config
 from pipelines.clean.stage import run_clean
 from pipelines.tokenize.stage import TokenizeError, is_validation, plan_tokenize, run_tokenize
 from pipelines.tokenize.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
@@ -179,12 +179,6 @@ def test_long_documents_span_rows_and_are_counted(cleaned):
 
 
 def test_kill_9_mid_encode_resumes_byte_identical(cleaned, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     config, clean_ref = cleaned
     reference = _tokenize(config, clean_ref)
     root = tmp_path / "killed"
@@ -201,18 +195,7 @@ def test_kill_9_mid_encode_resumes_byte_identical(cleaned, tmp_path):
         "run_tokenize(settings, Storage(), %r, StageRef(%r, 'clean', %r))\n"
     ) % (str(Path(__file__).parent), str(Path(clean_ref.root).parent / "c.yaml"), TOKENIZE, str(root),
          clean_ref.root, clean_ref.fingerprint)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    done_dir = root / "tokenize" / reference.ref.fingerprint / "_done" / "encode"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if done_dir.exists() and len(list(done_dir.glob("*.json"))) >= 2:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    finished = {p.name for p in done_dir.glob("*.json")}
+    finished = kill_after_done_records(code, root / "tokenize" / reference.ref.fingerprint / "_done" / "encode")
     units = plan_tokenize(config.tokenize, Storage(), str(root), clean_ref).units
     assert 2 <= len(finished) < len(units)
     resumed = _tokenize(config, clean_ref, str(root))
