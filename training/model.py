@@ -1,0 +1,309 @@
+"""A Llama-like decoder (RMSNorm, RoPE, SwiGLU) whose FFN is dense or a top-k MoE layer, per layer.
+
+Read top to bottom: config, norm, rotary embedding, attention, feed-forward, the router (gating
+logit normalization, top-k with renormalised weights, capacity dropping), the MoE layer, the
+block and the model. This file is plain PyTorch with no project imports on purpose: the Hugging
+Face export ships it as the remote modeling code, and DeepSpeed's expert-parallel layer in
+``training/parallel.py`` reuses its router and expert modules.
+
+Parameter names follow Hugging Face Llama (``embed_tokens``, ``self_attn.q_proj``, ``mlp.gate_proj``,
+``input_layernorm`` ...), so a Llama checkpoint imports without renaming and rotary embeddings use
+the same half-split convention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 4096
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None = n_heads (no grouped-query attention)
+    ffn_dim: int = 344
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    # MoE: num_experts = 0 keeps every FFN dense; otherwise every moe_every-th layer is an MoE layer.
+    num_experts: int = 0
+    moe_every: int = 1
+    top_k: int = 2
+    capacity_factor: float | None = 1.25  # training-time capacity; None = never drop
+    eval_capacity_factor: float | None = None  # None = no dropping at evaluation / inference
+    min_capacity: int = 4
+    gate_norm_lambda: float | None = 1.0  # gating logit normalization; None = plain softmax
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and (layer + 1) % self.moe_every == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------- blocks
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as Llama does) so bf16 training keeps a stable scale.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotary_tables(head_dim: int, seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (batch, heads, seq, head_dim); half-split rotation, as in Hugging Face Llama."""
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). The dense FFN and every expert are this module."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ---------------------------------------------------------------------------------------- routing
+def normalize_logits(logits: torch.Tensor, lam: float | None) -> torch.Tensor:
+    """Gating logit normalization (Skywork-MoE 4.1): lambda * (z - mean(z)) / std(z) over the experts.
+
+    lam=None leaves the logits as they are (plain softmax gate)."""
+    if lam is None:
+        return logits
+    mean = logits.mean(-1, keepdim=True)
+    std = logits.std(-1, keepdim=True, correction=0)
+    return lam * (logits - mean) / (std + 1e-6)
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, factor: float | None, minimum: int) -> int:
+    """Slots per expert: ceil(k * T / n * factor), at least ``minimum``; factor None = room for every token."""
+    if factor is None:
+        return num_tokens
+    return max(math.ceil(top_k * num_tokens / num_experts * factor), minimum)
+
+
+@dataclass
+class Routing:
+    """Where each token goes. ``experts``/``slots``: (tokens, k), expert -1 where capacity dropped the
+    route; ``weights``: the selected gate values renormalised to sum to 1 per token (fp32)."""
+
+    experts: torch.Tensor
+    slots: torch.Tensor
+    weights: torch.Tensor
+    probs: torch.Tensor  # (tokens, n) gate distribution after normalization and softmax
+    capacity: int
+    aux_loss: torch.Tensor  # sum_j (1/n - mean_i g_ij)^2, differentiable
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def route(logits: torch.Tensor, top_k: int, capacity: int, lam: float | None) -> Routing:
+    """Top-k routing with capacity. Slots fill by choice rank first (every token's first choice
+    before any second choice), then in token order, so drops hit second choices first."""
+    num_tokens, num_experts = logits.shape
+    probs = F.softmax(normalize_logits(logits.float(), lam), dim=-1)
+    top_values, top_experts = probs.topk(top_k, dim=-1)
+    weights = top_values / top_values.sum(-1, keepdim=True)
+
+    one_hot = F.one_hot(top_experts.t(), num_experts)  # (k, tokens, n)
+    filled_before = one_hot.sum(1).cumsum(0) - one_hot.sum(1)  # slots taken by earlier choice ranks
+    slot_of = (one_hot.cumsum(1) - 1 + filled_before.unsqueeze(1)) * one_hot
+    slots = slot_of.sum(-1).t()  # (tokens, k)
+    kept = slots < capacity
+    experts = torch.where(kept, top_experts, torch.full_like(top_experts, -1))
+
+    aux_loss = (1.0 / num_experts - probs.mean(0)).pow(2).sum()
+    with torch.no_grad():
+        ranked = probs.topk(min(3, num_experts), dim=-1).values
+        stats = {
+            "dropped": (~kept).sum(),
+            "routes": torch.tensor(kept.numel(), device=logits.device),
+            "load": torch.bincount(experts[kept], minlength=num_experts),
+            "max1_max2": (ranked[:, 0] / ranked[:, 1]).mean(),
+            "max2_max3": (ranked[:, 1] / ranked[:, 2]).mean() if num_experts > 2 else torch.tensor(float("nan")),
+        }
+    return Routing(experts, torch.where(kept, slots, torch.zeros_like(slots)), weights, probs, capacity, aux_loss,
+                   stats)
+
+
+class Router(nn.Module):
+    """The gate: a bias-free linear map to expert logits, routed in fp32."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(args.num_experts, args.dim))
+        self.top_k, self.lam = args.top_k, args.gate_norm_lambda
+        self.capacity_factor, self.eval_capacity_factor = args.capacity_factor, args.eval_capacity_factor
+        self.min_capacity = args.min_capacity
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = F.linear(x.float(), self.weight.float())
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        capacity = expert_capacity(x.shape[0], self.weight.shape[0], self.top_k, factor, self.min_capacity)
+        return route(logits, self.top_k, capacity, self.lam)
+
+
+class MoEFeedForward(nn.Module):
+    """Top-k MoE layer computed locally (all experts on this process).
+
+    After each forward ``last_routing`` holds the routing (aux loss, drops, load, gate ratios). The
+    aux-loss coefficient ``aux_alpha`` is fp32 model state so it is checkpointed with the weights."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.router = Router(args)
+        self.experts = nn.ModuleList(FeedForward(args.dim, args.ffn_dim) for _ in range(args.num_experts))
+        self.register_buffer("aux_alpha", torch.zeros((), dtype=torch.float32))
+        self.last_routing: Routing | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        routing = self.router(tokens)
+        self.last_routing = routing
+        out = torch.zeros_like(tokens)
+        for index, expert in enumerate(self.experts):
+            token_ids, choice = torch.nonzero(routing.experts == index, as_tuple=True)
+            if token_ids.numel():
+                weight = routing.weights[token_ids, choice].unsqueeze(-1)
+                out.index_add_(0, token_ids, (expert(tokens[token_ids]) * weight).to(out.dtype))
+        return out.view_as(x)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MoEFeedForward(args) if args.is_moe_layer(layer) else FeedForward(args.dim, args.ffn_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rotary_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.args.init_std)
+        elif isinstance(module, Router):
+            nn.init.normal_(module.weight, std=self.args.init_std)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        seq = input_ids.shape[1]
+        if seq > self.rope_cos.shape[0]:
+            cos, sin = rotary_tables(self.args.head_dim, seq, self.args.rope_theta, input_ids.device)
+        else:
+            cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.lm_head(self.norm(h))
+
+    def moe_layers(self) -> list[nn.Module]:
+        """The MoE FFNs in layer order (local or expert-parallel: anything with ``aux_alpha``)."""
+        return [layer.mlp for layer in self.layers if hasattr(layer.mlp, "aux_alpha")]
+
+    def aux_loss(self) -> torch.Tensor:
+        """sum_l alpha_l * L_aux^(l) over the MoE layers of the last forward (0 for a dense model)."""
+        total = torch.zeros((), device=self.lm_head.weight.device)
+        for moe in self.moe_layers():
+            total = total + moe.aux_alpha.float() * moe.last_routing.aux_loss
+        return total
+
+
+# ---------------------------------------------------------------------------------------- sizes
+def parameter_counts(args: ModelArgs) -> dict[str, int]:
+    """Total and activated (per token: top-k experts) parameters, computed from the shape alone so
+    a 146B preset can be sized on a laptop."""
+    attn = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.kv_heads)
+    ffn = 3 * args.dim * args.ffn_dim
+    norms = 2 * args.dim
+    embed = args.vocab_size * args.dim * (1 if args.tie_embeddings else 2) + args.dim
+    total = activated = embed
+    for layer in range(args.n_layers):
+        total += attn + norms
+        activated += attn + norms
+        if args.is_moe_layer(layer):
+            total += args.num_experts * ffn + args.num_experts * args.dim
+            activated += args.top_k * ffn + args.num_experts * args.dim
+        else:
+            total += ffn
+            activated += ffn
+    return {"total": total, "activated": activated, "embedding": embed}
+
+
+def training_flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Forward + backward FLOPs per token: 6 x activated non-embedding matmul parameters plus the
+    attention score/value matmuls (PaLM's estimate), plus the output projection."""
+    counts = parameter_counts(args)
+    matmul_params = counts["activated"] - counts["embedding"] + args.vocab_size * args.dim
+    return 6 * matmul_params + 6 * args.n_layers * args.dim * seq_len

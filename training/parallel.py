@@ -1,0 +1,113 @@
+"""Expert parallelism through DeepSpeed: the model's MoE layers become ``deepspeed.moe`` layers whose
+gate is skymoe's router (gating logit normalization, top-k, capacity, drop accounting).
+
+DeepSpeed moves tokens to the rank that owns their expert (all-to-all) and keeps expert
+parameters out of the data-parallel all-reduce; the routing decision stays ours, so the local
+``MoEFeedForward`` and the expert-parallel layer compute the same function.
+"""
+
+from __future__ import annotations
+
+import torch
+from deepspeed.moe.layer import MoE
+from deepspeed.moe.sharded_moe import TopKGate
+from deepspeed.utils import groups
+from torch import nn
+
+from training.model import FeedForward, ModelArgs, MoEFeedForward, Router, Routing, Transformer
+
+SHARED_PART = "shared"
+
+
+class RouterGate(TopKGate):
+    """A DeepSpeed gate that routes with skymoe's ``Router`` and returns DeepSpeed's sparse-route tuple
+    (deepspeed 0.19: aux loss, capacity, n, expert ids [k, s] with -1 = dropped, slots, weights, counts)."""
+
+    def __init__(self, router: Router, args: ModelArgs):
+        super().__init__(args.dim, args.num_experts, k=args.top_k, min_capacity=args.min_capacity,
+                         drop_tokens=True, use_rts=False, top2_2nd_expert_sampling=False)
+        del self.wg  # the router's weight is the gate's only parameter
+        self.router = router
+        self.last_routing: Routing | None = None
+
+    def forward(self, input: torch.Tensor, used_token=None, sparse_routes: bool = True, use_tutel: bool = False):
+        if not sparse_routes or use_tutel:
+            raise NotImplementedError("RouterGate serves DeepSpeed's sparse-route dispatch only")
+        self.router.train(self.training)
+        routing = self.router(input)
+        self.last_routing = routing
+        num_experts = routing.probs.shape[1]
+        counts = torch.bincount(routing.experts[routing.experts >= 0], minlength=num_experts)
+        return (routing.aux_loss, torch.tensor(routing.capacity), num_experts,
+                routing.experts.t().to(torch.int32), routing.slots.t().to(torch.int32),
+                routing.weights.t(), counts)
+
+
+class ExpertParallelMoE(nn.Module):
+    """An MoE FFN whose experts are spread over ``ep_size`` ranks; this rank holds a contiguous slice."""
+
+    def __init__(self, local: MoEFeedForward, args: ModelArgs, ep_size: int, ep_rank: int):
+        super().__init__()
+        self.ep_rank = ep_rank
+        self.moe = MoE(args.dim, FeedForward(args.dim, args.ffn_dim), args.num_experts, ep_size=ep_size,
+                       k=args.top_k, min_capacity=args.min_capacity, drop_tokens=True, use_rts=False,
+                       top2_2nd_expert_sampling=False)
+        self.moe.deepspeed_moe.gate = RouterGate(local.router, args)
+        self.num_local = args.num_experts // ep_size
+        for index, expert in enumerate(self.local_experts):
+            expert.load_state_dict(local.experts[self.first_expert + index].state_dict())
+        self.register_buffer("aux_alpha", local.aux_alpha.detach().clone())
+
+    @property
+    def local_experts(self) -> nn.ModuleList:
+        return self.moe.deepspeed_moe.experts.deepspeed_experts
+
+    @property
+    def first_expert(self) -> int:
+        return self.ep_rank * self.num_local
+
+    @property
+    def last_routing(self) -> Routing | None:
+        return self.moe.deepspeed_moe.gate.last_routing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _, _ = self.moe(x)
+        return out
+
+
+def make_expert_parallel(model: Transformer, ep_size: int, ep_rank: int) -> Transformer:
+    """Swap every local MoE layer of ``model`` for an expert-parallel one holding this rank's experts."""
+    for layer in model.layers:
+        if isinstance(layer.mlp, MoEFeedForward):
+            layer.mlp = ExpertParallelMoE(layer.mlp, model.args, ep_size, ep_rank)
+    return model
+
+
+def plain_state_parts(model: Transformer) -> dict[str, dict[str, torch.Tensor]]:
+    """This rank's share of the weights under plain ``Transformer`` names, by part name: the shared
+    (non-expert) tensors and this rank's experts under their global indices. A rank that is not the
+    first data-parallel copy of its experts returns only what it must write (nothing, or shared)."""
+    shared: dict[str, torch.Tensor] = {}
+    experts: dict[str, torch.Tensor] = {}
+    moe_modules = {name: module for name, module in model.named_modules() if isinstance(module, ExpertParallelMoE)}
+    for name, tensor in model.state_dict().items():
+        owner = next((m for m in moe_modules if name.startswith(m + ".")), None)
+        if owner is None:
+            shared[name] = tensor
+            continue
+        module, inner = moe_modules[owner], name[len(owner) + 1 :]
+        if inner.startswith("moe.deepspeed_moe.gate.router."):
+            shared[f"{owner}.router.{inner.rsplit('.', 1)[1]}"] = tensor
+        elif inner.startswith("moe.deepspeed_moe.experts.deepspeed_experts."):
+            local, rest = inner.removeprefix("moe.deepspeed_moe.experts.deepspeed_experts.").split(".", 1)
+            experts[f"{owner}.experts.{module.first_expert + int(local)}.{rest}"] = tensor
+        else:
+            shared[f"{owner}.{inner}"] = tensor
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    if torch.distributed.get_rank() == 0:
+        parts[SHARED_PART] = shared
+    if experts and moe_modules:
+        group = next(iter(moe_modules.values())).moe.expert_group_name
+        if groups._get_expert_data_parallel_rank(group) == 0:
+            parts[f"experts-ep{groups._get_expert_parallel_rank(group)}"] = experts
+    return parts
