@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flows.prefect_env import forward_stage_logs  # offline settings: must precede the first Prefect import
 from prefect import Task, flow, get_run_logger, task
@@ -23,7 +23,10 @@ from skymoe.config import load_config, run_overrides
 from skymoe.stage import StageRef, read_manifest
 from skymoe.storage import Storage
 
-IMPLEMENTED = ("clean", "tokenize")
+if TYPE_CHECKING:
+    from training.stage import TrainPlan
+
+IMPLEMENTED = ("clean", "tokenize", "train")
 
 
 def _stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -46,6 +49,30 @@ def tokenize_task(config_path: str | None, overrides: dict, plan: TokenizePlan, 
     return {"uri": result.ref.uri, "fingerprint": result.ref.fingerprint, "counts": result.manifest.counts,
             "timings": result.manifest.timings, "mixture": result.manifest.extra["mixture"],
             "plots": result.manifest.extra.get("plots", [])}
+
+
+@task(name="train", cache_key_fn=_stage_cache_key, persist_result=True)
+def train_task(config_path: str | None, overrides: dict, plan: TrainPlan, tokens_ref: StageRef) -> dict[str, Any]:
+    from training.stage import run_train  # torch and DeepSpeed load only when training runs
+
+    config = load_config(config_path, overrides)
+    result = run_train(config, Storage.from_config(config.storage), config.storage.root, tokens_ref, plan)
+    return {"uri": result.ref.uri, "fingerprint": result.ref.fingerprint, "counts": result.manifest.counts,
+            "timings": result.manifest.timings, "runs": result.manifest.extra["runs"],
+            "export": f"{result.ref.uri}/{result.manifest.extra['export']}",
+            "plots": result.manifest.extra.get("plots", [])}
+
+
+def _publish_train(summary: dict[str, Any]) -> None:
+    counts = summary["counts"]
+    rows = [{"run": name, "steps": run["steps"], "tokens": run["tokens"],
+             "final train loss": None if run["final_loss"] is None else round(run["final_loss"], 4),
+             "final validation loss": "; ".join(f"{d} {v:.3f}" for d, v in (run["final_val_loss"] or {}).items()),
+             "seconds": run["seconds"]} for name, run in summary["runs"].items()]
+    create_table_artifact(key="train-summary", table=rows, description=(
+        f"Train stage {summary['fingerprint']}: MoE {counts['moe_params_total']:,} parameters "
+        f"({counts['moe_params_activated']:,} activated), dense {counts['dense_params']:,}; "
+        f"Hugging Face export at {summary['export']}"))
 
 
 def _publish_tokenize(summary: dict[str, Any]) -> None:
@@ -116,6 +143,15 @@ def pipeline_flow(config_path: str | None = None, root: str | None = None, input
         _publish_tokenize(tokenize_summary)
         _publish_plots("tokenize", tokenize_summary, storage)
         summary["stages"]["tokenize"] = tokenize_summary
+    if "train" in wanted:
+        from training.stage import plan_train
+
+        train_plan = plan_train(config, storage, config.storage.root, token_plan.ref)
+        train_summary = _run_stage(train_task, storage, train_plan.ref, config_path, overrides, train_plan,
+                                   token_plan.ref)
+        _publish_train(train_summary)
+        _publish_plots("train", train_summary, storage)
+        summary["stages"]["train"] = train_summary
     missing = [s for s in wanted if s not in IMPLEMENTED]
     if missing:
         logger.warning("stages %s are not part of this skymoe version yet; stopped after %s",

@@ -269,12 +269,118 @@ class TokenizeConfig(_Strict):
     encode_batch: int = Field(512, ge=1, description="documents per tokenizers encode_batch call")
 
 
+# ------------------------------------------------------------------------------------------- train
+class ModelShapeConfig(_Strict):
+    """A model shape: a preset from ``training/presets.py`` with any field overridden."""
+
+    preset: Literal["tiny", "small", "skywork-moe-146b"] = "tiny"
+    dim: int | None = Field(None, ge=8)
+    n_layers: int | None = Field(None, ge=1)
+    n_heads: int | None = Field(None, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1)
+    ffn_dim: int | None = Field(None, ge=1)
+    vocab_size: int | None = Field(None, ge=2, description="None = the tokenizer's vocabulary size")
+    rope_theta: float | None = Field(None, gt=0)
+
+
+class MoELayerConfig(_Strict):
+    """The MoE layers (Skywork-MoE section 2-4)."""
+
+    num_experts: int = Field(8, ge=2)
+    top_k: int = Field(2, ge=1)
+    moe_every: int = Field(1, ge=1, description="every n-th layer is an MoE layer (1 = all, as Skywork-MoE)")
+    capacity_factor: float | None = Field(1.25, gt=0, description="training capacity; null = never drop")
+    eval_capacity_factor: float | None = Field(None, gt=0, description="null = no dropping at evaluation")
+    min_capacity: int = Field(4, ge=0)
+    gate_norm_lambda: float | None = Field(1.0, gt=0, description="gating logit normalization; null = off")
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> "MoELayerConfig":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) exceeds num_experts ({self.num_experts})")
+        return self
+
+
+class AuxLossConfig(_Strict):
+    """Per-layer aux-loss coefficients: adaptive (alpha_hat = min(xi * drop_rate, alpha_max),
+    alpha <- beta * alpha + (1 - beta) * alpha_hat) or fixed at ``alpha``."""
+
+    mode: Literal["adaptive", "fixed"] = "adaptive"
+    alpha: float = Field(0.01, ge=0, description="the fixed coefficient, or the adaptive start value")
+    xi: float = Field(0.2, ge=0)
+    alpha_max: float = Field(0.01, ge=0)
+    beta: float = Field(0.99, ge=0, le=1)
+
+
+class PhaseConfig(_Strict):
+    """One training run: its length and learning-rate schedule (linear warmup, cosine to min_lr)."""
+
+    steps: int = Field(100, ge=0)
+    lr: float = Field(3e-3, gt=0, description="peak learning rate")
+    min_lr: float = Field(3e-4, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    constant: bool = Field(False, description="hold lr at its peak after warmup (no decay)")
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> "PhaseConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) exceeds lr ({self.lr})")
+        return self
+
+
+class ParallelConfig(_Strict):
+    world_size: int = Field(2, ge=1, description="DeepSpeed ranks on this machine")
+    ep_size: int = Field(2, ge=1, description="expert-parallel group size; divides world_size and num_experts")
+    zero_stage: int = Field(1, ge=0, le=2)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+
+
+class TrainConfig(_Strict):
+    """Dense pretrain (or import) -> MoE runs. ``upcycled`` starts from the dense run's final weights,
+    ``scratch`` from random weights with the same budget (null skips it); ``export`` names the run
+    whose final weights become the stage's Hugging Face checkpoint."""
+
+    model: ModelShapeConfig = ModelShapeConfig()
+    moe: MoELayerConfig = MoELayerConfig()
+    aux_loss: AuxLossConfig = AuxLossConfig()
+    dense_source: str | None = Field(None, description="a Hugging Face Llama checkpoint folder; null = train dense")
+    dense: PhaseConfig = PhaseConfig()
+    upcycled: PhaseConfig | None = PhaseConfig(lr=1.8e-3)
+    scratch: PhaseConfig | None = PhaseConfig()
+    export: Literal["upcycled", "scratch"] = "upcycled"
+    parallel: ParallelConfig = ParallelConfig()
+    micro_batch_size: int = Field(4, ge=1, description="sequences per rank per micro-step")
+    grad_accum: int = Field(1, ge=1)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (the last step always saves)")
+    eval_every: int = Field(50, ge=1, description="steps between validation-loss evaluations")
+    eval_batches: int = Field(4, ge=1, description="validation micro-batches per language and source")
+    similarity_every: int = Field(25, ge=1, description="steps between expert-similarity measurements")
+    log_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if getattr(self, self.export) is None:
+            raise ValueError(f"export names the '{self.export}' run, which is disabled (null)")
+        if self.parallel.world_size % self.parallel.ep_size:
+            raise ValueError(f"parallel.ep_size ({self.parallel.ep_size}) must divide parallel.world_size "
+                             f"({self.parallel.world_size})")
+        if self.moe.num_experts % self.parallel.ep_size:
+            raise ValueError(f"parallel.ep_size ({self.parallel.ep_size}) must divide moe.num_experts "
+                             f"({self.moe.num_experts})")
+        return self
+
+
 # ------------------------------------------------------------------------------------------ whole
 class PipelineConfig(_Strict):
     name: str = "skymoe"
     storage: StorageConfig = StorageConfig()
     clean: CleanConfig = CleanConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
+    train: TrainConfig = TrainConfig()
 
     @field_validator("name")
     @classmethod
@@ -365,6 +471,7 @@ _PATH_FIELDS = (
     (("clean", "classifier", "negative"), "list"),
     (("clean", "heuristics", "blocklist", "files"), "dict"),
     (("tokenize", "tokenizer", "path"), "str"),
+    (("train", "dense_source"), "str"),
     (("storage", "root"), "str"),
 )
 

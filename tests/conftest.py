@@ -41,7 +41,23 @@ def small_corpus(tmp_path_factory) -> Path:
     return folder
 
 
-def write_config(path: Path, root: str, inputs: list[str], **clean_overrides) -> Path:
+# A train section small enough for tests: a real 2-layer MoE on 2 DeepSpeed ranks, seconds per run.
+SMALL_TRAIN = {
+    "model": {"dim": 64, "n_layers": 2, "n_heads": 4, "ffn_dim": 128},
+    "moe": {"num_experts": 4, "top_k": 2, "capacity_factor": 1.25},
+    "dense": {"steps": 30, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 3},
+    "upcycled": {"steps": 30, "lr": 2e-3, "min_lr": 3e-4, "warmup_steps": 3},
+    "scratch": None,
+    "micro_batch_size": 4,
+    "checkpoint_every": 10,
+    "eval_every": 15,
+    "eval_batches": 2,
+    "similarity_every": 5,
+    "log_every": 10,
+}
+
+
+def write_config(path: Path, root: str, inputs: list[str], train: dict | None = None, **clean_overrides) -> Path:
     """A config for tests: the tiny preset's settings with a small corpus and one worker."""
     clean = {
         "inputs": inputs,
@@ -57,7 +73,8 @@ def write_config(path: Path, root: str, inputs: list[str], **clean_overrides) ->
     }
     for key, value in clean_overrides.items():
         clean[key] = value
-    path.write_text(yaml.safe_dump({"name": "test", "storage": {"root": root}, "clean": clean}), encoding="utf-8")
+    config = {"name": "test", "storage": {"root": root}, "clean": clean, "train": train or SMALL_TRAIN}
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
 
 

@@ -302,8 +302,10 @@ def parameter_counts(args: ModelArgs) -> dict[str, int]:
 
 
 def training_flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Forward + backward FLOPs per token: 6 x activated non-embedding matmul parameters plus the
-    attention score/value matmuls (PaLM's estimate), plus the output projection."""
+    """Forward + backward FLOPs per token, PaLM's estimate: 6 x the activated matmul parameters
+    (output projection included, embedding lookup not) + 12 x layers x dim x seq_len for the
+    attention scores and values (the full matrix, as PaLM counts it, although causal attention
+    needs only half)."""
     counts = parameter_counts(args)
     matmul_params = counts["activated"] - counts["embedding"] + args.vocab_size * args.dim
-    return 6 * matmul_params + 6 * args.n_layers * args.dim * seq_len
+    return 6 * matmul_params + 12 * args.n_layers * args.dim * seq_len

@@ -26,12 +26,16 @@ def dense_args(moe_args: ModelArgs) -> ModelArgs:
 
 def upcycle_state(dense_state: dict[str, torch.Tensor], moe_args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
     """The MoE state dict: dense tensors copied, each dense FFN copied into every expert, new routers."""
-    torch.manual_seed(seed)
-    moe = Transformer(moe_args)  # fresh routers (and a full set of keys to fill)
+    with torch.random.fork_rng(devices=[]):  # seeded routers without touching the caller's RNG
+        torch.manual_seed(seed)
+        moe = Transformer(moe_args)  # fresh routers (and a full set of keys to fill)
     state = moe.state_dict()
     missing = [key for key in state if _dense_key(key) not in dense_state and not _fresh(key)]
     if missing:
         raise UpcycleError(f"dense weights lack {len(missing)} tensors the MoE needs, e.g. {missing[:3]}")
+    unused = sorted(set(dense_state) - {_dense_key(key) for key in state if not _fresh(key)})
+    if unused:
+        raise UpcycleError(f"dense weights hold {len(unused)} tensors the MoE has no place for, e.g. {unused[:3]}")
     for key, value in state.items():
         if _fresh(key):
             continue

@@ -25,7 +25,8 @@ class WeightsError(ValueError):
 
 
 def save_part(storage: Storage, folder: str, name: str, state: dict[str, torch.Tensor]) -> None:
-    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+    # clone: tied embeddings share one tensor under two names, which safetensors refuses to write
+    tensors = {key: value.detach().to("cpu").clone().contiguous() for key, value in state.items()}
     storage.write_bytes(join(folder, f"{name}.safetensors"), save_safetensors(tensors))
 
 

@@ -1,0 +1,158 @@
+"""The train stage end to end on real token shards: real DeepSpeed ranks (2 CPU ranks, gloo,
+expert parallel with ep_size=2), checkpoints, kill -9 and resume, export, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.clean.stage import run_clean
+from pipelines.tokenize.stage import run_tokenize
+from conftest import SMALL_TRAIN
+from skymoe.config import load_config
+from skymoe.storage import Storage
+from training.stage import TrainError, plan_train, run_train
+
+REPO = Path(__file__).resolve().parent.parent
+
+TRAIN = SMALL_TRAIN
+
+
+def config_for(root: Path, **train):
+    return load_config(None, {"storage": {"root": str(root)}, "clean": {"executor": {"workers": 2}},
+                              "tokenize": {"seq_len": 128}, "train": {**TRAIN, **train}})
+
+
+@pytest.fixture(scope="module")
+def demo_tokens(tmp_path_factory):
+    """The bundled demo corpus cleaned and tokenized once (seq_len 128) for every test here."""
+    root = tmp_path_factory.mktemp("train-root")
+    config = config_for(root)
+    storage = Storage.from_config(config.storage)
+    clean = run_clean(config.clean, storage, str(root))
+    tokens = run_tokenize(config.tokenize, storage, str(root), clean.ref)
+    return root, tokens.ref
+
+
+def metrics(uri: str) -> list[dict]:
+    return [json.loads(line) for line in Path(uri, "metrics.jsonl").read_text().splitlines()]
+
+
+def test_expert_parallel_training_lowers_loss_and_exports(demo_tokens):
+    root, tokens_ref = demo_tokens
+    config = config_for(root)
+    storage = Storage.from_config(config.storage)
+    result = run_train(config, storage, str(root), tokens_ref)
+    assert not result.cached
+    # Dense from random weights falls fast; the upcycled MoE continues from the dense loss and falls further.
+    for name, margin in (("dense", 0.3), ("upcycled", 0.05)):
+        rows = [row for row in metrics(f"{result.ref.uri}/runs/{name}") if "loss" in row]
+        assert len(rows) == 30
+        first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
+        assert last < first - margin, (name, first, last)
+    upcycled = metrics(f"{result.ref.uri}/runs/upcycled")
+    validation = [row["val_loss"] for row in upcycled if "val_loss" in row]
+    assert {domain.split("/")[0] for domain in validation[0]} == {"en", "zh"}  # loss by language and source
+    assert len(validation) == 3  # before the first step, at step 15 and at the end
+    assert sum(validation[-1].values()) < sum(validation[0].values())
+    steps = [row for row in upcycled if "loss" in row]
+    for key in ("drop_rate", "alpha", "aux_loss", "max1_max2", "max2_max3", "expert_load"):
+        assert len(steps[-1][key]) == 2, key  # one value per MoE layer
+    assert all(0 <= d <= 1 for row in steps for d in row["drop_rate"])
+    similarity = [row["expert_similarity"] for row in steps if "expert_similarity" in row]
+    assert min(similarity[0]) > 0.999  # upcycled experts start as copies
+    assert max(similarity[-1]) < min(similarity[0])  # and drift apart
+    assert steps[-1]["tokens_per_s"] > 0 and 0 < steps[-1]["mfu"]
+    # The manifest, the plots and a Hugging Face folder are there; a rerun is a cache hit.
+    assert result.manifest.counts["upcycled_steps"] == 30
+    for plot in result.manifest.extra["plots"]:
+        assert Path(result.ref.uri, plot).stat().st_size > 1000
+    assert Path(result.ref.uri, "hf", "config.json").exists()
+    assert run_train(config, storage, str(root), tokens_ref).cached
+
+
+def test_alpha_follows_the_adaptive_rule(demo_tokens):
+    """Recorded per-layer alpha obeys alpha' = beta * alpha + (1 - beta) * min(xi * d, alpha_max)."""
+    root, tokens_ref = demo_tokens
+    aux = {"mode": "adaptive", "alpha": 0.0, "xi": 0.2, "alpha_max": 0.05, "beta": 0.9}
+    config = config_for(root, aux_loss=aux, upcycled={"steps": 8, "lr": 2e-3, "warmup_steps": 1})
+    result = run_train(config, Storage.from_config(config.storage), str(root), tokens_ref)
+    steps = [row for row in metrics(f"{result.ref.uri}/runs/upcycled") if "loss" in row]
+    for before, after in zip(steps, steps[1:]):
+        for layer, alpha in enumerate(after["alpha"]):
+            expected = 0.9 * before["alpha"][layer] + 0.1 * min(0.2 * before["drop_rate"][layer], 0.05)
+            assert alpha == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    assert steps[-1]["alpha"][0] > 0
+
+
+def _run_in_subprocess(root: Path, train: dict) -> subprocess.Popen:
+    code = (
+        "import json, logging, sys; logging.basicConfig(level=logging.INFO)\n"
+        f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+        "from test_train_stage import config_for, resume_tokens\n"
+        "from skymoe.storage import Storage\n"
+        "from training.stage import run_train\n"
+        f"config = config_for({str(root)!r}, **json.loads({json.dumps(json.dumps(train))}))\n"
+        "run_train(config, Storage.from_config(config.storage), config.storage.root, resume_tokens(config))\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+
+def resume_tokens(config):
+    from skymoe.stage import StageRef
+
+    folder = next(Path(config.storage.root, "tokenize").iterdir())
+    return StageRef(config.storage.root, "tokenize", folder.name)
+
+
+def test_kill_mid_training_resumes_with_identical_losses(demo_tokens):
+    """kill -9 of the whole process group after the step-8 checkpoint; the rerun resumes there and
+    reproduces the uninterrupted MoE run's loss sequence bit for bit (2 ranks, ep_size=2)."""
+    root, tokens_ref = demo_tokens
+    train = {"dense": {"steps": 4, "warmup_steps": 1}, "upcycled": {"steps": 20, "lr": 2e-3, "warmup_steps": 2},
+             "checkpoint_every": 8, "eval_every": 100, "seed": 7}
+    config = config_for(root, **train)
+    storage = Storage.from_config(config.storage)
+    plan = plan_train(config, storage, str(root), tokens_ref)
+    run_uri = Path(plan.ref.uri, "runs", "upcycled")
+
+    proc = _run_in_subprocess(root, train)
+    marker = run_uri / "checkpoints" / "step-0000008" / "COMPLETE"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = run_train(config, storage, str(root), tokens_ref)
+    resumed_losses = [row["loss"] for row in metrics(str(run_uri)) if "loss" in row]
+
+    fresh_root = root / "uninterrupted"
+    fresh_config = config_for(fresh_root, **train)
+    (fresh_root / "tokenize").mkdir(parents=True)
+    os.symlink(tokens_ref.uri, fresh_root / "tokenize" / tokens_ref.fingerprint)
+    fresh = run_train(fresh_config, storage, str(fresh_root), resume_tokens(fresh_config))
+    fresh_losses = [row["loss"] for row in metrics(f"{fresh.ref.uri}/runs/upcycled") if "loss" in row]
+    assert len(resumed_losses) == len(fresh_losses) == 20
+    assert resumed_losses == fresh_losses
+    assert resumed.ref.fingerprint == fresh.ref.fingerprint
+
+
+def test_bad_config_fails_before_training(demo_tokens, tmp_path):
+    root, tokens_ref = demo_tokens
+    storage = Storage.from_config(config_for(root).storage)
+    with pytest.raises(TrainError, match="train.dense_source"):
+        plan_train(config_for(root, dense_source=str(tmp_path / "nowhere")), storage, str(root), tokens_ref)
+    with pytest.raises(TrainError, match="vocab_size"):
+        plan_train(config_for(root, model={**TRAIN["model"], "vocab_size": 300}), storage, str(root), tokens_ref)
+    missing = type(tokens_ref)(str(tmp_path), "tokenize", "nothing")
+    with pytest.raises(TrainError, match="manifest.json missing"):
+        plan_train(config_for(root), storage, str(root), missing)

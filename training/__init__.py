@@ -1,0 +1,1 @@
+"""MoE training: the model, sparse upcycling, DeepSpeed expert-parallel training, checkpoints, export."""

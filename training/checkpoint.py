@@ -1,0 +1,116 @@
+"""Checkpoints of a run in the configured storage, resumable after a kill.
+
+DeepSpeed writes its own checkpoint (module, ZeRO optimizer partitions, expert files) to a local
+folder; a remote root gets a copy uploaded. Next to it each rank saves its RNG state (DeepSpeed
+does not) and its share of the plain weights (``weights/``: what export and upcycling read).
+A checkpoint exists only once rank 0 has written ``COMPLETE`` after every rank finished, so a
+kill in the middle of a save leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from skymoe.storage import Storage, join
+from training.parallel import plain_state_parts
+from training.weights import save_args, save_part
+
+COMPLETE = "COMPLETE"
+
+
+def tag(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def checkpoints_uri(run_uri: str) -> str:
+    return join(run_uri, "checkpoints")
+
+
+def latest_step(storage: Storage, run_uri: str) -> int | None:
+    """The last step with a complete checkpoint, or None."""
+    steps = [int(uri.rsplit("step-", 1)[1]) for uri in storage.listdir(checkpoints_uri(run_uri))
+             if "step-" in uri.rsplit("/", 1)[-1] and storage.exists(join(uri, COMPLETE))]
+    return max(steps, default=None)
+
+
+def complete_record(storage: Storage, run_uri: str, step: int) -> dict[str, Any]:
+    return json.loads(storage.read_text(join(checkpoints_uri(run_uri), tag(step), COMPLETE)))
+
+
+def save_weights(storage: Storage, folder: str, model: torch.nn.Module) -> None:
+    """Every rank writes its share of the plain weights; rank 0 adds the model shape."""
+    for name, state in plain_state_parts(model).items():
+        save_part(storage, join(folder, "weights"), name, state)
+    if dist.get_rank() == 0:
+        save_args(storage, join(folder, "weights"), model.args)
+
+
+def save(storage: Storage, run_uri: str, local_dir: str, engine, model: torch.nn.Module, step: int,
+         record: dict[str, Any]) -> None:
+    """A collective call: every rank must enter it at the same step."""
+    name = tag(step)
+    uri = join(checkpoints_uri(run_uri), name)
+    deepspeed_dir = _deepspeed_dir(storage, run_uri, local_dir)
+    engine.save_checkpoint(deepspeed_dir, tag=name, save_latest=False)
+    storage.write_bytes(join(uri, f"rng-rank{dist.get_rank()}.pt"), _rng_state())
+    save_weights(storage, uri, model)
+    dist.barrier()
+    if deepspeed_dir != checkpoints_uri(run_uri) and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        for file in sorted(os.listdir(os.path.join(deepspeed_dir, name))):
+            storage.write_bytes(join(uri, file), _read(os.path.join(deepspeed_dir, name, file)))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        storage.write_text(join(uri, COMPLETE), json.dumps({"step": step, **record}))
+    dist.barrier()
+
+
+def load(storage: Storage, run_uri: str, local_dir: str, engine, step: int) -> dict[str, Any]:
+    """Restore engine, optimizer and this rank's RNG from the checkpoint at ``step``; returns its record."""
+    name = tag(step)
+    uri = join(checkpoints_uri(run_uri), name)
+    deepspeed_dir = _deepspeed_dir(storage, run_uri, local_dir)
+    if deepspeed_dir != checkpoints_uri(run_uri):
+        os.makedirs(os.path.join(deepspeed_dir, name), exist_ok=True)
+        for file_uri in storage.listdir(uri):
+            if file_uri.endswith(".pt"):
+                with open(os.path.join(deepspeed_dir, name, file_uri.rsplit("/", 1)[1]), "wb") as handle:
+                    handle.write(storage.read_bytes(file_uri))
+        dist.barrier()
+    engine.load_checkpoint(deepspeed_dir, tag=name, load_module_strict=True)
+    _set_rng_state(storage.read_bytes(join(uri, f"rng-rank{dist.get_rank()}.pt")))
+    return complete_record(storage, run_uri, step)
+
+
+def _deepspeed_dir(storage: Storage, run_uri: str, local_dir: str) -> str:
+    """A local root takes DeepSpeed's files in place; a remote one stages them in ``local_dir``."""
+    target = checkpoints_uri(run_uri)
+    return target if "://" not in target else os.path.join(local_dir, "deepspeed")
+
+
+def _rng_state() -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, buffer)
+    return buffer.getvalue()
+
+
+def _set_rng_state(data: bytes) -> None:
+    state = torch.load(io.BytesIO(data), weights_only=False)
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()

@@ -1,0 +1,211 @@
+"""The train stage: token shards -> dense model -> MoE (upcycled and/or from scratch) -> Hugging Face export,
+under the stage contract (``<root>/train/<fingerprint>/``, a done-record per finished run, manifest last).
+
+Runs, in order, each resumable from its latest checkpoint:
+1. ``dense`` - trained from scratch on the shards, or imported from a Hugging Face Llama folder
+   (``train.dense_source``; then ``dense.steps`` more steps continue it, 0 = import only);
+2. ``upcycled`` - the MoE upcycled from the dense run's final weights;
+3. ``scratch`` - the same MoE from random weights with its own budget, for comparison.
+The ``export`` run's final weights become ``hf/``, a folder ``AutoModelForCausalLM`` loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from skymoe.config import PhaseConfig, PipelineConfig, TrainConfig
+from skymoe.stage import (
+    DoneRecords,
+    Manifest,
+    StageRef,
+    canonical_json,
+    fingerprint,
+    read_manifest,
+    source_digest,
+    write_manifest,
+)
+from skymoe.storage import Storage, join
+from training.export import export_hf
+from training.hf_import import import_llama
+from training.launch import launch
+from training.model import ModelArgs, parameter_counts
+from training.plots import comparison_plot, run_plots
+from training.presets import dense_shape, with_moe
+from training.spec import RunInit, RunSpec
+from training.weights import save_args, save_part
+
+STAGE = "train"
+CODE_VERSION = "train-{}+{}".format(
+    source_digest(Path(__file__).resolve().parent),
+    ",".join(f"{name}={importlib.metadata.version(name)}" for name in ("torch", "deepspeed")),
+)
+log = logging.getLogger("skymoe.train")
+
+
+class TrainError(ValueError):
+    """The train stage cannot start: missing tokens, a bad dense source, a model that does not fit the data."""
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    name: str
+    phase: PhaseConfig
+    init: RunInit
+    moe: bool
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    ref: StageRef
+    tokens_ref: StageRef
+    dense_args: ModelArgs
+    moe_args: ModelArgs
+    runs: tuple[PlannedRun, ...]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    ref: StageRef
+    manifest: Manifest
+    cached: bool
+
+
+def plan_train(config: PipelineConfig, storage: Storage, root: str, tokens_ref: StageRef) -> TrainPlan:
+    """Shapes, runs and the fingerprint; fails before any work on a config that cannot train."""
+    train = config.train
+    tokens = read_manifest(storage, tokens_ref)
+    if tokens is None:
+        raise TrainError(f"no complete tokenize output at {tokens_ref.uri} (manifest.json missing)")
+    seq_len, vocab = int(tokens.extra["seq_len"]), int(tokens.extra["vocab_size"])
+    settings = train.model_dump(mode="json")
+    if train.dense_source:
+        imported, _ = _import_dense(storage, train)
+        dense = dataclasses.replace(imported, max_seq_len=seq_len)
+        settings["dense_source"] = [storage.checksum(uri) for uri in storage.expand(train.dense_source)
+                                    if uri.endswith((".json", ".safetensors"))]
+    else:
+        dense = dense_shape(train, seq_len, vocab)
+    moe = with_moe(dense, train.moe)
+    if dense.vocab_size < vocab:
+        raise TrainError(f"train.model: vocab_size {dense.vocab_size} is smaller than the tokenizer's {vocab}")
+    if dense.dim % dense.n_heads or dense.head_dim % 2:
+        raise TrainError(f"train.model: dim {dense.dim} must split into {dense.n_heads} heads of even size")
+    fp = fingerprint(STAGE, CODE_VERSION, settings, {"tokenize": tokens_ref.fingerprint})
+    ref = StageRef(root, STAGE, fp)
+    dense_weights = join(ref.path("runs", "dense"), "final", "weights")
+    runs = [PlannedRun("dense", train.dense,
+                       RunInit("weights", ref.path("import", "weights")) if train.dense_source else RunInit("random"),
+                       moe=False)]
+    if train.upcycled is not None:
+        runs.append(PlannedRun("upcycled", train.upcycled, RunInit("upcycle", dense_weights), moe=True))
+    if train.scratch is not None:
+        runs.append(PlannedRun("scratch", train.scratch, RunInit("random"), moe=True))
+    return TrainPlan(ref, tokens_ref, dense, moe, tuple(runs))
+
+
+def run_train(config: PipelineConfig, storage: Storage, root: str, tokens_ref: StageRef,
+              plan: TrainPlan | None = None) -> TrainResult:
+    """Run (or resume, or reuse) the train stage."""
+    plan = plan or plan_train(config, storage, root, tokens_ref)
+    ref = plan.ref
+    existing = read_manifest(storage, ref)
+    if existing is not None:
+        log.info("train: cache hit at %s", ref.uri)
+        return TrainResult(ref, existing, cached=True)
+    train = config.train
+    started = time.monotonic()
+    if train.dense_source and not DoneRecords(storage, ref, "import").get("dense"):
+        _, state = _import_dense(storage, train)
+        save_part(storage, ref.path("import", "weights"), "shared", state)
+        save_args(storage, ref.path("import", "weights"), plan.dense_args)
+        DoneRecords(storage, ref, "import").mark("dense", {"source": train.dense_source})
+
+    done = DoneRecords(storage, ref, "runs")
+    with tempfile.TemporaryDirectory(prefix="skymoe-train-") as scratch:
+        for run in plan.runs:
+            if done.get(run.name) is None:
+                done.mark(run.name, _train_run(config, storage, plan, run, Path(scratch)))
+    summaries = {run.name: done.get(run.name) for run in plan.runs}
+    timings = {"runs": round(time.monotonic() - started, 3)}
+
+    export_uri = ref.path("hf")
+    export_hf(storage, join(ref.path("runs", train.export), "final", "weights"), join(tokens_ref.uri, "tokenizer"),
+              export_uri)
+    plots = _plots(storage, ref, plan)
+    timings["total"] = round(time.monotonic() - started, 3)
+    counts = {"dense_params": parameter_counts(plan.dense_args)["total"],
+              "moe_params_total": parameter_counts(plan.moe_args)["total"],
+              "moe_params_activated": parameter_counts(plan.moe_args)["activated"]}
+    for name, summary in summaries.items():
+        counts[f"{name}_steps"] = summary["steps"]
+        counts[f"{name}_tokens"] = summary["tokens"]
+        if summary.get("final_loss") is not None:
+            counts[f"{name}_final_loss"] = round(summary["final_loss"], 4)
+    manifest = Manifest(
+        stage=STAGE, fingerprint=ref.fingerprint, code_version=CODE_VERSION,
+        config=canonical_json(train.model_dump(mode="json")), inputs={"tokenize": tokens_ref.uri},
+        counts=counts, timings=timings,
+        extra={"runs": summaries, "export": "hf", "exported_run": train.export, "plots": plots,
+               "dense_args": plan.dense_args.to_dict(), "moe_args": plan.moe_args.to_dict()},
+    )
+    write_manifest(storage, ref, manifest)
+    log.info("train: %s exported to %s", train.export, export_uri)
+    return TrainResult(ref, manifest, cached=False)
+
+
+def _train_run(config: PipelineConfig, storage: Storage, plan: TrainPlan, run: PlannedRun, scratch: Path) -> dict:
+    run_uri = plan.ref.path("runs", run.name)
+    args = plan.moe_args if run.moe else plan.dense_args
+    spec = RunSpec(name=run.name, run_uri=run_uri, tokens_uri=plan.tokens_ref.uri, model=args.to_dict(),
+                   init=run.init, phase=run.phase.model_dump(mode="json"),
+                   train=config.train.model_dump(mode="json"), storage=config.storage.s3.model_dump(mode="json"),
+                   local_dir=str(scratch / run.name))
+    started = time.monotonic()
+    if run.phase.steps == 0:  # import only: the starting weights are the run's result
+        _copy_weights(storage, run.init.uri, join(run_uri, "final", "weights"))
+        rows = []
+    else:
+        launch(spec, config.train.parallel, scratch / "specs")
+        rows = [json.loads(line) for line in storage.read_text(join(run_uri, "metrics.jsonl")).splitlines()]
+    losses = [row["loss"] for row in rows if "loss" in row]
+    last_val = next((row["val_loss"] for row in reversed(rows) if "val_loss" in row), None)
+    tokens = max((row["tokens"] for row in rows), default=0)
+    return {"steps": run.phase.steps, "tokens": tokens, "final_loss": losses[-1] if losses else None,
+            "final_val_loss": last_val, "seconds": round(time.monotonic() - started, 1), "uri": run_uri}
+
+
+def _copy_weights(storage: Storage, source: str, target: str) -> None:
+    for uri in storage.listdir(source):
+        storage.write_bytes(join(target, uri.rsplit("/", 1)[1]), storage.read_bytes(uri))
+
+
+def _import_dense(storage: Storage, train: TrainConfig):
+    try:
+        return import_llama(storage, train.dense_source)
+    except ValueError as err:
+        raise TrainError(f"train.dense_source: {err}") from None
+
+
+def _plots(storage: Storage, ref: StageRef, plan: TrainPlan) -> list[str]:
+    """Per-run panels and the loss curves of all runs against tokens, as PNGs in ``plots/``."""
+    histories = {}
+    for run in plan.runs:
+        metrics_uri = join(ref.path("runs", run.name), "metrics.jsonl")
+        if storage.exists(metrics_uri):
+            histories[run.name] = [json.loads(line) for line in storage.read_text(metrics_uri).splitlines()]
+    written = []
+    for name, rows in histories.items():
+        for plot_name, png in run_plots(name, rows).items():
+            storage.write_bytes(ref.path("plots", plot_name), png)
+            written.append(f"plots/{plot_name}")
+    if histories:
+        storage.write_bytes(ref.path("plots", "loss_curves.png"), comparison_plot(histories))
+        written.insert(0, "plots/loss_curves.png")
+    return written
