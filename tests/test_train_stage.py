@@ -156,3 +156,59 @@ def test_bad_config_fails_before_training(demo_tokens, tmp_path):
     missing = type(tokens_ref)(str(tmp_path), "tokenize", "nothing")
     with pytest.raises(TrainError, match="manifest.json missing"):
         plan_train(config_for(root), storage, str(root), missing)
+
+
+def test_checkpoints_on_s3_and_resume_from_them(demo_tokens, s3_server, tmp_path):
+    """With an s3:// root every checkpoint, metric and export object lands in the bucket, and a run
+    resumes from a checkpoint it downloads (the losses after the resume point match exactly)."""
+    import boto3
+
+    _, tokens_ref = demo_tokens
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="train")
+    root = "s3://train/out"
+    config = config_for(tmp_path, dense={"steps": 3, "warmup_steps": 1},
+                        upcycled={"steps": 6, "lr": 2e-3, "warmup_steps": 1}, checkpoint_every=3, eval_every=100)
+    config = config.model_copy(update={"storage": config.storage.model_copy(update={"root": root})})
+    storage = Storage.from_config(config.storage)
+    first = run_train(config, storage, root, tokens_ref)
+    run = f"{first.ref.uri}/runs/upcycled"
+    listed = {uri.rsplit("/", 1)[1] for uri in storage.listdir(f"{run}/checkpoints/step-0000003")}
+    assert {"COMPLETE", "mp_rank_00_model_states.pt", "rng-rank0.pt", "rng-rank1.pt", "weights"} <= listed
+    assert any(name.startswith("layer_0_expert_3") for name in listed)  # rank 1's experts were uploaded too
+    assert storage.exists(f"{first.ref.uri}/hf/model.safetensors")
+    losses = [json.loads(line)["loss"] for line in storage.read_text(f"{run}/metrics.jsonl").splitlines()
+              if "loss" in json.loads(line)]
+
+    # Forget everything after the step-3 checkpoint: the rerun must resume from S3 and redo steps 4-6.
+    fs, _ = storage.fs(root)
+    for uri in (f"{first.ref.uri}/manifest.json", f"{first.ref.uri}/_done/runs/upcycled.json",
+                f"{run}/checkpoints/step-0000006/COMPLETE"):
+        fs.rm(uri)
+    second = run_train(config, storage, root, tokens_ref)
+    assert not second.cached
+    resumed = [json.loads(line)["loss"] for line in storage.read_text(f"{run}/metrics.jsonl").splitlines()
+               if "loss" in json.loads(line)]
+    assert resumed == losses and len(resumed) == 6
+
+
+def test_dense_source_imports_a_llama_checkpoint(demo_tokens, tmp_path):
+    """A Hugging Face Llama folder is the dense model: imported as is (0 dense steps), then upcycled."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root, tokens_ref = demo_tokens
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+    llama.save_pretrained(tmp_path / "llama")
+    config = config_for(root, dense_source=str(tmp_path / "llama"), dense={"steps": 0},
+                        upcycled={"steps": 4, "lr": 1e-3, "warmup_steps": 1}, eval_every=100)
+    result = run_train(config, Storage.from_config(config.storage), str(root), tokens_ref)
+    dense = load_file(Path(result.ref.uri, "runs", "dense", "final", "weights", "shared.safetensors"))
+    for name, tensor in llama.state_dict().items():
+        assert torch.equal(dense[name.removeprefix("model.")], tensor), name
+    assert result.manifest.counts["dense_steps"] == 0 and result.manifest.counts["upcycled_steps"] == 4
+    assert result.manifest.extra["moe_args"]["n_kv_heads"] == 2  # the shape follows the imported model
+    first = next(row for row in metrics(f"{result.ref.uri}/runs/upcycled") if "expert_similarity" in row)
+    assert min(first["expert_similarity"]) > 0.99  # after one step the experts are still near-copies
