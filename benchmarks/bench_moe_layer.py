@@ -92,6 +92,10 @@ def _version(package: str) -> str:
         return "?"
 
 
+def sources_digest() -> str:
+    return hashlib.sha1(b"".join((ROOT / s).read_bytes() for s in SOURCES)).hexdigest()[:12]
+
+
 def code_version() -> str:
     """git HEAD, uncommitted changes to the layer sources, and a digest of those sources as read."""
     try:
@@ -102,8 +106,8 @@ def code_version() -> str:
         dirty = [line[3:] for line in dirty if line.strip()]
     except (OSError, subprocess.SubprocessError):
         head, dirty = "?", []
-    digest = hashlib.sha1(b"".join((ROOT / s).read_bytes() for s in SOURCES)).hexdigest()[:12]
-    return f"git {head}{' + uncommitted ' + ', '.join(dirty) if dirty else ''}; {', '.join(SOURCES)} digest {digest}"
+    return (f"git {head}{' + uncommitted ' + ', '.join(dirty) if dirty else ''}; {', '.join(SOURCES)} digest "
+            f"{sources_digest()}")
 
 
 def free_port() -> int:
@@ -432,7 +436,7 @@ def main() -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    version = code_version()
+    version, digest = code_version(), sources_digest()
     load0 = os.getloadavg()[0]
     print(f"skymoe MoE layer benchmark  (python {platform.python_version()}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {load0:.1f}; torch {torch.__version__}, "
@@ -530,7 +534,7 @@ def main() -> int:
                 title = LAYERS.get(name, f"(c) Mixtral {args.mixtral_impls[0]}")
                 print_breakdown(title, labels, cells, rest)
     print()
-    if code_version() != version:
+    if sources_digest() != digest:
         print("WARNING: the layer sources changed while this ran; the numbers may mix two versions")
     load1 = os.getloadavg()[0]
     if max(load0, load1) > (os.cpu_count() or 1):

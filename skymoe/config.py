@@ -374,6 +374,42 @@ class TrainConfig(_Strict):
         return self
 
 
+# ---------------------------------------------------------------------------------------- evaluate
+SUITES = ("ceval", "cmmlu", "mmlu", "gsm8k", "math", "humaneval", "hellaswag", "piqa")
+
+
+class SuiteConfig(_Strict):
+    """One benchmark suite: few-shot examples and how many test items per task (null = all)."""
+
+    num_fewshot: int | None = Field(None, ge=0, description="null = the suite's usual count")
+    limit: int | None = Field(None, ge=1, description="items per task (per subject for the MMLU family)")
+
+
+class EvaluateConfig(_Strict):
+    """lm-evaluation-harness on local data. ``data_dir`` follows the layout of ../shared/data/bench
+    (mmlu/, cmmlu/data/, ceval/, gsm8k/, math/jsonl/, humaneval/, hellaswag/, piqa/)."""
+
+    model: Literal["skymoe", "hf"] = Field("skymoe", description="skymoe's lm-eval model class or lm-eval's hf")
+    data_dir: str = str(CONFIGS_DIR.parent / "examples" / "bench")
+    suites: dict[str, SuiteConfig] = Field(default_factory=lambda: {name: SuiteConfig() for name in
+                                                                    ("mmlu", "gsm8k", "hellaswag", "piqa")})
+    run_code: bool = Field(False, description="execute model-written code for HumanEval (sandboxed subprocess)")
+    batch_size: int = Field(16, ge=1)
+    max_gen_tokens: int = Field(256, ge=1, description="a generation that never stops is cut here")
+    checkpoint_every: int | None = Field(None, ge=1, description="also evaluate every n-th saved checkpoint")
+    seed: int = 1234
+
+    @field_validator("suites")
+    @classmethod
+    def _known(cls, value: dict[str, SuiteConfig]) -> dict[str, SuiteConfig]:
+        unknown = sorted(set(value) - set(SUITES))
+        if unknown:
+            raise ValueError(f"unknown suites {unknown}: expected some of {', '.join(SUITES)}")
+        if not value:
+            raise ValueError("at least one suite is needed")
+        return value
+
+
 # ------------------------------------------------------------------------------------------ whole
 class PipelineConfig(_Strict):
     name: str = "skymoe"
@@ -381,6 +417,7 @@ class PipelineConfig(_Strict):
     clean: CleanConfig = CleanConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @field_validator("name")
     @classmethod
@@ -472,6 +509,7 @@ _PATH_FIELDS = (
     (("clean", "heuristics", "blocklist", "files"), "dict"),
     (("tokenize", "tokenizer", "path"), "str"),
     (("train", "dense_source"), "str"),
+    (("evaluate", "data_dir"), "str"),
     (("storage", "root"), "str"),
 )
 
