@@ -13,7 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from flows.prefect_env import forward_stage_logs  # offline settings: must precede the first Prefect import
-from prefect import Task, flow, get_run_logger, task
+from prefect import Task, flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipelines.clean.stage import CleanPlan, plan_clean, run_clean
@@ -24,10 +24,8 @@ from skymoe.stage import StageRef, read_manifest
 from skymoe.storage import Storage
 
 if TYPE_CHECKING:
+    from evaluation.stage import EvalTarget
     from training.stage import TrainPlan
-
-IMPLEMENTED = ("clean", "tokenize", "train")
-
 
 def _stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """The stage output's full location: same fingerprint under another root is another output."""
@@ -75,6 +73,38 @@ def _publish_train(summary: dict[str, Any]) -> None:
         f"Hugging Face export at {summary['export']}"))
 
 
+def _eval_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    return f"skymoe-{parameters['target'].ref.uri}"
+
+
+@task(name="evaluate", cache_key_fn=_eval_cache_key, persist_result=True, task_run_name="evaluate-{target.label}")
+def evaluate_task(config_path: str | None, overrides: dict, target: EvalTarget) -> dict[str, Any]:
+    from evaluation.stage import run_evaluate
+
+    config = load_config(config_path, overrides)
+    result = run_evaluate(config, Storage.from_config(config.storage), target)
+    return {"uri": result.ref.uri, "fingerprint": result.ref.fingerprint, "label": target.label,
+            "tokens": target.tokens, "counts": result.manifest.counts, "timings": result.manifest.timings,
+            "table": result.manifest.extra["table"], "plots": result.manifest.extra["plots"]}
+
+
+def _publish_evaluate(summary: dict[str, Any]) -> None:
+    create_table_artifact(key=f"evaluate-{summary['label']}", table=summary["table"], description=(
+        f"Evaluation of {summary['label']} ({summary['tokens']:,} training tokens): score and stderr per suite "
+        "(percent), chance level, change against the previous evaluation under this root, and the "
+        "Skywork-MoE report's Table 1 row for context"))
+
+
+def _publish_progress(evaluations: list[dict[str, Any]]) -> None:
+    """Score against training tokens over the evaluated checkpoints, inlined in a markdown artifact."""
+    from evaluation.stage import progress_plot
+
+    png = progress_plot([(e["tokens"], {row["suite"]: row["score"] for row in e["table"]}) for e in evaluations])
+    if png is not None:
+        create_markdown_artifact(key="evaluate-progress", description="score against training tokens",
+                                 markdown=f"![progress](data:image/png;base64,{base64.b64encode(png).decode()})")
+
+
 def _publish_tokenize(summary: dict[str, Any]) -> None:
     rows = [{"what": key.replace("_", " "), "value": value} for key, value in sorted(summary["counts"].items())]
     rows += [{"what": f"mixture {domain}", "value": f"x{plan['repeat']:.3g}: {plan['tokens']:,} -> "
@@ -90,6 +120,11 @@ def _run_stage(stage_task: Task, storage: Storage, ref: StageRef, *args: Any) ->
     (someone may have deleted the folder since)."""
     fresh = read_manifest(storage, ref) is None
     return stage_task.with_options(refresh_cache=fresh)(*args)
+
+
+def _run_eval(storage: Storage, target: EvalTarget, config_path: str | None, overrides: dict) -> dict[str, Any]:
+    fresh = read_manifest(storage, target.ref) is None
+    return evaluate_task.with_options(refresh_cache=fresh)(config_path, overrides, target)
 
 
 def _publish_plots(stage: str, summary: dict[str, Any], storage: Storage) -> None:
@@ -119,7 +154,6 @@ def _publish_clean(summary: dict[str, Any]) -> None:
 def pipeline_flow(config_path: str | None = None, root: str | None = None, inputs: list[str] | None = None,
                   until: str = "evaluate", executor: str | None = None) -> dict[str, Any]:
     """Run the stages up to ``until``; every stage is skipped when its output already exists."""
-    logger = get_run_logger()
     forward_stage_logs()
     if until not in STAGES:
         raise ValueError(f"until must be one of {STAGES}, got {until!r}")
@@ -152,10 +186,17 @@ def pipeline_flow(config_path: str | None = None, root: str | None = None, input
         _publish_train(train_summary)
         _publish_plots("train", train_summary, storage)
         summary["stages"]["train"] = train_summary
-    missing = [s for s in wanted if s not in IMPLEMENTED]
-    if missing:
-        logger.warning("stages %s are not part of this skymoe version yet; stopped after %s",
-                       ", ".join(missing), wanted[len(wanted) - len(missing) - 1])
-        summary["not_implemented"] = missing
+    if "evaluate" in wanted:
+        from evaluation.stage import plan_evaluate
+
+        evaluations = []
+        for target in plan_evaluate(config, storage, config.storage.root, train_plan.ref):
+            result = _run_eval(storage, target, config_path, overrides)
+            _publish_evaluate(result)
+            evaluations.append(result)
+        _publish_plots("evaluate", evaluations[0], storage)
+        _publish_progress(evaluations)
+        summary["stages"]["evaluate"] = evaluations[0]
+        summary["checkpoint_evaluations"] = evaluations[1:]
     logging.getLogger("skymoe").info("pipeline done: %s", {k: v["uri"] for k, v in summary["stages"].items()})
     return summary

@@ -36,11 +36,17 @@ class RouterGate(TopKGate):
         self.router.train(self.training)
         routing = self.router(input)
         self.last_routing = routing
-        num_experts = routing.probs.shape[1]
-        counts = torch.bincount(routing.experts[routing.experts >= 0], minlength=num_experts)
-        return (routing.aux_loss, torch.tensor(routing.capacity), num_experts,
-                routing.experts.t().to(torch.int32), routing.slots.t().to(torch.int32),
-                routing.weights.t(), counts)
+        # DeepSpeed runs every expert over a [experts x capacity] buffer, filled or not. Kept slots of
+        # expert j are 0..load[j]-1, so the busiest expert's load is all the buffer needs; every rank
+        # of the expert-parallel group must agree on it for the all-to-all. (With capacity = tokens,
+        # the full buffer would cost experts/k times the work: 4x for 8 experts, 8x for 16.)
+        load = routing.stats["load"]
+        needed = load.max().reshape(1).clamp(min=1)
+        if self.ep_group is not None and torch.distributed.get_world_size(self.ep_group) > 1:
+            torch.distributed.all_reduce(needed, op=torch.distributed.ReduceOp.MAX, group=self.ep_group)
+        capacity = torch.clamp(needed[0], max=routing.capacity)
+        return (routing.aux_loss, capacity, routing.probs.shape[1], routing.experts.t().to(torch.int32),
+                routing.slots.t().to(torch.int32), routing.weights.t(), load)
 
 
 class ExpertParallelMoE(nn.Module):

@@ -1,0 +1,1 @@
+"""Benchmark evaluation with lm-evaluation-harness on local task data."""

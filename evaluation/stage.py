@@ -1,0 +1,204 @@
+"""The evaluate stage: lm-evaluation-harness on local benchmark data, for the exported model and,
+when asked, for every n-th saved checkpoint of the exported run.
+
+Each evaluated model is its own stage output ``<root>/evaluate/<fingerprint>/`` (fingerprint: this
+package's source, the lm-eval version, the evaluate config, the benchmark files' checksums and the
+evaluated weights), so checkpoints evaluated once are never evaluated again when training
+continues. An output holds lm-eval's results JSON, the per-sample logs, a score table, a
+comparison with the previous evaluation under the same root, and a plot.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from skymoe.config import PipelineConfig
+from skymoe.plots import bar_chart_png
+from skymoe.stage import Manifest, StageRef, canonical_json, fingerprint, read_manifest, source_digest, write_manifest
+from skymoe.storage import Storage, join
+
+STAGE = "evaluate"
+CODE_VERSION = "evaluate-{}+lm-eval={}".format(source_digest(Path(__file__).resolve().parent),
+                                               importlib.metadata.version("lm_eval"))
+log = logging.getLogger("skymoe.evaluate")
+
+# Skywork-MoE base, the report's Table 1 (percent), shown next to skymoe's scores for context.
+REPORT_TABLE_1 = {"ceval": 82.2, "cmmlu": 79.5, "mmlu": 77.4, "gsm8k": 76.1, "math": 31.9, "humaneval": 43.9}
+# What a model that guesses scores: the floor to judge a tiny model against.
+CHANCE = {"ceval": 25.0, "cmmlu": 25.0, "mmlu": 25.0, "hellaswag": 25.0, "piqa": 50.0, "gsm8k": 0.0, "math": 0.0,
+          "humaneval": 0.0}
+# The headline metric of each suite, in order of preference (lm-eval "metric,filter" keys).
+HEADLINE = ("acc_norm,none", "acc,none", "exact_match,flexible-extract", "exact_match,strict-match",
+            "exact_match,none", "pass@1,none", "pass@1,create_test")
+
+
+class EvaluateError(ValueError):
+    """The evaluation cannot start: no trained model, missing benchmark data, a bad task."""
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    """One model to evaluate: the stage's export (``step`` None) or a saved checkpoint."""
+
+    ref: StageRef
+    label: str  # "final" or "step-0000100"
+    weights_uri: str  # a Hugging Face folder (final) or a skymoe weights folder (checkpoint)
+    tokenizer_uri: str
+    tokens: int  # training tokens the weights have seen (0 when unknown)
+    step: int | None
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    ref: StageRef
+    manifest: Manifest
+    cached: bool
+
+
+def plan_evaluate(config: PipelineConfig, storage: Storage, root: str, train_ref: StageRef) -> list[EvalTarget]:
+    """The models to evaluate, each with its output location; fails early on missing inputs."""
+    train = read_manifest(storage, train_ref)
+    if train is None:
+        raise EvaluateError(f"no complete train output at {train_ref.uri} (manifest.json missing)")
+    data_checksums = _data_checksums(storage, config.evaluate.data_dir, sorted(config.evaluate.suites))
+    settings = config.evaluate.model_dump(mode="json", exclude={"data_dir", "batch_size", "checkpoint_every"})
+    run = train.extra["exported_run"]
+    tokenizer = join(train.inputs["tokenize"], "tokenizer")
+    final_tokens = train.extra["runs"][run]["tokens"]
+    targets = [EvalTarget(_ref(root, settings, data_checksums, f"{train_ref.fingerprint}/final"), "final",
+                          train_ref.path(train.extra["export"]), tokenizer, final_tokens, None)]
+    if config.evaluate.checkpoint_every:
+        checkpoints = _saved_checkpoints(storage, train_ref.path("runs", run, "checkpoints"))
+        for step, uri, tokens in checkpoints[config.evaluate.checkpoint_every - 1 :: config.evaluate.checkpoint_every]:
+            if tokens == final_tokens:
+                continue  # the last checkpoint is the exported model
+            targets.append(EvalTarget(_ref(root, settings, data_checksums, f"{train_ref.fingerprint}/{step}"),
+                                      f"step-{step:07d}", join(uri, "weights"), tokenizer, tokens, step))
+    return targets
+
+
+def run_evaluate(config: PipelineConfig, storage: Storage, target: EvalTarget) -> EvaluateResult:
+    """Evaluate one model (or reuse its earlier evaluation)."""
+    existing = read_manifest(storage, target.ref)
+    if existing is not None:
+        log.info("evaluate %s: cache hit at %s", target.label, target.ref.uri)
+        return EvaluateResult(target.ref, existing, cached=True)
+    from evaluation.harness import evaluate_folder  # lm-eval and torch load only when evaluating
+
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="skymoe-eval-") as scratch:
+        model_dir = _local_model(storage, target, Path(scratch))
+        outcome = evaluate_folder(model_dir, config.evaluate, Path(scratch))
+    scores = outcome.scores
+    storage.write_text(target.ref.path("results.json"), json.dumps(outcome.results, indent=1, default=str))
+    for task, rows in outcome.samples.items():
+        storage.write_text(target.ref.path("samples", f"{task}.jsonl"),
+                           "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+    previous = _previous_scores(storage, target)
+    table = [{"suite": suite, "metric": score["metric"], "score": score["value"], "stderr": score["stderr"],
+              "chance": CHANCE.get(suite), "beats_chance": score["value"] - 2 * (score["stderr"] or 0) > CHANCE.get(suite, 0),
+              "delta_vs_previous": None if previous is None or suite not in previous["scores"]
+              else round(score["value"] - previous["scores"][suite]["value"], 3),
+              "skywork_moe_report": REPORT_TABLE_1.get(suite)} for suite, score in scores.items()]
+    storage.write_bytes(target.ref.path("scores.png"), bar_chart_png(
+        f"{target.label}: score per suite (percent)", {suite: s["value"] for suite, s in scores.items()}, "score"))
+    manifest = Manifest(
+        stage=STAGE, fingerprint=target.ref.fingerprint, code_version=CODE_VERSION,
+        config=canonical_json(config.evaluate.model_dump(mode="json")), inputs={"model": target.weights_uri},
+        counts={"suites": len(scores), "requests": outcome.requests}, timings={"total": round(time.monotonic() - started, 3)},
+        extra={"label": target.label, "step": target.step, "tokens": target.tokens, "scores": scores, "table": table,
+               "previous": previous and previous["uri"], "plots": ["scores.png"]},
+    )
+    write_manifest(storage, target.ref, manifest)
+    log.info("evaluate %s: %s", target.label, ", ".join(f"{s} {v['value']:.1f}" for s, v in scores.items()))
+    return EvaluateResult(target.ref, manifest, cached=False)
+
+
+def progress_plot(points: list[tuple[int, dict[str, float]]]) -> bytes | None:
+    """Score per suite against training tokens (one point per evaluated checkpoint); None for fewer
+    than two points."""
+    points = sorted(points, key=lambda point: point[0])
+    if len(points) < 2:
+        return None
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for suite in points[-1][1]:
+        known = [(tokens, scores[suite]) for tokens, scores in points if suite in scores]
+        ax.plot(*zip(*known), "o-", label=f"{suite} (chance {CHANCE.get(suite, 0):g})")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("score (percent)")
+    ax.set_title("evaluation score against training tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _ref(root: str, settings: dict[str, Any], data_checksums: dict[str, str], model: str) -> StageRef:
+    return StageRef(root, STAGE, fingerprint(STAGE, CODE_VERSION, settings, {"model": model, **data_checksums}))
+
+
+def _data_checksums(storage: Storage, data_dir: str, suites: list[str]) -> dict[str, str]:
+    """Checksums of the selected suites' files (each suite has its own folder under ``data_dir``)."""
+    checksums = {}
+    for suite in suites:
+        files = storage.expand(join(data_dir, suite))
+        if not files:
+            raise EvaluateError(f"evaluate.data_dir: no {suite} files at {join(data_dir, suite)}")
+        checksums |= {f"data:{uri[len(data_dir):].lstrip('/')}": storage.checksum(uri) for uri in files}
+    return checksums
+
+
+def _saved_checkpoints(storage: Storage, checkpoints_uri: str) -> list[tuple[int, str, int]]:
+    """(step, uri, tokens) of every complete checkpoint, by step."""
+    found = []
+    for uri in storage.listdir(checkpoints_uri):
+        complete = join(uri, "COMPLETE")
+        if storage.exists(complete):
+            record = json.loads(storage.read_text(complete))
+            found.append((record["step"], uri, record.get("tokens", 0)))
+    return sorted(found)
+
+
+def _local_model(storage: Storage, target: EvalTarget, scratch: Path) -> Path:
+    """A local Hugging Face folder for lm-eval: the export copied down, or a checkpoint exported."""
+    folder = scratch / "model"
+    if target.step is None:
+        for uri in storage.listdir(target.weights_uri):
+            (folder / uri.rsplit("/", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+            (folder / uri.rsplit("/", 1)[1]).write_bytes(storage.read_bytes(uri))
+    else:
+        from training.export import export_hf
+
+        export_hf(storage, target.weights_uri, target.tokenizer_uri, str(folder))
+    return folder
+
+
+def _previous_scores(storage: Storage, target: EvalTarget) -> dict[str, Any] | None:
+    """The latest earlier evaluation of a final model under the same root (another training run or
+    config), for the deltas; None for the first."""
+    latest = None
+    for uri in storage.listdir(join(target.ref.root, STAGE)):
+        if uri == target.ref.uri or not storage.exists(join(uri, "manifest.json")):
+            continue
+        manifest = Manifest.from_json(storage.read_text(join(uri, "manifest.json")))
+        if manifest.extra.get("label") == "final" and (latest is None or manifest.created_at > latest[0]):
+            latest = (manifest.created_at, {"uri": uri, "scores": manifest.extra["scores"]})
+    return latest[1] if latest else None
+

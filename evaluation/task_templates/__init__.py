@@ -1,0 +1,1 @@
+"""Python hooks that the generated lm-eval task YAMLs name with ``!function``."""
