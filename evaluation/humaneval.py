@@ -14,21 +14,24 @@ built-in task either). This module replaces that scorer.
 **Sandbox** (:func:`check_program`). Each program runs in a fresh ``python -I -B`` process in a
 new session (process group) in a throwaway directory that is deleted afterwards, with stdin on
 /dev/null and an environment of PATH, LANG, LC_ALL, HOME and TMPDIR only (HOME and TMPDIR point
-into the throwaway directory). A small bootstrap sets, before the program runs: RLIMIT_AS (memory),
-RLIMIT_CPU, RLIMIT_FSIZE (16 MB per file, stdout/stderr included; Python ignores SIGXFSZ, so a
-larger write fails with EFBIG), RLIMIT_NOFILE 64 and RLIMIT_CORE 0, all with hard = soft so the
-program cannot raise them. RLIMIT_NPROC is left alone: it counts all of the user's processes
+into the throwaway directory). A small bootstrap sets, before the program runs: RLIMIT_AS
+(memory), RLIMIT_CPU, RLIMIT_FSIZE (16 MB per file, stdout/stderr included; Python ignores
+SIGXFSZ, so a larger write fails with EFBIG), RLIMIT_NOFILE 64 and RLIMIT_CORE 0, with hard limits
+the program cannot raise (hard = soft; RLIMIT_CPU's hard limit, a SIGKILL, one second after its
+soft one, a SIGXCPU). RLIMIT_NPROC is left alone: it counts all of the user's processes
 machine-wide and does not apply to root, so it would block even threads for one user and nothing
-for another; process creation is refused by the audit hook instead, and threads are bounded by
-the memory limit (each reserves its stack). It then installs an audit hook (``sys.addaudithook``; Python offers no way to remove one)
-that refuses sockets, subprocesses, exec/spawn/fork, signals to other processes, ctypes,
-``resource.setrlimit`` and gc introspection, and any write, create, delete, rename, link, chmod
-or chown outside the throwaway directory (symlinks resolved). Where ``unshare -rn`` works without
-privileges (probed once), the process also runs in its own user and network namespace, whose only
-interface (loopback) is down. The wall-clock timeout kills the whole process group. This guards
-the machine against careless or runaway model code (loops, memory bombs, stray files, network
-calls); it is not a boundary against a program written to break out of the interpreter, and it
-does not stop a program from faking its own result (which only spoils its own score).
+for another; process creation is refused by the audit hook instead, and threads are bounded by the
+memory limit (each reserves its stack). It then installs an audit hook (``sys.addaudithook``;
+Python offers no way to remove one) that refuses sockets, subprocesses, exec/spawn/fork, signals
+to other processes, ctypes, ``resource.setrlimit`` and gc introspection, and any write, create,
+delete, rename, link, chmod or chown outside the throwaway directory (symlinks resolved; the audit
+event of ``os.open`` does not carry its ``dir_fd``, so a path relative to a directory descriptor
+is judged against the working directory). Where ``unshare -rn`` works without privileges (probed
+once), the process also runs in its own user and network namespace, whose only interface
+(loopback) is down. The wall-clock timeout kills the whole process group. This guards the machine
+against careless or runaway model code (loops, memory bombs, stray files, network calls); it is
+not a boundary against a program written to break out of the interpreter, and it does not stop a
+program from faking its own result (which only spoils its own score).
 
 **Standalone use**::
 
@@ -39,12 +42,11 @@ does not stop a program from faking its own result (which only spoils its own sc
 The program for a completion is ``prompt + completion + "\\n" + test + "\\ncheck(entry_point)"``
 (:func:`build_program`), as in the Codex paper's harness.
 
-**lm-eval wiring.** A task YAML names hooks with ``!function <module>.<function>``, where lm-eval
-loads ``<module>.py`` *from the YAML's own folder* (``importlib`` by file path, not by package).
-So the YAML either sits next to this file (``evaluation/``), or next to a one-line shim
-``humaneval.py`` holding ``from evaluation.humaneval import *`` (``evaluation`` is an installed
-package), or next to a copy of this file (it imports nothing outside the standard library). The
-hooks:
+**lm-eval wiring.** A task YAML names hooks with ``!function <module>.<function>``. lm-eval
+0.4.13's task loader first looks for ``<module>.py`` (dots as slashes) next to the YAML, then
+imports ``<module>`` normally; ``evaluation`` is an installed package, so
+``!function evaluation.humaneval.<function>`` works from a YAML in any folder (as long as no
+``evaluation/humaneval.py`` sits next to that YAML). The hooks:
 
 - ``build_predictions(resps: list[list[str]], docs: list[dict]) -> list[list[str]]``: filter
   (``function: custom``) that prepends each doc's prompt to its completions, like the built-in's.
@@ -63,6 +65,8 @@ hooks:
   ``check(entry_point)``; ``predictions`` = the programs from ``build_predictions``); extra keys
   of a ``metric_list`` entry (``k``, ``timeout_s``, ``memory_mb``, ``workers``) arrive as keyword
   arguments. lm-eval stores the returned ``pass@k`` keys with the entry's aggregation.
+
+Either way lm-eval reports ``pass@1,create_test`` (metric, filter name) in ``results[task]``.
 
 A complete task YAML using ``process_results`` (``dataset_kwargs.data_files`` as the local file)::
 
@@ -86,18 +90,19 @@ A complete task YAML using ``process_results`` (``dataset_kwargs.data_files`` as
       - name: create_test
         filter:
           - function: custom
-            filter_fn: !function humaneval.build_predictions
-    process_results: !function humaneval.process_results
+            filter_fn: !function evaluation.humaneval.build_predictions
+    process_results: !function evaluation.humaneval.process_results
     metric_list:
       - metric: pass@1
         aggregation: mean
         higher_is_better: true
     metadata: {version: 1.0}
 
-or, instead of ``process_results``, the metric form (the built-in's shape)::
+or, instead of ``process_results`` and its ``metric_list``, the metric form (the built-in's
+shape)::
 
     metric_list:
-      - metric: !function humaneval.pass_at_k_metric
+      - metric: !function evaluation.humaneval.pass_at_k_metric
         aggregation: mean
         higher_is_better: true
         k: [1]
@@ -315,13 +320,13 @@ def _guard(work):
     blocked = ("socket.", "subprocess.", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.system",
                "os.kill", "os.startfile", "pty.", "ctypes.", "signal.pthread_kill", "resource.setrlimit",
                "resource.prlimit", "gc.get_", "sys.remote_exec", "_posixsubprocess.")
-    # event -> (positions of the path arguments, position of dir_fd or None, follow symlinks)
-    paths = {"os.remove": ((0,), 1, False), "os.rmdir": ((0,), 1, False), "os.mkdir": ((0,), 2, False),
-             "os.rename": ((0, 1), None, False), "os.link": ((0, 1), None, False),
-             "os.symlink": ((1,), 2, False), "os.chmod": ((0,), 2, True), "os.chown": ((0,), 3, True),
-             "os.truncate": ((0,), None, True), "os.utime": ((0,), 3, True), "os.setxattr": ((0,), None, True),
-             "os.removexattr": ((0,), None, True), "os.chflags": ((0,), None, True),
-             "shutil.rmtree": ((0,), 1, False)}
+    # event -> ((position of a path argument, position of its dir_fd or None), ...), follow symlinks
+    paths = {"os.remove": (((0, 1),), False), "os.rmdir": (((0, 1),), False), "os.mkdir": (((0, 2),), False),
+             "os.rename": (((0, 2), (1, 3)), False), "os.link": (((0, 2), (1, 3)), False),
+             "os.symlink": (((1, 2),), False), "os.chmod": (((0, 2),), True), "os.chown": (((0, 3),), True),
+             "os.truncate": (((0, None),), True), "os.utime": (((0, 3),), True),
+             "os.setxattr": (((0, None),), True), "os.removexattr": (((0, None),), True),
+             "os.chflags": (((0, None),), True), "shutil.rmtree": (((0, 1),), False)}
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     realpath, join, isabs, dirname, basename, sep = (os.path.realpath, os.path.join, os.path.isabs,
                                                      os.path.dirname, os.path.basename, os.sep)
@@ -353,9 +358,9 @@ def _guard(work):
             if writing and not isinstance(path, int) and not inside(path):
                 raise PermissionError("sandbox: writing outside the sandbox directory: %r" % (path,))
         elif event in paths:
-            positions, dir_fd_at, follow = paths[event]
-            dir_fd = args[dir_fd_at] if dir_fd_at is not None and len(args) > dir_fd_at else None
-            for at in positions:
+            arguments, follow = paths[event]
+            for at, dir_fd_at in arguments:
+                dir_fd = args[dir_fd_at] if dir_fd_at is not None and len(args) > dir_fd_at else None
                 if not inside(args[at], dir_fd, follow):
                     raise PermissionError("sandbox: %s outside the sandbox directory: %r" % (event, args[at]))
 
@@ -365,7 +370,8 @@ def _main():
     program, work, memory, cpu, fsize, files, nonce = sys.argv[1:8]
     del sys.argv[1:]
     sys.argv[0] = program
-    for name, value in (("RLIMIT_AS", int(memory)), ("RLIMIT_FSIZE", int(fsize)), ("RLIMIT_NOFILE", int(files)), ("RLIMIT_CORE", 0)):
+    for name, value in (("RLIMIT_AS", int(memory)), ("RLIMIT_FSIZE", int(fsize)), ("RLIMIT_NOFILE", int(files)),
+                        ("RLIMIT_CORE", 0)):
         resource.setrlimit(getattr(resource, name), (value, value))
     resource.setrlimit(resource.RLIMIT_CPU, (int(cpu), int(cpu) + 1))
     write, exit_, format_only = os.write, os._exit, traceback.format_exception_only
@@ -411,8 +417,9 @@ def check_program(program: str, timeout_s: float = DEFAULT_TIMEOUT_S, memory_mb:
         work.mkdir()
         (root / "program.py").write_text(program, encoding="utf-8")
         nonce = secrets.token_hex(16)
+        limits = (memory_mb * 2**20, math.ceil(timeout_s) + 1, FILE_LIMIT_MB * 2**20, OPEN_FILES)
         command = [*_namespace_prefix(), sys.executable, "-I", "-B", "-c", _BOOTSTRAP, str(root / "program.py"),
-                   str(work), str(memory_mb * 2**20), str(math.ceil(timeout_s) + 1), str(FILE_LIMIT_MB * 2**20), str(OPEN_FILES), nonce]
+                   str(work), *map(str, limits), nonce]
         env = {"PATH": os.defpath, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": str(work), "TMPDIR": str(work)}
         with open(root / "stdout", "wb") as stdout, open(root / "stderr", "wb") as stderr:
             process = subprocess.Popen(command, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=stdout,

@@ -397,7 +397,7 @@ class SkyMoeLM(TemplateLM):
             positions[b, :n_ctx] = torch.arange(n_ctx)
             segments[b, :n_ctx] = 0
             offset = n_ctx
-            packed |= len(continuations) > 1
+            packed |= sum(len(continuation) > 1 for continuation, _ in continuations) > 1  # else plain causal
             for k, (continuation, owners) in enumerate(continuations, start=1):
                 body = continuation[:-1]
                 n = len(body)

@@ -170,14 +170,14 @@ class TaskSet:
         return TaskManager(include_path=str(self.include_path), include_defaults=False)
 
     def evaluate(self, lm, **kwargs) -> dict[str, Any]:
-        """``lm_eval.simple_evaluate`` on every suite with an LM instance; ``kwargs`` pass through
-        (``confirm_run_unsafe_code`` defaults to whether a suite needs it)."""
+        """``lm_eval.simple_evaluate`` on every suite with an LM instance; ``kwargs`` pass through.
+        HumanEval needs ``confirm_run_unsafe_code=True`` here *and* ``SKYMOE_RUN_MODEL_CODE=1`` in
+        the environment (:mod:`evaluation.humaneval`)."""
         import lm_eval
 
         for forbidden in ("tasks", "task_manager", "num_fewshot", "limit"):
             if forbidden in kwargs:
                 raise TypeError(f"TaskSet.evaluate sets {forbidden} itself")
-        kwargs.setdefault("confirm_run_unsafe_code", self.unsafe_code)
         return lm_eval.simple_evaluate(model=lm, tasks=self.names, task_manager=self.task_manager(),
                                        num_fewshot=None, limit=None, **kwargs)
 
@@ -194,9 +194,7 @@ def build_tasks(data_dir: str, suites: dict[str, SuiteConfig], out_dir: Path) ->
         raise TaskError(f"unknown suite{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
                         f"known suites are {', '.join(SUITES)}")
     root = _data_root(data_dir)
-    out = _prepare_out(Path(out_dir))
-    writer = _Writer(root, out)
-    built: dict[str, SuiteTasks] = {}
+    plan: list[tuple[str, int, int | None]] = []  # (suite, num_fewshot, limit), checked before any writing
     for name in SUITES:  # a fixed order, whatever the config's
         if name not in suites:
             continue
@@ -209,7 +207,10 @@ def build_tasks(data_dir: str, suites: dict[str, SuiteConfig], out_dir: Path) ->
         if not (root / name).is_dir():
             raise TaskError(f"{name}: no folder {root / name} in the data folder {root} "
                             f"(expected the layout of ../shared/data/bench)")
-        built[name] = _BUILDERS[name](writer, fewshot, config.limit)
+        plan.append((name, fewshot, config.limit))
+    out = _prepare_out(Path(out_dir))
+    writer = _Writer(root, out)
+    built = {name: _BUILDERS[name](writer, fewshot, limit) for name, fewshot, limit in plan}
     return TaskSet(include_path=out, suites=built)
 
 
@@ -532,7 +533,8 @@ def _build_gsm8k(w: _Writer, fewshot: int, limit: int | None) -> SuiteTasks:
         "include": str(w.builtin / "gsm8k" / "gsm8k.yaml"), "task": task, "tag": None, **w.dataset(data_files),
         "training_split": "train" if fewshot else None, "fewshot_split": "train" if fewshot else None,
         "test_split": "test", "num_fewshot": fewshot})
-    return SuiteTasks("gsm8k", task, (task,), fewshot, limit, {task: len(rows)}, METRICS["gsm8k"], sources=tuple(sources))
+    return SuiteTasks("gsm8k", task, (task,), fewshot, limit, {task: len(rows)}, METRICS["gsm8k"],
+                      sources=tuple(sources))
 
 
 # ------------------------------------------------------------------------------------------ MATH

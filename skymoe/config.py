@@ -409,6 +409,13 @@ class EvaluateConfig(_Strict):
             raise ValueError("at least one suite is needed")
         return value
 
+    @model_validator(mode="after")
+    def _code_opt_in(self) -> "EvaluateConfig":
+        if "humaneval" in self.suites and not self.run_code:
+            raise ValueError("suite humaneval executes model-written code: set evaluate.run_code: true to opt in "
+                             "(it runs sandboxed), or leave humaneval out")
+        return self
+
 
 # ------------------------------------------------------------------------------------------ whole
 class PipelineConfig(_Strict):

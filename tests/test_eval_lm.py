@@ -126,8 +126,6 @@ def loglikelihood_requests(hflm) -> list[tuple[str, str]]:
               ("<s>" + english[291][:60], " and more"),  # starts with the BOS text
               ("Literal special tokens", " </s> <pad> stay text"), ("甲", "乙丙")]
     pairs += pairs[:6]  # exact duplicates
-    from lm_eval.api.instance import Instance  # noqa: F401  (lm-eval imported under the offline env)
-
     kept = [(c, x) for c, x in pairs if c == "" or hflm._encode_pair(c, x)[1]]
     assert len(kept) >= 300 and len(pairs) - len(kept) < 30
     return kept
@@ -162,6 +160,33 @@ def test_loglikelihood_matches_lm_evals_hf_model(hflm, skymoe, built):
 
     unshared = SkyMoeLM(built[0], batch_size=3, share_context=False).loglikelihood(requests[:80], disable_tqdm=True)
     assert max(abs(a[0] - b[0]) for a, b in zip(theirs[:80], unshared, strict=True)) < MAX_DIFF
+
+
+def test_requests_splitting_the_same_tokens_differently(hflm, skymoe, built):
+    """One document cut at two places, each cut scored on its true continuation up to the same
+    end: both requests run the same tokens (context + continuation[:-1]) and score different
+    positions. lm-eval 0.4.13's HFLM groups them in its logits cache and scores the shorter
+    continuation at the leading positions of the longer one's window (huggingface.py takes the
+    trailing slice for is_greedy only), so the comparison is with ``logits_cache=False`` and with
+    the plain Transformer."""
+    _, model = built
+    english, _ = corpus_texts()
+    words = english[295].split()
+    pairs = [(" ".join(words[:cut]), " " + " ".join(words[cut:40])) for cut in (20, 30, 38)]
+    encoded = [skymoe._encode_pair(*pair) for pair in pairs]
+    assert len({tuple(c + x[:-1]) for c, x in encoded}) == 1 and len({len(c) for c, _ in encoded}) == 3
+    requests = instances("loglikelihood", pairs)
+    ours = skymoe.loglikelihood(requests, disable_tqdm=True)
+    hflm.logits_cache = False
+    try:
+        theirs = hflm.loglikelihood(requests, disable_tqdm=True)
+    finally:
+        hflm.logits_cache = True
+    for (context, continuation), mine, other in zip(encoded, ours, theirs, strict=True):
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([context + continuation[:-1]]))[0], -1)
+        expected = logprobs[len(context) - 1:].gather(1, torch.tensor(continuation)[:, None]).sum().item()
+        assert abs(mine[0] - expected) < MAX_DIFF and abs(other[0] - expected) < MAX_DIFF
 
 
 # ---------------------------------------------------------------------------------------- (b)

@@ -3,7 +3,7 @@
 The scorer is checked on the real problems (../shared/data/bench/humaneval, read in place): the
 canonical solutions must all pass and empty completions must all fail. The sandbox is checked with
 programs that loop, eat memory, open a socket to a server listening here, write files inside and
-outside their directory; the lm-eval hooks are checked by running lm-eval itself on the task YAML
+outside their directory; the lm-eval hooks are checked by running lm-eval itself on both task YAMLs
 given in the module docstring.
 """
 
@@ -25,7 +25,8 @@ from evaluation import humaneval
 from evaluation.humaneval import (UnsafeCodeRefused, build_program, check_program, load_problems, pass_at_k,
                                   pass_at_k_metric, process_results, score)
 
-HUMANEVAL = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "bench" / "humaneval" / "HumanEval.jsonl.gz"
+# The shared data folder next to the checkout (../shared), as on the development machine.
+HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "bench" / "humaneval" / "HumanEval.jsonl.gz"
 if not HUMANEVAL.exists():
     HUMANEVAL = Path("/work/shared/data/bench/humaneval/HumanEval.jsonl.gz")
 
@@ -150,7 +151,8 @@ def test_files_are_written_only_inside_the_throwaway_dir(tmp_path):
             f.write(b"x")
         for attempt in (lambda: open({str(outside)!r}, "w"), lambda: open({str(cwd / 'out.txt')!r}, "x"),
                         lambda: os.remove({str(kept)!r}), lambda: os.rename({str(kept)!r}, "stolen.txt"),
-                        lambda: open("link", "w") if os.symlink({str(outside)!r}, "link") is None else None):
+                        lambda: open("link", "w") if os.symlink({str(outside)!r}, "link") is None else None,
+                        lambda: os.rename("out.txt", {str(outside)[1:]!r}, dst_dir_fd=os.open("/", os.O_RDONLY))):
             try:
                 attempt()
             except PermissionError:
@@ -240,23 +242,27 @@ def test_hooks_directly(problems):
     assert build_program(doc, "X") == doc["prompt"] + "X\n" + reference
 
 
-def test_lm_eval_runs_the_documented_yaml(tmp_path, monkeypatch, problems):
-    """The YAML from the module docstring, next to a one-line shim, run by lm-eval on a model that
-    answers every other prompt with the canonical solution and the rest with nothing."""
+def test_lm_eval_runs_the_documented_yamls(tmp_path, monkeypatch, problems):
+    """Both task YAMLs of the module docstring (process_results and metric form), run by lm-eval
+    on a model that answers the even-numbered problems with the canonical solution and the odd
+    ones with nothing."""
     import lm_eval
     from lm_eval.api.model import LM
     from lm_eval.tasks import TaskManager
 
-    doc = humaneval.__doc__
-    block = doc.split("A complete task YAML using ``process_results``", 1)[1].split("::\n", 1)[1]
-    yaml_text = textwrap.dedent(block.split("\nor, instead of", 1)[0])
-    assert "process_results: !function humaneval.process_results" in yaml_text
-    yaml_text = yaml_text.replace("/path/to/humaneval/HumanEval.jsonl.gz", str(HUMANEVAL))
-    yaml_text = yaml_text.replace("dataset_kwargs:\n", f"dataset_kwargs:\n  cache_dir: {tmp_path / 'hf-cache'}\n")
+    doc = humaneval.__doc__.split("A complete task YAML using ``process_results``", 1)[1]
+    process_form = textwrap.dedent(doc.split("::\n", 1)[1].split("\nor, instead of", 1)[0])
+    metric_list = textwrap.dedent(doc.split("the metric form", 1)[1].split("::\n", 1)[1].split('"""', 1)[0])
+    assert "process_results: !function evaluation.humaneval.process_results" in process_form
+    assert "- metric: !function evaluation.humaneval.pass_at_k_metric" in metric_list
+    process_form = process_form.replace("/path/to/humaneval/HumanEval.jsonl.gz", str(HUMANEVAL)).replace(
+        "dataset_kwargs:\n", f"dataset_kwargs:\n  cache_dir: {tmp_path / 'hf-cache'}\n")
+    metric_form = (process_form.replace("task: humaneval_local", "task: humaneval_local_metric")
+                   .split("process_results:", 1)[0] + "metadata: {version: 1.0}\n" + metric_list)
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "humaneval_local.yaml").write_text(yaml_text, encoding="utf-8")
-    (tasks / "humaneval.py").write_text("from evaluation.humaneval import *  # noqa: F401,F403\n", encoding="utf-8")
+    (tasks / "humaneval_local.yaml").write_text(process_form, encoding="utf-8")
+    (tasks / "humaneval_local_metric.yaml").write_text(metric_form, encoding="utf-8")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
@@ -274,8 +280,8 @@ def test_lm_eval_runs_the_documented_yaml(tmp_path, monkeypatch, problems):
             return [canonical[prompt] if number[prompt] % 2 == 0 else ""
                     for prompt in (request.args[0] for request in requests)]
 
-    results = lm_eval.simple_evaluate(model=Canonical(), tasks=["humaneval_local"], limit=6,
-                                      task_manager=TaskManager(include_path=str(tasks)),
+    results = lm_eval.simple_evaluate(model=Canonical(), tasks=["humaneval_local", "humaneval_local_metric"],
+                                      limit=6, task_manager=TaskManager(include_path=str(tasks)),
                                       confirm_run_unsafe_code=True)
-    assert results["results"]["humaneval_local"]["pass@1,create_test"] == pytest.approx(0.5)
-
+    for task in ("humaneval_local", "humaneval_local_metric"):
+        assert results["results"][task]["pass@1,create_test"] == pytest.approx(0.5), task
