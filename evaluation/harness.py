@@ -37,10 +37,12 @@ def evaluate_folder(model_dir: Path, config: EvaluateConfig, scratch: Path) -> O
 def _model(model_dir: Path, config: EvaluateConfig):
     """skymoe's own lm-eval class, or lm-eval's ``hf`` on the exported folder (remote code)."""
     if config.model == "hf":
+        import torch
         from lm_eval.models.huggingface import HFLM
 
+        # HFLM defaults to cuda even on a CPU-only torch, and refuses max_gen_toks >= the model's window.
         return HFLM(pretrained=str(model_dir), trust_remote_code=True, batch_size=config.batch_size,
-                    max_gen_toks=config.max_gen_tokens)
+                    max_gen_toks=config.max_gen_tokens, device="cuda" if torch.cuda.is_available() else "cpu")
     from evaluation.lm import SkyMoeLM
 
     return SkyMoeLM(str(model_dir), batch_size=config.batch_size, max_gen_tokens=config.max_gen_tokens)

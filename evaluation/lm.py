@@ -484,7 +484,7 @@ class SkyMoeLM(TemplateLM):
         collator = Collator([req.args for req in requests], sort_fn=_collate, group_by="gen_kwargs",
                             group_fn=lambda request: request[1])
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
-        warned_sampling = False
+        warned_sampling = warned_window = False
         for chunk in collator.get_batched(n=self.batch_size):
             contexts, all_kwargs = zip(*chunk, strict=True)
             kwargs = normalize_gen_kwargs(copy.deepcopy(all_kwargs[0]), self.max_gen_toks)
@@ -496,8 +496,10 @@ class SkyMoeLM(TemplateLM):
             budget = self.max_length - max_new
             if budget <= 0:
                 budget = max(1, self.max_length // 2)
-                logger.warning("max_gen_toks %d >= max_length %d: contexts keep their last %d tokens and the "
-                               "window slides past max_length", max_new, self.max_length, budget)
+                if not warned_window:
+                    warned_window = True
+                    logger.warning("max_gen_toks %d >= max_length %d: contexts keep their last %d tokens and the "
+                                   "window slides past max_length", max_new, self.max_length, budget)
             prompts = [encoded[context][-budget:] or [self.prefix_token_id] for context in contexts]
             for context, generated in zip(contexts, self._greedy(prompts, max_new, until), strict=True):
                 text = postprocess_generated_text(self.tok_decode(generated), until, None)
