@@ -19,7 +19,7 @@ class Outcome:
     results: dict[str, Any]  # lm-eval's results, without the per-sample logs
     samples: dict[str, list[dict]]  # per task: lm-eval's per-sample logs
     scores: dict[str, dict[str, Any]]  # per suite: metric, value (percent), stderr (percent or None)
-    requests: int  # evaluated items over all tasks
+    items: int  # evaluated documents over all tasks (lm-eval's effective sample counts)
 
 
 def evaluate_folder(model_dir: Path, config: EvaluateConfig, scratch: Path) -> Outcome:
@@ -30,8 +30,8 @@ def evaluate_folder(model_dir: Path, config: EvaluateConfig, scratch: Path) -> O
                                 fewshot_random_seed=config.seed, gen_kwargs={"max_gen_toks": config.max_gen_tokens},
                                 confirm_run_unsafe_code=config.run_code)
     samples = raw.pop("samples", {})
-    requests = sum(int(counts.get("effective", 0)) for counts in raw.get("n-samples", {}).values())
-    return Outcome(raw, samples, _headline_scores(raw, task_set), requests)
+    items = sum(int(counts.get("effective", 0)) for counts in raw.get("n-samples", {}).values())
+    return Outcome(raw, samples, _headline_scores(raw, task_set), items)
 
 
 def _model(model_dir: Path, config: EvaluateConfig):
@@ -40,9 +40,10 @@ def _model(model_dir: Path, config: EvaluateConfig):
         import torch
         from lm_eval.models.huggingface import HFLM
 
-        # HFLM defaults to cuda even on a CPU-only torch, and refuses max_gen_toks >= the model's window.
+        # HFLM defaults to cuda even on a CPU-only torch. Its logits cache scores a continuation from the
+        # wrong positions when two requests tokenize to the same ids split differently (lm-eval 0.4.13).
         return HFLM(pretrained=str(model_dir), trust_remote_code=True, batch_size=config.batch_size,
-                    max_gen_toks=config.max_gen_tokens, device="cuda" if torch.cuda.is_available() else "cpu")
+                    device="cuda" if torch.cuda.is_available() else "cpu", logits_cache=False)
     from evaluation.lm import SkyMoeLM
 
     return SkyMoeLM(str(model_dir), batch_size=config.batch_size, max_gen_tokens=config.max_gen_tokens)
@@ -57,8 +58,9 @@ def _headline_scores(raw: dict[str, Any], task_set: TaskSet) -> dict[str, dict[s
             continue
         name, _, filter_name = metric.partition(",")
         stderr = entry.get(f"{name}_stderr,{filter_name}")
-        scores[suite.suite] = {"metric": metric, "value": round(100 * entry[metric], 3),
-                               "stderr": round(100 * stderr, 3) if isinstance(stderr, (int, float)) else None}
+        # float(): lm-eval's numbers may be numpy scalars, which JSON (manifests, Prefect) refuses
+        scores[suite.suite] = {"metric": metric, "value": round(100 * float(entry[metric]), 3),
+                               "stderr": round(100 * float(stderr), 3) if isinstance(stderr, (int, float)) else None}
     return scores
 
 

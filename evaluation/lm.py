@@ -325,12 +325,13 @@ class SkyMoeLM(TemplateLM):
         """requests: ((context, continuation) strings or None, context ids, continuation ids)."""
         max_len = self.max_length
         keys: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
-        truncated = 0
+        truncated = clipped = 0
         for _, context, continuation in requests:
             if not context or not continuation:
                 raise SkyMoeEvalError("empty context or continuation tokens")
-            if len(continuation) > max_len:
-                raise SkyMoeEvalError(f"continuation of {len(continuation)} tokens exceeds max_length {max_len}")
+            if len(continuation) > max_len:  # only a window's worth of it can be scored: its last max_len tokens
+                clipped += 1
+                context, continuation = list(context) + list(continuation[:-max_len]), continuation[-max_len:]
             if len(context) + len(continuation) > max_len + 1:  # HFLM: (ctx + cont)[-(max_len + 1):][:-1]
                 truncated += 1
                 context = (list(context) + list(continuation))[-(max_len + 1):][:-len(continuation)]
@@ -338,6 +339,9 @@ class SkyMoeLM(TemplateLM):
         if truncated:
             logger.warning("%d of %d requests exceed max_length %d: their contexts were truncated on the left",
                            truncated, len(requests), max_len)
+        if clipped:
+            logger.warning("%d of %d continuations are longer than max_length %d: only their last %d tokens are "
+                           "scored", clipped, len(requests), max_len, max_len)
 
         # Unique continuations per context; each is scored once, for every request that asks.
         groups: dict[tuple[int, ...], dict[tuple[int, ...], list[int]]] = defaultdict(lambda: defaultdict(list))

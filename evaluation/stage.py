@@ -112,7 +112,7 @@ def run_evaluate(config: PipelineConfig, storage: Storage, target: EvalTarget) -
     manifest = Manifest(
         stage=STAGE, fingerprint=target.ref.fingerprint, code_version=CODE_VERSION,
         config=canonical_json(config.evaluate.model_dump(mode="json")), inputs={"model": target.weights_uri},
-        counts={"suites": len(scores), "requests": outcome.requests}, timings={"total": round(time.monotonic() - started, 3)},
+        counts={"suites": len(scores), "items": outcome.items}, timings={"total": round(time.monotonic() - started, 3)},
         extra={"label": target.label, "step": target.step, "tokens": target.tokens, "scores": scores, "table": table,
                "previous": previous and previous["uri"], "plots": ["scores.png"]},
     )

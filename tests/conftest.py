@@ -57,7 +57,13 @@ SMALL_TRAIN = {
 }
 
 
-def write_config(path: Path, root: str, inputs: list[str], train: dict | None = None, **clean_overrides) -> Path:
+# Evaluation small enough for tests: a few items of three bundled suites, every checkpoint evaluated.
+SMALL_EVALUATE = {"suites": {"mmlu": {"limit": 4}, "hellaswag": {"limit": 30}, "gsm8k": {"limit": 2}},
+                  "max_gen_tokens": 16, "checkpoint_every": 1}
+
+
+def write_config(path: Path, root: str, inputs: list[str], train: dict | None = None, evaluate: dict | None = None,
+                 **clean_overrides) -> Path:
     """A config for tests: the tiny preset's settings with a small corpus and one worker."""
     clean = {
         "inputs": inputs,
@@ -73,7 +79,8 @@ def write_config(path: Path, root: str, inputs: list[str], train: dict | None = 
     }
     for key, value in clean_overrides.items():
         clean[key] = value
-    config = {"name": "test", "storage": {"root": root}, "clean": clean, "train": train or SMALL_TRAIN}
+    config = {"name": "test", "storage": {"root": root}, "clean": clean, "train": train or SMALL_TRAIN,
+              "evaluate": evaluate or SMALL_EVALUATE}
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
 

@@ -1,5 +1,5 @@
-"""End to end through the CLI and a real (ephemeral) Prefect API: clean, then tokenize and train (2 DeepSpeed
-ranks, expert parallel) on the bundled demo corpus."""
+"""End to end through the CLI and a real (ephemeral) Prefect API: clean, then the rest of the pipeline - tokenize,
+train (2 DeepSpeed ranks, expert parallel), evaluate (lm-eval offline) - on the bundled demo corpus."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _skymoe(*args: str, env: dict) -> subprocess.CompletedProcess:
                           timeout=900)
 
 
-def test_run_until_clean_then_train_on_demo_corpus(tmp_path, prefect_env):
+def test_run_until_clean_then_the_whole_pipeline_on_demo_corpus(tmp_path, prefect_env):
     env = dict(os.environ)
     root = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", str(root), [str(CORPUS)],
@@ -45,7 +45,7 @@ def test_run_until_clean_then_train_on_demo_corpus(tmp_path, prefect_env):
     assert "Finished in state Completed" in first.stderr
     assert "clean/filter" in first.stderr  # stage progress lines reach the run's log
 
-    second = _skymoe("run", "--config", str(config), "--until", "train", env=env)
+    second = _skymoe("run", "--config", str(config), env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Cached" in second.stderr  # clean is not redone
     stages = json.loads(second.stdout[second.stdout.index("{"):])["stages"]
@@ -55,6 +55,10 @@ def test_run_until_clean_then_train_on_demo_corpus(tmp_path, prefect_env):
     assert train["runs"]["upcycled"]["final_loss"] < train["runs"]["dense"]["final_loss"] + 0.5
     assert (Path(train["export"]) / "config.json").exists()
     assert "[rank 0] upcycled step 30/30" in second.stderr  # rank logs reach the run's log
+    evaluation = stages["evaluate"]
+    assert {row["suite"] for row in evaluation["table"]} == {"mmlu", "hellaswag", "gsm8k"}
+    checkpoints = json.loads(second.stdout[second.stdout.index("{"):])["checkpoint_evaluations"]
+    assert [e["label"] for e in checkpoints] == ["step-0000010", "step-0000020"]
 
     artifacts = subprocess.run([sys.executable, "-c", _LIST_ARTIFACTS], capture_output=True, text=True, env=env,
                                timeout=600)
@@ -62,6 +66,7 @@ def test_run_until_clean_then_train_on_demo_corpus(tmp_path, prefect_env):
     assert keys.count("clean-summary") == 2 and keys.count("clean-report") == 2  # both runs published
     assert keys.count("tokenize-summary") == 1 and keys.count("tokenize-report") == 1
     assert keys.count("train-summary") == 1 and keys.count("train-report") == 1
+    assert {"evaluate-final", "evaluate-step-0000010", "evaluate-report", "evaluate-progress"} <= set(keys)
 
     shown = _skymoe("show", "--root", str(root), "--json", env=env)
     listed = json.loads(shown.stdout)["stages"]
@@ -69,6 +74,7 @@ def test_run_until_clean_then_train_on_demo_corpus(tmp_path, prefect_env):
                          "complete": True,
                          "counts": {k: v for k, v in clean["counts"].items() if not isinstance(v, dict)}}
     assert [(s["name"], s["uri"], s["complete"]) for s in listed[1:]] == [
+        ("evaluate", uri, True) for uri in sorted(e["uri"] for e in [evaluation, *checkpoints])] + [
         ("tokenize", stages["tokenize"]["uri"], True), ("train", train["uri"], True)]
 
 

@@ -1,0 +1,101 @@
+"""The evaluate stage on a real (briefly) trained model: lm-eval offline on the bundled suites, every
+saved checkpoint as its own cached output, comparisons, and clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import CORPUS, SMALL_EVALUATE, SMALL_TRAIN, write_config
+from evaluation.stage import EvaluateError, plan_evaluate, run_evaluate
+from pipelines.clean.stage import run_clean
+from pipelines.tokenize.stage import run_tokenize
+from skymoe.config import ConfigError, load_config
+from skymoe.storage import Storage
+from training.stage import run_train
+
+TRAIN = {**SMALL_TRAIN, "dense": {"steps": 6, "warmup_steps": 1},
+         "upcycled": {"steps": 6, "lr": 2e-3, "warmup_steps": 1}, "checkpoint_every": 3, "eval_every": 100}
+
+
+def config_for(root: Path, **evaluate):
+    """A config file beside ``root`` (its evaluate section replaces, not merges into, the defaults)."""
+    section = {**SMALL_EVALUATE, **evaluate}
+    name = hashlib.sha1(json.dumps(section, sort_keys=True).encode()).hexdigest()[:8]
+    path = write_config(root.parent / f"config-{name}.yaml", str(root), [str(CORPUS)], train=TRAIN, evaluate=section)
+    return load_config(path, {"clean": {"executor": {"workers": 2}}, "tokenize": {"seq_len": 128}})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The demo corpus cleaned, tokenized and trained for a few steps (checkpoints at steps 3 and 6)."""
+    root = tmp_path_factory.mktemp("eval-root")
+    config = config_for(root)
+    storage = Storage.from_config(config.storage)
+    clean = run_clean(config.clean, storage, str(root))
+    tokens = run_tokenize(config.tokenize, storage, str(root), clean.ref)
+    return root, run_train(config, storage, str(root), tokens.ref).ref
+
+
+def test_final_model_and_checkpoints_are_evaluated_and_cached(trained):
+    root, train_ref = trained
+    config = config_for(root)
+    storage = Storage.from_config(config.storage)
+    targets = plan_evaluate(config, storage, str(root), train_ref)
+    assert [t.label for t in targets] == ["final", "step-0000003"]  # step 6 is the final model itself
+    assert targets[1].tokens < targets[0].tokens
+    results = [run_evaluate(config, storage, target) for target in targets]
+    final = results[0].manifest
+    assert set(final.extra["scores"]) == {"mmlu", "hellaswag", "gsm8k"}
+    for row in final.extra["table"]:
+        assert 0 <= row["score"] <= 100 and row["chance"] is not None
+    assert {row["suite"]: row["skywork_moe_report"] for row in final.extra["table"]}["mmlu"] == 77.4
+    out = Path(results[0].ref.uri)
+    raw = json.loads((out / "results.json").read_text())
+    assert "skymoe_mmlu" in raw["results"] and raw["n-shot"]
+    assert final.counts["items"] == 5 * 4 + 30 + 2  # MMLU subjects x limit, HellaSwag, GSM8K
+    assert {p.stem for p in (out / "samples").glob("*.jsonl")} >= {"skymoe_hellaswag", "skymoe_gsm8k",
+                                                                   "skymoe_mmlu_anatomy"}
+    assert (out / "scores.png").stat().st_size > 1000
+    # The checkpoint's evaluation compares against the final model's (the previous one under this root).
+    assert results[1].manifest.extra["previous"] == results[0].ref.uri
+    assert all(row["delta_vs_previous"] is not None for row in results[1].manifest.extra["table"])
+    # A second call is a cache hit for every model.
+    assert all(run_evaluate(config, storage, target).cached for target in targets)
+
+
+def test_hf_model_class_gives_the_same_multiple_choice_scores(trained):
+    """lm-eval's own hf model on the exported folder agrees with skymoe's class."""
+    root, train_ref = trained
+    suites = {"mmlu": {"limit": 4}, "hellaswag": {"limit": 30}}
+    scores = {}
+    for model in ("skymoe", "hf"):
+        config = config_for(root, model=model, suites=suites, checkpoint_every=None)
+        storage = Storage.from_config(config.storage)
+        (target,) = plan_evaluate(config, storage, str(root), train_ref)
+        scores[model] = run_evaluate(config, storage, target).manifest.extra["scores"]
+    assert scores["skymoe"] == scores["hf"]
+
+
+def test_bad_inputs_fail_clearly(trained, tmp_path):
+    root, train_ref = trained
+    storage = Storage.from_config(config_for(root).storage)
+    with pytest.raises(EvaluateError, match="evaluate.data_dir: no gsm8k files at .*nowhere"):
+        plan_evaluate(config_for(root, data_dir=str(tmp_path / "nowhere")), storage, str(root), train_ref)
+    with pytest.raises(ConfigError, match="evaluate.suites.*unknown suites \\['arc'\\]"):
+        config_for(root, suites={"arc": {}})
+    with pytest.raises(ConfigError, match="run_code"):
+        config_for(root, suites={"humaneval": {}})
+    missing = type(train_ref)(str(tmp_path), "train", "nothing")
+    with pytest.raises(EvaluateError, match="manifest.json missing"):
+        plan_evaluate(config_for(root), storage, str(root), missing)
+    # A checkpoint whose weights are gone is named in the error (this runs last: it breaks the fixture).
+    config = config_for(root, suites={"mmlu": {"limit": 1}})
+    target = plan_evaluate(config, storage, str(root), train_ref)[1]
+    shutil.rmtree(target.weights_uri)
+    with pytest.raises(ValueError, match=target.weights_uri):
+        run_evaluate(config, storage, target)
