@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from evaluation.humaneval import OPT_IN_ENV
-from evaluation.tasks import TaskSet, build_tasks
+from evaluation.tasks import OFFLINE_ENV, TaskSet, build_tasks
 from skymoe.config import EvaluateConfig
 
 
@@ -68,9 +68,8 @@ def _headline_scores(raw: dict[str, Any], task_set: TaskSet) -> dict[str, dict[s
 def _offline(scratch: Path, run_code: bool) -> Iterator[None]:
     """Nothing may be fetched: the hub and datasets in offline mode with caches in ``scratch``;
     model-written code runs only when the config opts in."""
-    settings = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "HF_HOME": str(scratch / "hf"), "HF_DATASETS_CACHE": str(scratch / "hf" / "datasets"),
-                OPT_IN_ENV: "1" if run_code else None}
+    settings = {**OFFLINE_ENV, "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(scratch / "hf"),
+                "HF_DATASETS_CACHE": str(scratch / "hf" / "datasets"), OPT_IN_ENV: "1" if run_code else None}
     saved = {key: os.environ.get(key) for key in settings}
     for key, value in settings.items():
         if value is None:

@@ -2,10 +2,10 @@
 when asked, for every n-th saved checkpoint of the exported run.
 
 Each evaluated model is its own stage output ``<root>/evaluate/<fingerprint>/`` (fingerprint: this
-package's source, the lm-eval version, the evaluate config, the benchmark files' checksums and the
-evaluated weights), so checkpoints evaluated once are never evaluated again when training
-continues. An output holds lm-eval's results JSON, the per-sample logs, a score table, a
-comparison with the previous evaluation under the same root, and a plot.
+package's source, the lm-eval version, the evaluate config, the benchmark files' checksums, and
+the model: the train stage's fingerprint plus ``final`` or the checkpoint's step), so a rerun never
+evaluates a model twice. An output holds lm-eval's results JSON, the per-sample logs, a score
+table, a comparison with the previous comparable evaluation, and a plot.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class EvalTarget:
 
     ref: StageRef
     label: str  # "final" or "step-0000100"
+    settings_digest: str  # config + benchmark files: only evaluations with the same digest compare
     weights_uri: str  # a Hugging Face folder (final) or a skymoe weights folder (checkpoint)
     tokenizer_uri: str
     tokens: int  # training tokens the weights have seen (0 when unknown)
@@ -72,7 +73,8 @@ def plan_evaluate(config: PipelineConfig, storage: Storage, root: str, train_ref
     run = train.extra["exported_run"]
     tokenizer = join(train.inputs["tokenize"], "tokenizer")
     final_tokens = train.extra["runs"][run]["tokens"]
-    targets = [EvalTarget(_ref(root, settings, data_checksums, f"{train_ref.fingerprint}/final"), "final",
+    digest = fingerprint(STAGE, CODE_VERSION, settings, data_checksums)
+    targets = [EvalTarget(_ref(root, settings, data_checksums, f"{train_ref.fingerprint}/final"), "final", digest,
                           train_ref.path(train.extra["export"]), tokenizer, final_tokens, None)]
     if config.evaluate.checkpoint_every:
         checkpoints = _saved_checkpoints(storage, train_ref.path("runs", run, "checkpoints"))
@@ -80,7 +82,7 @@ def plan_evaluate(config: PipelineConfig, storage: Storage, root: str, train_ref
             if tokens == final_tokens:
                 continue  # the last checkpoint is the exported model
             targets.append(EvalTarget(_ref(root, settings, data_checksums, f"{train_ref.fingerprint}/{step}"),
-                                      f"step-{step:07d}", join(uri, "weights"), tokenizer, tokens, step))
+                                      f"step-{step:07d}", digest, join(uri, "weights"), tokenizer, tokens, step))
     return targets
 
 
@@ -114,7 +116,8 @@ def run_evaluate(config: PipelineConfig, storage: Storage, target: EvalTarget) -
         config=canonical_json(config.evaluate.model_dump(mode="json")), inputs={"model": target.weights_uri},
         counts={"suites": len(scores), "items": outcome.items}, timings={"total": round(time.monotonic() - started, 3)},
         extra={"label": target.label, "step": target.step, "tokens": target.tokens, "scores": scores, "table": table,
-               "previous": previous and previous["uri"], "plots": ["scores.png"]},
+               "previous": previous and previous["uri"], "settings_digest": target.settings_digest,
+               "model": target.weights_uri, "plots": ["scores.png"]},
     )
     write_manifest(storage, target.ref, manifest)
     log.info("evaluate %s: %s", target.label, ", ".join(f"{s} {v['value']:.1f}" for s, v in scores.items()))
@@ -191,14 +194,37 @@ def _local_model(storage: Storage, target: EvalTarget, scratch: Path) -> Path:
 
 
 def _previous_scores(storage: Storage, target: EvalTarget) -> dict[str, Any] | None:
-    """The latest earlier evaluation of a final model under the same root (another training run or
-    config), for the deltas; None for the first."""
-    latest = None
+    """The evaluation to compare with, among those with the same suites, settings and data: for the
+    exported model, the latest earlier exported model under this root (the previous training run);
+    for a checkpoint, the previous evaluated checkpoint of the same run. None when there is none."""
+    best = None
     for uri in storage.listdir(join(target.ref.root, STAGE)):
         if uri == target.ref.uri or not storage.exists(join(uri, "manifest.json")):
             continue
         manifest = Manifest.from_json(storage.read_text(join(uri, "manifest.json")))
-        if manifest.extra.get("label") == "final" and (latest is None or manifest.created_at > latest[0]):
-            latest = (manifest.created_at, {"uri": uri, "scores": manifest.extra["scores"]})
-    return latest[1] if latest else None
+        extra = manifest.extra
+        if extra.get("settings_digest") != target.settings_digest:
+            continue
+        if target.step is None and extra["label"] == "final":
+            rank = manifest.created_at
+        elif (target.step is not None and extra["step"] is not None and extra["step"] < target.step
+              and extra["model"].rsplit("/checkpoints/", 1)[0] == target.weights_uri.rsplit("/checkpoints/", 1)[0]):
+            rank = extra["step"]
+        else:
+            continue
+        if best is None or rank > best[0]:
+            best = (rank, {"uri": uri, "scores": extra["scores"]})
+    return best[1] if best else None
 
+
+def check_inputs(config: PipelineConfig, storage: Storage) -> None:
+    """Fail before any stage runs when the benchmarks cannot be read: checksums of the selected
+    suites' files and a dry run of the task builder (every row it will use is parsed)."""
+    from evaluation.tasks import TaskError, build_tasks
+
+    _data_checksums(storage, config.evaluate.data_dir, sorted(config.evaluate.suites))
+    with tempfile.TemporaryDirectory(prefix="skymoe-tasks-") as scratch:
+        try:
+            build_tasks(config.evaluate.data_dir, config.evaluate.suites, Path(scratch) / "tasks")
+        except TaskError as err:
+            raise EvaluateError(f"evaluate: {err}") from None

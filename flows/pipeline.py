@@ -51,7 +51,7 @@ def tokenize_task(config_path: str | None, overrides: dict, plan: TokenizePlan, 
 
 @task(name="train", cache_key_fn=_stage_cache_key, persist_result=True)
 def train_task(config_path: str | None, overrides: dict, plan: TrainPlan, tokens_ref: StageRef) -> dict[str, Any]:
-    from training.stage import run_train  # torch and DeepSpeed load only when training runs
+    from training.stage import run_train  # torch and DeepSpeed load only when the train stage is wanted
 
     config = load_config(config_path, overrides)
     result = run_train(config, Storage.from_config(config.storage), config.storage.root, tokens_ref, plan)
@@ -162,6 +162,12 @@ def pipeline_flow(config_path: str | None = None, root: str | None = None, input
     storage = Storage.from_config(config.storage)
     storage.check_writable_root(config.storage.root)
 
+    wanted = STAGES[: STAGES.index(until) + 1]
+    if "evaluate" in wanted:  # benchmark data problems surface now, not after hours of training
+        from evaluation.stage import check_inputs
+
+        check_inputs(config, storage)
+
     summary: dict[str, Any] = {"root": config.storage.root, "stages": {}}
     plan = plan_clean(config.clean, storage, config.storage.root)
     clean_summary = _run_stage(clean_task, storage, plan.ref, config_path, overrides, plan)
@@ -169,7 +175,6 @@ def pipeline_flow(config_path: str | None = None, root: str | None = None, input
     _publish_plots("clean", clean_summary, storage)
     summary["stages"]["clean"] = clean_summary
 
-    wanted = STAGES[: STAGES.index(until) + 1]
     if "tokenize" in wanted:
         token_plan = plan_tokenize(config.tokenize, storage, config.storage.root, plan.ref)
         tokenize_summary = _run_stage(tokenize_task, storage, token_plan.ref, config_path, overrides, token_plan,

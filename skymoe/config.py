@@ -363,6 +363,12 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
+        # A run of 0 steps would hand its starting weights on as its result: only an import may do that.
+        if self.dense.steps == 0 and not self.dense_source:
+            raise ValueError("dense.steps must be >= 1 unless dense_source imports the dense model")
+        for name in ("upcycled", "scratch"):
+            if getattr(self, name) is not None and getattr(self, name).steps == 0:
+                raise ValueError(f"{name}.steps must be >= 1 (or set {name}: null to skip the run)")
         if getattr(self, self.export) is None:
             raise ValueError(f"export names the '{self.export}' run, which is disabled (null)")
         if self.parallel.world_size % self.parallel.ep_size:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CORPUS, SMALL_EVALUATE, SMALL_TRAIN, write_config
-from evaluation.stage import EvaluateError, plan_evaluate, run_evaluate
+from evaluation.stage import EvaluateError, check_inputs, plan_evaluate, run_evaluate
 from pipelines.clean.stage import run_clean
 from pipelines.tokenize.stage import run_tokenize
 from skymoe.config import ConfigError, load_config
@@ -19,7 +19,7 @@ from skymoe.storage import Storage
 from training.stage import run_train
 
 TRAIN = {**SMALL_TRAIN, "dense": {"steps": 6, "warmup_steps": 1},
-         "upcycled": {"steps": 6, "lr": 2e-3, "warmup_steps": 1}, "checkpoint_every": 3, "eval_every": 100}
+         "upcycled": {"steps": 9, "lr": 2e-3, "warmup_steps": 1}, "checkpoint_every": 3, "eval_every": 100}
 
 
 def config_for(root: Path, **evaluate):
@@ -32,7 +32,7 @@ def config_for(root: Path, **evaluate):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The demo corpus cleaned, tokenized and trained for a few steps (checkpoints at steps 3 and 6)."""
+    """The demo corpus cleaned, tokenized and trained for a few steps (checkpoints at steps 3, 6 and 9)."""
     root = tmp_path_factory.mktemp("eval-root")
     config = config_for(root)
     storage = Storage.from_config(config.storage)
@@ -46,8 +46,8 @@ def test_final_model_and_checkpoints_are_evaluated_and_cached(trained):
     config = config_for(root)
     storage = Storage.from_config(config.storage)
     targets = plan_evaluate(config, storage, str(root), train_ref)
-    assert [t.label for t in targets] == ["final", "step-0000003"]  # step 6 is the final model itself
-    assert targets[1].tokens < targets[0].tokens
+    assert [t.label for t in targets] == ["final", "step-0000003", "step-0000006"]  # step 9 is the final model
+    assert targets[1].tokens < targets[2].tokens < targets[0].tokens
     results = [run_evaluate(config, storage, target) for target in targets]
     final = results[0].manifest
     assert set(final.extra["scores"]) == {"mmlu", "hellaswag", "gsm8k"}
@@ -61,9 +61,15 @@ def test_final_model_and_checkpoints_are_evaluated_and_cached(trained):
     assert {p.stem for p in (out / "samples").glob("*.jsonl")} >= {"skymoe_hellaswag", "skymoe_gsm8k",
                                                                    "skymoe_mmlu_anatomy"}
     assert (out / "scores.png").stat().st_size > 1000
-    # The checkpoint's evaluation compares against the final model's (the previous one under this root).
-    assert results[1].manifest.extra["previous"] == results[0].ref.uri
-    assert all(row["delta_vs_previous"] is not None for row in results[1].manifest.extra["table"])
+    # A checkpoint compares with the run's previous evaluated checkpoint; the first final model with nothing.
+    assert final.extra["previous"] is None and results[1].manifest.extra["previous"] is None
+    assert results[2].manifest.extra["previous"] == results[1].ref.uri
+    assert all(row["delta_vs_previous"] is not None for row in results[2].manifest.extra["table"])
+    # Each output scored its own weights: the per-sample loglikelihoods differ between models.
+    def hellaswag_scores(result) -> list:
+        rows = Path(result.ref.uri, "samples", "skymoe_hellaswag.jsonl").read_text().splitlines()
+        return [json.loads(row)["filtered_resps"] for row in rows]
+    assert hellaswag_scores(results[0]) != hellaswag_scores(results[1]) != hellaswag_scores(results[2])
     # A second call is a cache hit for every model.
     assert all(run_evaluate(config, storage, target).cached for target in targets)
 
@@ -93,6 +99,8 @@ def test_bad_inputs_fail_clearly(trained, tmp_path):
     missing = type(train_ref)(str(tmp_path), "train", "nothing")
     with pytest.raises(EvaluateError, match="manifest.json missing"):
         plan_evaluate(config_for(root), storage, str(root), missing)
+    with pytest.raises(EvaluateError, match="math: num_fewshot 9"):
+        check_inputs(config_for(root, suites={"math": {"num_fewshot": 9}}), storage)
     # A checkpoint whose weights are gone is named in the error (this runs last: it breaks the fixture).
     config = config_for(root, suites={"mmlu": {"limit": 1}})
     target = plan_evaluate(config, storage, str(root), train_ref)[1]

@@ -59,6 +59,9 @@ def test_expert_parallel_training_lowers_loss_and_exports(demo_tokens):
         assert last < first - margin, (name, first, last)
     upcycled = metrics(f"{result.ref.uri}/runs/upcycled")
     validation = [row["val_loss"] for row in upcycled if "val_loss" in row]
+    # Upcycling end to end: before its first step the MoE's validation loss is the dense model's final one.
+    dense_final = [row["val_loss"] for row in metrics(f"{result.ref.uri}/runs/dense") if "val_loss" in row][-1]
+    assert validation[0] == pytest.approx(dense_final, rel=1e-5)
     assert {domain.split("/")[0] for domain in validation[0]} == {"en", "zh"}  # loss by language and source
     assert len(validation) == 3  # before the first step, at step 15 and at the end
     assert sum(validation[-1].values()) < sum(validation[0].values())

@@ -35,12 +35,13 @@ def import_llama(storage: Storage, folder: str) -> tuple[ModelArgs, dict[str, to
 
     With tied embeddings ``lm_head.weight`` is a copy of ``embed_tokens.weight`` (not the same tensor,
     so the dict can be written with safetensors, which refuses tensors that share memory)."""
-    args = _llama_args(storage, folder)
+    args = llama_args(storage, folder)
     tensors, sources = _read_tensors(storage, folder)
     return args, _plain_state(args, tensors, sources, folder)
 
 
-def _llama_args(storage: Storage, folder: str) -> ModelArgs:
+def llama_args(storage: Storage, folder: str) -> ModelArgs:
+    """The model shape from ``config.json`` alone: cheap enough to plan with before any weights are read."""
     uri = join(folder, CONFIG_FILE)
     if not storage.exists(uri):
         raise HfImportError(f"{folder}: no {CONFIG_FILE}; not a Hugging Face checkpoint folder")

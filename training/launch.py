@@ -68,7 +68,10 @@ def _env(parallel: ParallelConfig) -> dict[str, str]:
 
 
 def _has_cuda() -> bool:
-    return shutil.which("nvidia-smi") is not None
+    """The ranks' own test (trainer.py), so launcher and ranks never disagree."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _free_port() -> int:

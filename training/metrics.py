@@ -18,11 +18,13 @@ from training.parallel import ExpertParallelMoE
 
 
 class RoutingTotals:
-    """Routing statistics of the MoE layers summed over a step's micro-batches on this rank."""
+    """Routing statistics of the MoE layers summed over a step's micro-batches on this rank.
 
-    def __init__(self, num_layers: int, num_experts: int):
-        self.counts = torch.zeros(num_layers, 2 + num_experts, dtype=torch.float64)  # dropped, routes, load
-        self.means = torch.zeros(num_layers, 3, dtype=torch.float64)  # aux loss, max1/max2, max2/max3
+    The sums live on the model's device: NCCL reduces only GPU tensors."""
+
+    def __init__(self, num_layers: int, num_experts: int, device: torch.device):
+        self.counts = torch.zeros(num_layers, 2 + num_experts, dtype=torch.float64, device=device)  # dropped, routes, load
+        self.means = torch.zeros(num_layers, 3, dtype=torch.float64, device=device)  # aux loss, max1/max2, max2/max3
         self.micro_batches = 0
 
     def add(self, model: Transformer) -> None:
@@ -32,8 +34,8 @@ class RoutingTotals:
             self.counts[index, 0] += stats["dropped"].item()
             self.counts[index, 1] += stats["routes"].item()
             self.counts[index, 2:] += stats["load"].double()
-            self.means[index] += torch.tensor([routing.aux_loss.item(), stats["max1_max2"].item(),
-                                               stats["max2_max3"].item()], dtype=torch.float64)
+            self.means[index] += torch.stack([routing.aux_loss.detach(), stats["max1_max2"],
+                                              stats["max2_max3"]]).double()
         self.micro_batches += 1
 
     def reduce(self) -> dict[str, list]:
@@ -87,7 +89,7 @@ def validation_loss(engine, model: Transformer, readers: dict, micro_batch: int,
     for domain, reader in readers.items():
         size = reader.num_sequences
         batches = min(max_batches, -(-size // (world * micro_batch)))
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=device)
         for batch in range(batches):
             first = (batch * world + rank) * micro_batch
             rows = np.stack([reader.sequence((first + i) % size) for i in range(micro_batch)])
@@ -95,7 +97,7 @@ def validation_loss(engine, model: Transformer, readers: dict, micro_batch: int,
             logits = engine(ids[:, :-1])
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                    reduction="sum")
-            total += torch.tensor([loss.item(), ids[:, 1:].numel()], dtype=torch.float64)
+            total += torch.stack([loss.double(), torch.tensor(ids[:, 1:].numel(), dtype=torch.float64, device=device)])
         dist.all_reduce(total)
         losses[domain] = (total[0] / total[1]).item()
     engine.train()

@@ -174,7 +174,8 @@ def route(logits: torch.Tensor, top_k: int, capacity: int, lam: float | None) ->
             "routes": torch.tensor(kept.numel(), device=logits.device),
             "load": torch.bincount(experts[kept], minlength=num_experts),
             "max1_max2": (ranked[:, 0] / ranked[:, 1]).mean(),
-            "max2_max3": (ranked[:, 1] / ranked[:, 2]).mean() if num_experts > 2 else torch.tensor(float("nan")),
+            "max2_max3": (ranked[:, 1] / ranked[:, 2]).mean() if num_experts > 2
+            else torch.full((), float("nan"), device=logits.device),
         }
     return Routing(experts, torch.where(kept, slots, torch.zeros_like(slots)), weights, probs, capacity, aux_loss,
                    stats)

@@ -17,8 +17,10 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from skymoe.config import PhaseConfig, PipelineConfig, TrainConfig
 from skymoe.stage import (
@@ -33,7 +35,7 @@ from skymoe.stage import (
 )
 from skymoe.storage import Storage, join
 from training.export import export_hf
-from training.hf_import import import_llama
+from training.hf_import import import_llama, llama_args
 from training.launch import launch
 from training.model import ModelArgs, parameter_counts
 from training.plots import comparison_plot, run_plots
@@ -47,6 +49,7 @@ CODE_VERSION = "train-{}+{}".format(
     ",".join(f"{name}={importlib.metadata.version(name)}" for name in ("torch", "deepspeed")),
 )
 log = logging.getLogger("skymoe.train")
+T = TypeVar("T")
 
 
 class TrainError(ValueError):
@@ -84,10 +87,11 @@ def plan_train(config: PipelineConfig, storage: Storage, root: str, tokens_ref: 
     if tokens is None:
         raise TrainError(f"no complete tokenize output at {tokens_ref.uri} (manifest.json missing)")
     seq_len, vocab = int(tokens.extra["seq_len"]), int(tokens.extra["vocab_size"])
-    settings = train.model_dump(mode="json")
+    _check_devices(train)
+    # Everything that changes the trained weights; logging and the launcher do not.
+    settings = train.model_dump(mode="json", exclude={"log_every": True, "parallel": {"launcher"}})
     if train.dense_source:
-        imported, _ = _import_dense(storage, train)
-        dense = dataclasses.replace(imported, max_seq_len=seq_len)
+        dense = dataclasses.replace(_import_dense(storage, train, llama_args), max_seq_len=seq_len)
         settings["dense_source"] = [storage.checksum(uri) for uri in storage.expand(train.dense_source)
                                     if uri.endswith((".json", ".safetensors"))]
     else:
@@ -122,7 +126,7 @@ def run_train(config: PipelineConfig, storage: Storage, root: str, tokens_ref: S
     train = config.train
     started = time.monotonic()
     if train.dense_source and not DoneRecords(storage, ref, "import").get("dense"):
-        _, state = _import_dense(storage, train)
+        _, state = _import_dense(storage, train, import_llama)
         save_part(storage, ref.path("import", "weights"), "shared", state)
         save_args(storage, ref.path("import", "weights"), plan.dense_args)
         DoneRecords(storage, ref, "import").mark("dense", {"source": train.dense_source})
@@ -181,14 +185,23 @@ def _train_run(config: PipelineConfig, storage: Storage, plan: TrainPlan, run: P
             "final_val_loss": last_val, "seconds": round(time.monotonic() - started, 1), "uri": run_uri}
 
 
+def _check_devices(train: TrainConfig) -> None:
+    import torch
+
+    if torch.cuda.is_available() and train.parallel.world_size > torch.cuda.device_count():
+        raise TrainError(f"train.parallel.world_size {train.parallel.world_size} exceeds the "
+                         f"{torch.cuda.device_count()} GPUs of this machine (one rank per GPU)")
+
+
 def _copy_weights(storage: Storage, source: str, target: str) -> None:
     for uri in storage.listdir(source):
         storage.write_bytes(join(target, uri.rsplit("/", 1)[1]), storage.read_bytes(uri))
 
 
-def _import_dense(storage: Storage, train: TrainConfig):
+def _import_dense(storage: Storage, train: TrainConfig, read: Callable[[Storage, str], T]) -> T:
+    """``read`` (the shape only, or shape and weights) with errors that name the config field."""
     try:
-        return import_llama(storage, train.dense_source)
+        return read(storage, train.dense_source)
     except ValueError as err:
         raise TrainError(f"train.dense_source: {err}") from None
 

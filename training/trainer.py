@@ -87,7 +87,7 @@ class Trainer:
         resume = checkpoint.latest_step(self.storage, spec.run_uri)
         if resume is not None:
             record = checkpoint.load(self.storage, spec.run_uri, spec.local_dir, self.engine, resume)
-            self._keep_alpha_fp32()
+            self._keep_fp32_buffers()
             self.step, consumed = resume, record["consumed_samples"]
             self.metrics = [json.loads(line) for line in self.storage.read_text(
                 join(checkpoint.checkpoints_uri(spec.run_uri), checkpoint.tag(resume), "metrics.jsonl")).splitlines()]
@@ -138,13 +138,16 @@ class Trainer:
             group = self.model.moe_layers()[0].moe.expert_group_name
             ep_rank = groups._get_expert_parallel_rank(group)
             assert ep_rank == self.rank % self.spec.train["parallel"]["ep_size"], "expert slice/rank mismatch"
-        self._keep_alpha_fp32()
+        self._keep_fp32_buffers()
         return engine
 
-    def _keep_alpha_fp32(self) -> None:
-        """The engine casts float buffers to bf16; the coefficients are tiny and must stay fp32."""
+    def _keep_fp32_buffers(self) -> None:
+        """The engine casts float buffers to bf16: the aux-loss coefficients are tiny and the rotary
+        tables must match the fp32 ones the export and evaluation use."""
         for moe in self.model.moe_layers():
             moe.aux_alpha.data = moe.aux_alpha.data.float()
+        self.model.rope_cos.data = self.model.rope_cos.data.float()
+        self.model.rope_sin.data = self.model.rope_sin.data.float()
 
     # ------------------------------------------------------------------------------ loop
     def train(self) -> None:
@@ -182,8 +185,8 @@ class Trainer:
             self._write_metrics(join(spec.run_uri, "metrics.jsonl"))
 
     def _train_step(self, batches: Iterator[torch.Tensor], lr: float) -> dict[str, Any]:
-        totals = RoutingTotals(len(self.model.moe_layers()), self.args.num_experts)
-        losses = torch.zeros(2, dtype=torch.float64)
+        totals = RoutingTotals(len(self.model.moe_layers()), self.args.num_experts, self.device)
+        losses = torch.zeros(2, dtype=torch.float64, device=self.device)
         for _ in range(self.accum):
             ids = next(batches).to(self.device)
             logits = self.engine(ids[:, :-1])
@@ -191,7 +194,7 @@ class Trainer:
             aux = self.model.aux_loss()
             self.engine.backward(ce + aux)
             self.engine.step()
-            losses += torch.tensor([ce.item(), aux.item()], dtype=torch.float64)
+            losses += torch.stack([ce.detach(), aux.detach()]).double()
             if self.args.num_experts:
                 totals.add(self.model)
         dist.all_reduce(losses)
@@ -245,7 +248,7 @@ def _measured_peak_flops(bf16: bool, device: torch.device) -> float:
         a @ a
     if device.type == "cuda":
         torch.cuda.synchronize()
-    flops = torch.tensor(2 * n**3 * repeats / (time.perf_counter() - started), dtype=torch.float64)
+    flops = torch.tensor(2 * n**3 * repeats / (time.perf_counter() - started), dtype=torch.float64, device=device)
     dist.all_reduce(flops)
     return flops.item()
 

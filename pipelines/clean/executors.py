@@ -62,6 +62,9 @@ def _run_datatrove(config: ExecutorConfig, task: ShardTask, shard_indices: list[
             workers=min(config.workers, len(shard_indices)),
             logging_dir=logging_dir,
             skip_completed=False,  # skymoe's done-records decide what is finished
+            # datatrove's default, forkserver, forks workers from a server started at the first use in
+            # this process, with that moment's environment: credentials set later (AWS_*) never reach them.
+            start_method="spawn",
         )
         executor.run()
 
