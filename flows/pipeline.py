@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 def _stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """The stage output's full location: same fingerprint under another root is another output."""
-    return f"skymoe-{parameters['plan'].ref.uri}"
+    planned = parameters["plan"] if "plan" in parameters else parameters["target"]
+    return f"skymoe-{planned.ref.uri}"
 
 
 @task(name="clean", cache_key_fn=_stage_cache_key, persist_result=True)
@@ -73,11 +74,7 @@ def _publish_train(summary: dict[str, Any]) -> None:
         f"Hugging Face export at {summary['export']}"))
 
 
-def _eval_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    return f"skymoe-{parameters['target'].ref.uri}"
-
-
-@task(name="evaluate", cache_key_fn=_eval_cache_key, persist_result=True, task_run_name="evaluate-{target.label}")
+@task(name="evaluate", cache_key_fn=_stage_cache_key, persist_result=True, task_run_name="evaluate-{target.label}")
 def evaluate_task(config_path: str | None, overrides: dict, target: EvalTarget) -> dict[str, Any]:
     from evaluation.stage import run_evaluate
 
@@ -120,11 +117,6 @@ def _run_stage(stage_task: Task, storage: Storage, ref: StageRef, *args: Any) ->
     (someone may have deleted the folder since)."""
     fresh = read_manifest(storage, ref) is None
     return stage_task.with_options(refresh_cache=fresh)(*args)
-
-
-def _run_eval(storage: Storage, target: EvalTarget, config_path: str | None, overrides: dict) -> dict[str, Any]:
-    fresh = read_manifest(storage, target.ref) is None
-    return evaluate_task.with_options(refresh_cache=fresh)(config_path, overrides, target)
 
 
 def _publish_plots(stage: str, summary: dict[str, Any], storage: Storage) -> None:
@@ -196,7 +188,7 @@ def pipeline_flow(config_path: str | None = None, root: str | None = None, input
 
         evaluations = []
         for target in plan_evaluate(config, storage, config.storage.root, train_plan.ref):
-            result = _run_eval(storage, target, config_path, overrides)
+            result = _run_stage(evaluate_task, storage, target.ref, config_path, overrides, target)
             _publish_evaluate(result)
             evaluations.append(result)
         _publish_plots("evaluate", evaluations[0], storage)
