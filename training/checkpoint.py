@@ -13,6 +13,7 @@ import io
 import json
 import os
 import random
+import shutil
 from typing import Any
 
 import numpy as np
@@ -64,8 +65,10 @@ def save(storage: Storage, run_uri: str, local_dir: str, engine, model: torch.nn
     save_weights(storage, uri, model)
     dist.barrier()
     if deepspeed_dir != checkpoints_uri(run_uri) and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        for file in sorted(os.listdir(os.path.join(deepspeed_dir, name))):
-            storage.write_bytes(join(uri, file), _read(os.path.join(deepspeed_dir, name, file)))
+        staged = os.path.join(deepspeed_dir, name)
+        for file in sorted(os.listdir(staged)):
+            storage.write_bytes(join(uri, file), _read(os.path.join(staged, file)))
+        shutil.rmtree(staged)  # the store holds it now; a long run must not fill the local disk
     dist.barrier()
     if dist.get_rank() == 0:
         storage.write_text(join(uri, COMPLETE), json.dumps({"step": step, **record}))
@@ -77,15 +80,23 @@ def load(storage: Storage, run_uri: str, local_dir: str, engine, step: int) -> d
     name = tag(step)
     uri = join(checkpoints_uri(run_uri), name)
     deepspeed_dir = _deepspeed_dir(storage, run_uri, local_dir)
-    if deepspeed_dir != checkpoints_uri(run_uri):
-        os.makedirs(os.path.join(deepspeed_dir, name), exist_ok=True)
-        for file_uri in storage.listdir(uri):
-            if file_uri.endswith(".pt"):
-                with open(os.path.join(deepspeed_dir, name, file_uri.rsplit("/", 1)[1]), "wb") as handle:
-                    handle.write(storage.read_bytes(file_uri))
+    staged = os.path.join(deepspeed_dir, name)
+    remote = deepspeed_dir != checkpoints_uri(run_uri)
+    first_on_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if remote:  # one download per node, into the folder DeepSpeed reads
+        if first_on_node:
+            os.makedirs(staged, exist_ok=True)
+            for file_uri in storage.listdir(uri):
+                if file_uri.endswith(".pt"):
+                    with open(os.path.join(staged, file_uri.rsplit("/", 1)[1]), "wb") as handle:
+                        handle.write(storage.read_bytes(file_uri))
         dist.barrier()
     engine.load_checkpoint(deepspeed_dir, tag=name, load_module_strict=True)
     _set_rng_state(storage.read_bytes(join(uri, f"rng-rank{dist.get_rank()}.pt")))
+    if remote:
+        dist.barrier()
+        if first_on_node:
+            shutil.rmtree(staged)
     return complete_record(storage, run_uri, step)
 
 
