@@ -28,12 +28,10 @@ Run: ``python benchmarks/bench_clean.py [--docs 1860] [--repeats 3] [--no-zh] [-
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -42,6 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from provenance import files_digest, git_state  # noqa: E402  (benchmarks/provenance.py, beside this script)
 
 from datatrove.data import Document  # noqa: E402
 from datatrove.pipeline.filters import (  # noqa: E402
@@ -70,16 +70,7 @@ SOURCES = ("pipelines/clean/text.py", "pipelines/clean/heuristics.py", "pipeline
 
 def code_version() -> str:
     """git HEAD, uncommitted changes to the filter sources, and a digest of those sources as read."""
-    digest = hashlib.sha256(b"".join((ROOT / p).read_bytes() for p in SOURCES)).hexdigest()[:12]
-    try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "?"
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", *SOURCES],
-                               capture_output=True, text=True, timeout=10).stdout.split("\n")
-        dirty = [line[3:] for line in dirty if line.strip()]
-    except (OSError, subprocess.SubprocessError):
-        head, dirty = "?", []
-    return f"git {head}{' + uncommitted ' + ', '.join(dirty) if dirty else ''}; filter sources sha256 {digest}"
+    return f"{git_state(SOURCES)}; filter sources sha256 {files_digest(SOURCES)}"
 
 
 # ------------------------------------------------------------------------------ input

@@ -50,13 +50,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
-import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -65,6 +63,8 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from provenance import files_digest, git_state  # noqa: E402  (benchmarks/provenance.py, beside this script)
 
 CORPUS = ROOT / "examples" / "corpus"
 SOURCES = ("evaluation/lm.py", "training/model.py")
@@ -82,20 +82,12 @@ def _version(package: str) -> str:
 
 
 def sources_digest() -> str:
-    return hashlib.sha1(b"".join((ROOT / s).read_bytes() for s in SOURCES)).hexdigest()[:12]
+    return files_digest(SOURCES)
 
 
 def code_version() -> str:
-    try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "?"
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", *SOURCES],
-                               capture_output=True, text=True, timeout=10).stdout.split("\n")
-        dirty = [line[3:] for line in dirty if line.strip()]
-    except (OSError, subprocess.SubprocessError):
-        head, dirty = "?", []
-    return (f"git {head}{' + uncommitted ' + ', '.join(dirty) if dirty else ''}; {', '.join(SOURCES)} digest "
-            f"{sources_digest()}")
+    """git HEAD, uncommitted changes to the measured sources, and a digest of those sources as read."""
+    return f"{git_state(SOURCES)}; sources digest {sources_digest()}"
 
 
 # ------------------------------------------------------------------------------ inputs

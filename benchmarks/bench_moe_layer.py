@@ -30,12 +30,10 @@ machine ``--threads 1`` gives steadier numbers: 2 threads on 2 loaded cores most
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import platform
 import socket
-import subprocess
 import sys
 import time
 from importlib.metadata import version
@@ -46,6 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from provenance import files_digest, git_state  # noqa: E402  (benchmarks/provenance.py, beside this script)
+
 SOURCES = ("training/model.py", "training/parallel.py")
 SEQ_LEN = 256  # the input is [tokens // SEQ_LEN, SEQ_LEN, hidden]
 LABELS = {"ep": "(a) skymoe ExpertParallelMoE (DeepSpeed, ep 1)", "local": "(b) skymoe MoEFeedForward (local)",
@@ -53,16 +53,12 @@ LABELS = {"ep": "(a) skymoe ExpertParallelMoE (DeepSpeed, ep 1)", "local": "(b) 
 
 
 def sources_digest() -> str:
-    return hashlib.sha1(b"".join((ROOT / s).read_bytes() for s in SOURCES)).hexdigest()[:12]
+    return files_digest(SOURCES)
 
 
 def code_version() -> str:
-    """git HEAD, uncommitted changes to the layer sources, and a digest of those sources as read."""
-    git = ["git", "-C", str(ROOT)]
-    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "--", *SOURCES], capture_output=True, text=True).stdout
-    dirty = ", ".join(line[3:] for line in dirty.splitlines() if line.strip())
-    return f"git {head or '?'}{' + uncommitted ' + dirty if dirty else ''}; sources digest {sources_digest()}"
+    """git HEAD, uncommitted changes to the measured sources, and a digest of those sources as read."""
+    return f"{git_state(SOURCES)}; sources digest {sources_digest()}"
 
 
 def init_deepspeed() -> None:

@@ -71,6 +71,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from provenance import git_state  # noqa: E402  (benchmarks/provenance.py, beside this script)
+
 CORPUS = ROOT / "examples" / "corpus"
 # (source folder = the clean stage's source name, file, language, how to read it)
 INPUTS = (("c4", "c4_demo.jsonl", "en", "jsonl"), ("zhwiki", "zhwiki_part1.txt", "zh", "lines"),
@@ -93,16 +95,7 @@ def sources_digest() -> str:
 
 def code_version() -> str:
     """git HEAD, uncommitted changes below pipelines/tokenize, and the digest of those sources as read."""
-    try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "?"
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", STAGE_DIR],
-                               capture_output=True, text=True, timeout=10).stdout.split("\n")
-        dirty = [line[3:] for line in dirty if line.strip()]
-    except (OSError, subprocess.SubprocessError):
-        head, dirty = "?", []
-    return (f"git {head}{' + uncommitted ' + ', '.join(dirty) if dirty else ''}; {STAGE_DIR} sources digest "
-            f"{sources_digest()} (as in the stage's CODE_VERSION)")
+    return f"{git_state((STAGE_DIR,))}; {STAGE_DIR} sources digest {sources_digest()} (as in the stage's CODE_VERSION)"
 
 
 def _version(package: str) -> str:
