@@ -217,12 +217,12 @@ def _previous_scores(storage: Storage, target: EvalTarget) -> dict[str, Any] | N
     return best[1] if best else None
 
 
-def check_inputs(config: PipelineConfig, storage: Storage) -> None:
-    """Fail before any stage runs when the benchmarks cannot be read: checksums of the selected
-    suites' files and a dry run of the task builder (every row it will use is parsed)."""
+def check_inputs(config: PipelineConfig) -> None:
+    """Fail before any stage runs when the benchmarks cannot be read: a dry run of the task builder,
+    which finds every suite's folder and parses every row it will use. (Checksums wait for
+    ``plan_evaluate``: hashing the files here too would read them twice.)"""
     from evaluation.tasks import TaskError, build_tasks
 
-    _data_checksums(storage, config.evaluate.data_dir, sorted(config.evaluate.suites))
     with tempfile.TemporaryDirectory(prefix="skymoe-tasks-") as scratch:
         try:
             build_tasks(config.evaluate.data_dir, config.evaluate.suites, Path(scratch) / "tasks")

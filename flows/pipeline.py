@@ -158,7 +158,7 @@ def pipeline_flow(config_path: str | None = None, root: str | None = None, input
     if "evaluate" in wanted:  # benchmark data problems surface now, not after hours of training
         from evaluation.stage import check_inputs
 
-        check_inputs(config, storage)
+        check_inputs(config)
 
     summary: dict[str, Any] = {"root": config.storage.root, "stages": {}}
     plan = plan_clean(config.clean, storage, config.storage.root)

@@ -100,7 +100,7 @@ def test_bad_inputs_fail_clearly(trained, tmp_path):
     with pytest.raises(EvaluateError, match="manifest.json missing"):
         plan_evaluate(config_for(root), storage, str(root), missing)
     with pytest.raises(EvaluateError, match="math: num_fewshot 9"):
-        check_inputs(config_for(root, suites={"math": {"num_fewshot": 9}}), storage)
+        check_inputs(config_for(root, suites={"math": {"num_fewshot": 9}}))
     # A checkpoint whose weights are gone is named in the error (this runs last: it breaks the fixture).
     config = config_for(root, suites={"mmlu": {"limit": 1}})
     target = plan_evaluate(config, storage, str(root), train_ref)[1]
