@@ -142,19 +142,35 @@ def _publish_clean(summary: dict[str, Any]) -> None:
                           description=f"Cleaning stage {summary['fingerprint']}: counts, rejects by reason, outputs")
 
 
+def _run_or_require(stage: str, wanted: tuple[str, ...], stage_task: Task, storage: Storage, ref: StageRef,
+                    *args: Any) -> dict[str, Any] | None:
+    """Run a wanted stage (a cache hit when done); an upstream stage that is not wanted must be
+    complete already, so a single-stage run never silently redoes (or waits on) its inputs."""
+    if stage in wanted:
+        return _run_stage(stage_task, storage, ref, *args)
+    if read_manifest(storage, ref) is None:
+        raise ValueError(f"from_stage: the {stage} output this run needs is missing ({ref.uri}); "
+                         f"run from an earlier stage first")
+    return None
+
+
 @flow(name="skymoe-pipeline", log_prints=True)
 def pipeline_flow(config_path: str | None = None, root: str | None = None, inputs: list[str] | None = None,
-                  until: str = "evaluate", executor: str | None = None) -> dict[str, Any]:
-    """Run the stages up to ``until``; every stage is skipped when its output already exists."""
+                  until: str = "evaluate", executor: str | None = None, from_stage: str = "clean") -> dict[str, Any]:
+    """Run the stages ``from_stage`` .. ``until``; every stage is skipped when its output already
+    exists, and stages before ``from_stage`` must exist (one-stage deployments set both)."""
     forward_stage_logs()
-    if until not in STAGES:
-        raise ValueError(f"until must be one of {STAGES}, got {until!r}")
+    for name, value in (("until", until), ("from_stage", from_stage)):
+        if value not in STAGES:
+            raise ValueError(f"{name} must be one of {STAGES}, got {value!r}")
+    if STAGES.index(from_stage) > STAGES.index(until):
+        raise ValueError(f"from_stage {from_stage!r} comes after until {until!r}")
     overrides = run_overrides(root, inputs, executor)
     config = load_config(config_path, overrides)
     storage = Storage.from_config(config.storage)
     storage.check_writable_root(config.storage.root)
 
-    wanted = STAGES[: STAGES.index(until) + 1]
+    wanted = STAGES[STAGES.index(from_stage): STAGES.index(until) + 1]
     if "evaluate" in wanted:  # benchmark data problems surface now, not after hours of training
         from evaluation.stage import check_inputs
 
@@ -162,38 +178,50 @@ def pipeline_flow(config_path: str | None = None, root: str | None = None, input
 
     summary: dict[str, Any] = {"root": config.storage.root, "stages": {}}
     plan = plan_clean(config.clean, storage, config.storage.root)
-    clean_summary = _run_stage(clean_task, storage, plan.ref, config_path, overrides, plan)
-    _publish_clean(clean_summary)
-    _publish_plots("clean", clean_summary, storage)
-    summary["stages"]["clean"] = clean_summary
+    clean_summary = _run_or_require("clean", wanted, clean_task, storage, plan.ref, config_path, overrides, plan)
+    if clean_summary is not None:
+        _publish_clean(clean_summary)
+        _publish_plots("clean", clean_summary, storage)
+        summary["stages"]["clean"] = clean_summary
 
-    if "tokenize" in wanted:
-        token_plan = plan_tokenize(config.tokenize, storage, config.storage.root, plan.ref)
-        tokenize_summary = _run_stage(tokenize_task, storage, token_plan.ref, config_path, overrides, token_plan,
-                                      plan.ref)
+    if until == "clean":
+        return _done(summary)
+    token_plan = plan_tokenize(config.tokenize, storage, config.storage.root, plan.ref)
+    tokenize_summary = _run_or_require("tokenize", wanted, tokenize_task, storage, token_plan.ref, config_path,
+                                       overrides, token_plan, plan.ref)
+    if tokenize_summary is not None:
         _publish_tokenize(tokenize_summary)
         _publish_plots("tokenize", tokenize_summary, storage)
         summary["stages"]["tokenize"] = tokenize_summary
-    if "train" in wanted:
-        from training.stage import plan_train
 
-        train_plan = plan_train(config, storage, config.storage.root, token_plan.ref)
-        train_summary = _run_stage(train_task, storage, train_plan.ref, config_path, overrides, train_plan,
-                                   token_plan.ref)
+    if until == "tokenize":
+        return _done(summary)
+    from training.stage import plan_train
+
+    train_plan = plan_train(config, storage, config.storage.root, token_plan.ref)
+    train_summary = _run_or_require("train", wanted, train_task, storage, train_plan.ref, config_path, overrides,
+                                    train_plan, token_plan.ref)
+    if train_summary is not None:
         _publish_train(train_summary)
         _publish_plots("train", train_summary, storage)
         summary["stages"]["train"] = train_summary
-    if "evaluate" in wanted:
-        from evaluation.stage import plan_evaluate
 
-        evaluations = []
-        for target in plan_evaluate(config, storage, config.storage.root, train_plan.ref):
-            result = _run_stage(evaluate_task, storage, target.ref, config_path, overrides, target)
-            _publish_evaluate(result)
-            evaluations.append(result)
-        _publish_plots("evaluate", evaluations[0], storage)
-        _publish_progress(evaluations)
-        summary["stages"]["evaluate"] = evaluations[0]
-        summary["checkpoint_evaluations"] = evaluations[1:]
+    if until == "train":
+        return _done(summary)
+    from evaluation.stage import plan_evaluate
+
+    evaluations = []
+    for target in plan_evaluate(config, storage, config.storage.root, train_plan.ref):
+        result = _run_stage(evaluate_task, storage, target.ref, config_path, overrides, target)
+        _publish_evaluate(result)
+        evaluations.append(result)
+    _publish_plots("evaluate", evaluations[0], storage)
+    _publish_progress(evaluations)
+    summary["stages"]["evaluate"] = evaluations[0]
+    summary["checkpoint_evaluations"] = evaluations[1:]
+    return _done(summary)
+
+
+def _done(summary: dict[str, Any]) -> dict[str, Any]:
     logging.getLogger("skymoe").info("pipeline done: %s", {k: v["uri"] for k, v in summary["stages"].items()})
     return summary

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from skymoe.config import PhaseConfig, PipelineConfig, TrainConfig
+from skymoe.config import PhaseConfig, PipelineConfig, StorageConfig, TrainConfig
 from skymoe.stage import (
     DoneRecords,
     Manifest,
@@ -135,7 +135,9 @@ def run_train(config: PipelineConfig, storage: Storage, root: str, tokens_ref: S
     with tempfile.TemporaryDirectory(prefix="skymoe-train-") as scratch:
         for run in plan.runs:
             if done.get(run.name) is None:
-                done.mark(run.name, _train_run(config, storage, plan, run, Path(scratch)))
+                args = plan.moe_args if run.moe else plan.dense_args
+                done.mark(run.name, execute_run(config.train, config.storage, plan.tokens_ref.uri,
+                                                plan.ref.path("runs", run.name), args, run, Path(scratch)))
     summaries = {run.name: done.get(run.name) for run in plan.runs}
     timings = {"runs": round(time.monotonic() - started, 3)}
 
@@ -164,19 +166,21 @@ def run_train(config: PipelineConfig, storage: Storage, root: str, tokens_ref: S
     return TrainResult(ref, manifest, cached=False)
 
 
-def _train_run(config: PipelineConfig, storage: Storage, plan: TrainPlan, run: PlannedRun, scratch: Path) -> dict:
-    run_uri = plan.ref.path("runs", run.name)
-    args = plan.moe_args if run.moe else plan.dense_args
-    spec = RunSpec(name=run.name, run_uri=run_uri, tokens_uri=plan.tokens_ref.uri, model=args.to_dict(),
+def execute_run(train: TrainConfig, storage_config: StorageConfig, tokens_uri: str, run_uri: str, args: ModelArgs,
+                run: PlannedRun, scratch: Path) -> dict:
+    """One DeepSpeed training run into ``run_uri`` (resumed from its latest checkpoint there), and
+    its summary. Plain enough for other callers (the ablations) to run variants of one run."""
+    storage = Storage.from_config(storage_config)
+    spec = RunSpec(name=run.name, run_uri=run_uri, tokens_uri=tokens_uri, model=args.to_dict(),
                    init=run.init, phase=run.phase.model_dump(mode="json"),
-                   train=config.train.model_dump(mode="json"), storage=config.storage.s3.model_dump(mode="json"),
+                   train=train.model_dump(mode="json"), storage=storage_config.s3.model_dump(mode="json"),
                    local_dir=str(scratch / run.name))
     started = time.monotonic()
     if run.phase.steps == 0:  # import only: the starting weights are the run's result
         _copy_weights(storage, run.init.uri, join(run_uri, "final", "weights"))
         rows = []
     else:
-        launch(spec, config.train.parallel, scratch / "specs")
+        launch(spec, train.parallel, scratch / "specs")
         rows = [json.loads(line) for line in storage.read_text(join(run_uri, "metrics.jsonl")).splitlines()]
     losses = [row["loss"] for row in rows if "loss" in row]
     last_val = next((row["val_loss"] for row in reversed(rows) if "val_loss" in row), None)
