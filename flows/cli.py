@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--root", help="storage root URI (default: the tiny preset's root)")
     show.add_argument("--config", help="config file or preset name, for its root and S3 settings")
     show.add_argument("--json", action="store_true", help="print one JSON object")
+
+    serve = commands.add_parser("serve", help="local Prefect server + UI, work pool, deployments and worker")
+    serve.add_argument("--port", type=int, default=4200, help="port of the server and UI on 127.0.0.1")
+    serve.add_argument("--home", help="Prefect state folder: database, results, logs (default: .prefect in the checkout)")
     return parser
 
 
@@ -82,6 +86,21 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flows.serve import LocalPrefect, ServeError, serve
+
+    local = LocalPrefect(port=args.port)
+    if args.home:
+        local.home = Path(args.home).resolve()
+    try:
+        return serve(local)
+    except ServeError as err:
+        print(f"skymoe: error: {err}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -89,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     from skymoe.storage import StorageError
 
     try:
-        return {"run": _cmd_run, "show": _cmd_show}[args.command](args)
+        return {"run": _cmd_run, "show": _cmd_show, "serve": _cmd_serve}[args.command](args)
     except (ValueError, StorageError, OSError) as err:  # bad config, inputs or root: found before any work
         print(f"skymoe: error: {err}", file=sys.stderr)
         return 2
