@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from flows.prefect_env import forward_stage_logs  # offline settings: must precede the first Prefect import
 from prefect import Task, flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from pipelines.clean.stage import CleanPlan, plan_clean, run_clean
 from pipelines.tokenize.stage import TokenizePlan, plan_tokenize, run_tokenize
@@ -112,7 +112,7 @@ def _publish_tokenize(summary: dict[str, Any]) -> None:
                           description=f"Tokenize stage {summary['fingerprint']}: sequences, tokens, mixture")
 
 
-def _run_stage(stage_task: Task, storage: Storage, ref: StageRef, *args: Any) -> dict[str, Any]:
+def run_stage(stage_task: Task, storage: Storage, ref: StageRef, *args: Any) -> dict[str, Any]:
     """Call a stage task; its cached result is reused only while the output's manifest exists
     (someone may have deleted the folder since)."""
     fresh = read_manifest(storage, ref) is None
@@ -142,12 +142,24 @@ def _publish_clean(summary: dict[str, Any]) -> None:
                           description=f"Cleaning stage {summary['fingerprint']}: counts, rejects by reason, outputs")
 
 
+def publish(stage: str, summary: dict[str, Any], storage: Storage) -> None:
+    """A stage's Prefect artifacts: its summary table and a markdown report with its plots."""
+    {"clean": _publish_clean, "tokenize": _publish_tokenize, "train": _publish_train,
+     "evaluate": _publish_evaluate}[stage](summary)
+    label = f"{stage}-{summary['label']}" if stage == "evaluate" else stage
+    create_link_artifact(key=f"{label}-output", link=storage.link(f"{summary['uri']}/manifest.json"),
+                         link_text=f"{label} manifest ({summary['uri']})",
+                         description=f"{label}: the output's manifest; every file it lists sits beside it")
+    if stage != "evaluate":  # one evaluate report per pipeline run, not per evaluated checkpoint
+        _publish_plots(stage, summary, storage)
+
+
 def _run_or_require(stage: str, wanted: tuple[str, ...], stage_task: Task, storage: Storage, ref: StageRef,
                     *args: Any) -> dict[str, Any] | None:
     """Run a wanted stage (a cache hit when done); an upstream stage that is not wanted must be
     complete already, so a single-stage run never silently redoes (or waits on) its inputs."""
     if stage in wanted:
-        return _run_stage(stage_task, storage, ref, *args)
+        return run_stage(stage_task, storage, ref, *args)
     if read_manifest(storage, ref) is None:
         raise ValueError(f"from_stage: the {stage} output this run needs is missing ({ref.uri}); "
                          f"run from an earlier stage first")
@@ -180,8 +192,7 @@ def pipeline_flow(config_path: str | None = None, root: str | None = None, input
     plan = plan_clean(config.clean, storage, config.storage.root)
     clean_summary = _run_or_require("clean", wanted, clean_task, storage, plan.ref, config_path, overrides, plan)
     if clean_summary is not None:
-        _publish_clean(clean_summary)
-        _publish_plots("clean", clean_summary, storage)
+        publish("clean", clean_summary, storage)
         summary["stages"]["clean"] = clean_summary
 
     if until == "clean":
@@ -190,8 +201,7 @@ def pipeline_flow(config_path: str | None = None, root: str | None = None, input
     tokenize_summary = _run_or_require("tokenize", wanted, tokenize_task, storage, token_plan.ref, config_path,
                                        overrides, token_plan, plan.ref)
     if tokenize_summary is not None:
-        _publish_tokenize(tokenize_summary)
-        _publish_plots("tokenize", tokenize_summary, storage)
+        publish("tokenize", tokenize_summary, storage)
         summary["stages"]["tokenize"] = tokenize_summary
 
     if until == "tokenize":
@@ -202,8 +212,7 @@ def pipeline_flow(config_path: str | None = None, root: str | None = None, input
     train_summary = _run_or_require("train", wanted, train_task, storage, train_plan.ref, config_path, overrides,
                                     train_plan, token_plan.ref)
     if train_summary is not None:
-        _publish_train(train_summary)
-        _publish_plots("train", train_summary, storage)
+        publish("train", train_summary, storage)
         summary["stages"]["train"] = train_summary
 
     if until == "train":
@@ -212,8 +221,8 @@ def pipeline_flow(config_path: str | None = None, root: str | None = None, input
 
     evaluations = []
     for target in plan_evaluate(config, storage, config.storage.root, train_plan.ref):
-        result = _run_stage(evaluate_task, storage, target.ref, config_path, overrides, target)
-        _publish_evaluate(result)
+        result = run_stage(evaluate_task, storage, target.ref, config_path, overrides, target)
+        publish("evaluate", result, storage)
         evaluations.append(result)
     _publish_plots("evaluate", evaluations[0], storage)
     _publish_progress(evaluations)

@@ -424,6 +424,30 @@ class EvaluateConfig(_Strict):
 
 
 # ------------------------------------------------------------------------------------------ whole
+# ------------------------------------------------------------------------------------- incremental
+class IncrementalConfig(_Strict):
+    """Reruns on new data (the scheduled ``incremental`` deployment): files that appeared under
+    ``clean.inputs`` are cleaned and deduplicated against everything kept before, tokenized onto
+    the earlier shards, and the exported MoE trains on for ``train_tokens`` more tokens."""
+
+    train_tokens: int = Field(102_400, ge=1, description="continued-training tokens per new generation")
+    lr: float = Field(6e-4, gt=0, description="peak lr of continued training (a decayed peak, as for upcycling)")
+    min_lr: float = Field(3e-4, ge=0)
+    warmup_steps: int = Field(5, ge=0, description="the optimizer restarts, so it warms up again")
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> "IncrementalConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) exceeds lr ({self.lr})")
+        return self
+
+    def phase(self, train: TrainConfig, seq_len: int) -> PhaseConfig:
+        """The continued run: as many steps as ``train_tokens`` needs at the train batch size."""
+        per_step = train.micro_batch_size * train.grad_accum * train.parallel.world_size * seq_len
+        return PhaseConfig(steps=-(-self.train_tokens // per_step), lr=self.lr, min_lr=self.min_lr,
+                           warmup_steps=self.warmup_steps)
+
+
 class PipelineConfig(_Strict):
     name: str = "skymoe"
     storage: StorageConfig = StorageConfig()
@@ -431,6 +455,7 @@ class PipelineConfig(_Strict):
     tokenize: TokenizeConfig = TokenizeConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    incremental: IncrementalConfig = IncrementalConfig()
 
     @field_validator("name")
     @classmethod

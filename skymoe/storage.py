@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import fsspec
@@ -114,6 +115,16 @@ class Storage:
             for block in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(block)
         return f"xxh3:{digest.hexdigest()}"
+
+    def link(self, uri: str, expires_s: int = 7 * 24 * 3600) -> str:
+        """A link a browser can open: a presigned HTTP URL for an object (it carries a signature
+        and the access key's id, never the secret), a ``file://`` URL for a local path."""
+        fs, path = self.fs(uri)
+        if _protocol(uri) == "s3":
+            return self._retry(lambda: fs.url(path, expires=expires_s))
+        if not _protocol(uri):
+            return Path(path).resolve().as_uri()
+        return uri
 
     # -------------------------------------------------------------------------------- writing
     def write_bytes(self, uri: str, data: bytes) -> None:

@@ -7,6 +7,9 @@ Runs, in order, each resumable from its latest checkpoint:
 2. ``upcycled`` - the MoE upcycled from the dense run's final weights;
 3. ``scratch`` - the same MoE from random weights with its own budget, for comparison.
 The ``export`` run's final weights become ``hf/``, a folder ``AutoModelForCausalLM`` loads.
+
+A continuing output (:func:`plan_continued_train`, used by incremental reruns) has one run,
+``continued``: the previous output's exported MoE trained further on (appended) token shards.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class TrainPlan:
     dense_args: ModelArgs
     moe_args: ModelArgs
     runs: tuple[PlannedRun, ...]
+    export: str  # the run whose final weights become hf/
 
 
 @dataclass(frozen=True)
@@ -83,13 +87,9 @@ class TrainResult:
 def plan_train(config: PipelineConfig, storage: Storage, root: str, tokens_ref: StageRef) -> TrainPlan:
     """Shapes, runs and the fingerprint; fails before any work on a config that cannot train."""
     train = config.train
-    tokens = read_manifest(storage, tokens_ref)
-    if tokens is None:
-        raise TrainError(f"no complete tokenize output at {tokens_ref.uri} (manifest.json missing)")
-    seq_len, vocab = int(tokens.extra["seq_len"]), int(tokens.extra["vocab_size"])
+    seq_len, vocab = _token_shape(storage, tokens_ref)
     _check_devices(train)
-    # Everything that changes the trained weights; logging and the launcher do not.
-    settings = train.model_dump(mode="json", exclude={"log_every": True, "parallel": {"launcher"}})
+    settings = _weight_settings(train)
     if train.dense_source:
         dense = dataclasses.replace(_import_dense(storage, train, llama_args), max_seq_len=seq_len)
         settings["dense_source"] = [storage.checksum(uri) for uri in storage.expand(train.dense_source)
@@ -111,7 +111,42 @@ def plan_train(config: PipelineConfig, storage: Storage, root: str, tokens_ref: 
         runs.append(PlannedRun("upcycled", train.upcycled, RunInit("upcycle", dense_weights), moe=True))
     if train.scratch is not None:
         runs.append(PlannedRun("scratch", train.scratch, RunInit("random"), moe=True))
-    return TrainPlan(ref, tokens_ref, dense, moe, tuple(runs))
+    return TrainPlan(ref, tokens_ref, dense, moe, tuple(runs), train.export)
+
+
+def plan_continued_train(config: PipelineConfig, storage: Storage, root: str, tokens_ref: StageRef,
+                         previous: StageRef, phase: PhaseConfig) -> TrainPlan:
+    """Continue ``previous``'s exported MoE for ``phase`` on ``tokens_ref`` (which must use the
+    same tokenizer: an appended tokenize output). The optimizer starts afresh (``phase`` warms
+    it up); the aux-loss coefficients restart at ``aux_loss.alpha`` and re-adapt within ~1/(1-beta) steps."""
+    earlier = read_manifest(storage, previous)
+    if earlier is None:
+        raise TrainError(f"cannot continue {previous.uri}: it has no manifest.json")
+    seq_len, vocab = _token_shape(storage, tokens_ref)
+    _check_devices(config.train)
+    moe = dataclasses.replace(ModelArgs(**earlier.extra["moe_args"]), max_seq_len=seq_len)
+    if moe.vocab_size < vocab:
+        raise TrainError(f"{previous.uri}: its model's vocabulary ({moe.vocab_size}) is smaller than the "
+                         f"tokenizer's ({vocab}); continue only on shards made with the same tokenizer")
+    settings = _weight_settings(config.train) | {"continued": phase.model_dump(mode="json")}
+    fp = fingerprint(STAGE, CODE_VERSION, settings, {"tokenize": tokens_ref.fingerprint, "previous": previous.fingerprint})
+    start = join(previous.uri, "runs", earlier.extra["exported_run"], "final", "weights")
+    run = PlannedRun("continued", phase, RunInit("weights", start), moe=True)
+    return TrainPlan(StageRef(root, STAGE, fp), tokens_ref, ModelArgs(**earlier.extra["dense_args"]), moe, (run,),
+                     "continued")
+
+
+def _token_shape(storage: Storage, tokens_ref: StageRef) -> tuple[int, int]:
+    """Sequence length and vocabulary size of a complete tokenize output."""
+    tokens = read_manifest(storage, tokens_ref)
+    if tokens is None:
+        raise TrainError(f"no complete tokenize output at {tokens_ref.uri} (manifest.json missing)")
+    return int(tokens.extra["seq_len"]), int(tokens.extra["vocab_size"])
+
+
+def _weight_settings(train: TrainConfig) -> dict:
+    """Everything in the train config that changes the trained weights; logging and the launcher do not."""
+    return train.model_dump(mode="json", exclude={"log_every": True, "parallel": {"launcher"}})
 
 
 def run_train(config: PipelineConfig, storage: Storage, root: str, tokens_ref: StageRef,
@@ -125,7 +160,8 @@ def run_train(config: PipelineConfig, storage: Storage, root: str, tokens_ref: S
         return TrainResult(ref, existing, cached=True)
     train = config.train
     started = time.monotonic()
-    if train.dense_source and not DoneRecords(storage, ref, "import").get("dense"):
+    imports = any(run.init.uri == ref.path("import", "weights") for run in plan.runs)
+    if imports and not DoneRecords(storage, ref, "import").get("dense"):
         _, state = _import_dense(storage, train, import_llama)
         save_part(storage, ref.path("import", "weights"), "shared", state)
         save_args(storage, ref.path("import", "weights"), plan.dense_args)
@@ -142,7 +178,7 @@ def run_train(config: PipelineConfig, storage: Storage, root: str, tokens_ref: S
     timings = {"runs": round(time.monotonic() - started, 3)}
 
     export_uri = ref.path("hf")
-    export_hf(storage, join(ref.path("runs", train.export), "final", "weights"), join(tokens_ref.uri, "tokenizer"),
+    export_hf(storage, join(ref.path("runs", plan.export), "final", "weights"), join(tokens_ref.uri, "tokenizer"),
               export_uri)
     plots = _plots(storage, ref, plan)
     timings["total"] = round(time.monotonic() - started, 3)
@@ -158,11 +194,11 @@ def run_train(config: PipelineConfig, storage: Storage, root: str, tokens_ref: S
         stage=STAGE, fingerprint=ref.fingerprint, code_version=CODE_VERSION,
         config=canonical_json(train.model_dump(mode="json")), inputs={"tokenize": tokens_ref.uri},
         counts=counts, timings=timings,
-        extra={"runs": summaries, "export": "hf", "exported_run": train.export, "plots": plots,
+        extra={"runs": summaries, "export": "hf", "exported_run": plan.export, "plots": plots,
                "dense_args": plan.dense_args.to_dict(), "moe_args": plan.moe_args.to_dict()},
     )
     write_manifest(storage, ref, manifest)
-    log.info("train: %s exported to %s", train.export, export_uri)
+    log.info("train: %s exported to %s", plan.export, export_uri)
     return TrainResult(ref, manifest, cached=False)
 
 

@@ -157,11 +157,3 @@ def near_duplicate_clusters(signatures: np.ndarray, bands: int, rows: int, alive
             if a != b:
                 parent[max(a, b)] = min(a, b)
     return np.array([find(i) for i in range(len(signatures))])
-
-
-def recurring_lines(per_doc_hashes: list[np.ndarray], min_docs: int) -> np.ndarray:
-    """Line hashes that occur in at least ``min_docs`` documents (each document counted once)."""
-    if not per_doc_hashes:
-        return np.zeros(0, dtype=np.uint64)
-    values, counts = np.unique(np.concatenate(per_doc_hashes), return_counts=True)
-    return values[counts >= min_docs]

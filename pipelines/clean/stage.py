@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,16 @@ from pipelines.clean import dedup
 from pipelines.clean.classifier import QualityModel, QualityScorer, train_quality_model
 from pipelines.clean.executors import ShardTask, map_shards
 from pipelines.clean.heuristics import heuristic_steps
+from pipelines.clean.history import (
+    KEPT_INDEX,
+    KEPT_SCHEMA,
+    LINE_COUNT_SCHEMA,
+    LINE_COUNTS,
+    History,
+    accumulate_line_counts,
+    load_history,
+    write_parquet,
+)
 from pipelines.clean.langid import LanguageId
 from pipelines.clean.readers import InputError, InputShard, ShardReader, discover_inputs
 from pipelines.clean.steps import ORIGINAL, REJECT
@@ -67,11 +77,13 @@ INDEX_SCHEMA = pa.schema([
 
 @dataclass(frozen=True)
 class CleanPlan:
-    """What a run will do, known before any work: where it writes, what it reads, what it skips."""
+    """What a run will do, known before any work: where it writes, what it reads, what it skips,
+    and which earlier outputs (``prior``, oldest first) its documents are deduplicated against."""
 
     ref: StageRef
     shards: list[InputShard]
     skipped: list[dict[str, str]]
+    prior: tuple[StageRef, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -82,14 +94,22 @@ class CleanResult:
 
 
 # ------------------------------------------------------------------------------ planning
-def plan_clean(config: CleanConfig, storage: Storage, root: str) -> CleanPlan:
-    """Check inputs and resource files, then fingerprint; raises before any work is done."""
+def plan_clean(config: CleanConfig, storage: Storage, root: str, prior: tuple[StageRef, ...] = (),
+               seen: Mapping[str, str] | None = None) -> CleanPlan:
+    """Check inputs and resource files, then fingerprint; raises before any work is done.
+
+    An incremental run names the earlier outputs in ``prior`` and the inputs they already read in
+    ``seen`` (URI -> checksum): inputs are still discovered from the same patterns (so shard ids
+    and sources match a full run), and only unseen or changed files become shards (a changed
+    file's unchanged documents then go as duplicates of the earlier ones).
+    """
     shards, skipped = discover_inputs(storage, config.inputs, config.reader.text_field)
+    shards = [shard for shard in shards if (seen or {}).get(shard.uri) != shard.checksum]
     for item in skipped:
         log.info("clean: not reading %s (%s)", item["uri"], item["why"])
-    fp = fingerprint(STAGE, CODE_VERSION, _fingerprinted_config(config, storage),
-                     {shard.uri: shard.checksum for shard in shards})
-    return CleanPlan(StageRef(root, STAGE, fp), shards, skipped)
+    inputs = {shard.uri: shard.checksum for shard in shards} | {f"prior:{ref.uri}": ref.fingerprint for ref in prior}
+    fp = fingerprint(STAGE, CODE_VERSION, _fingerprinted_config(config, storage), inputs)
+    return CleanPlan(StageRef(root, STAGE, fp), shards, skipped, tuple(prior))
 
 
 def _fingerprinted_config(config: CleanConfig, storage: Storage) -> dict:
@@ -131,18 +151,20 @@ def run_clean(config: CleanConfig, storage: Storage, root: str, plan: CleanPlan 
     timings: dict[str, float] = {}
     started = time.monotonic()
 
-    model = _classifier(config, storage, ref, timings)
+    model = _classifier(config, storage, ref, plan.prior, timings)
     _run_phase("filter", FilterShard(config, storage, ref, shards, model), config, storage, ref, shards, timings)
     _run_phase("index", IndexShard(config, storage, ref, shards), config, storage, ref, shards, timings)
     decide_started = time.monotonic()
     decisions = DoneRecords(storage, ref, "decide")
     if decisions.get("all") is None:
-        decisions.mark("all", decide(config, storage, ref, shards))
+        mh = config.dedup.minhash
+        history = load_history(storage, plan.prior, mh.num_bands * mh.rows_per_band)
+        decisions.mark("all", decide(config, storage, ref, shards, history))
     timings["decide"] = round(time.monotonic() - decide_started, 3)
     _run_phase("apply", ApplyShard(config, storage, ref, shards), config, storage, ref, shards, timings)
     timings["total"] = round(time.monotonic() - started, 3)
 
-    manifest = _manifest(config, storage, ref, shards, model, timings)
+    manifest = _manifest(config, storage, ref, shards, plan.prior, model, timings)
     manifest.extra["skipped_inputs"] = plan.skipped
     manifest.extra["plots"] = _plots(storage, ref, manifest.counts)
     write_manifest(storage, ref, manifest)
@@ -151,9 +173,14 @@ def run_clean(config: CleanConfig, storage: Storage, root: str, plan: CleanPlan 
     return CleanResult(ref, manifest, cached=False)
 
 
-def _classifier(config: CleanConfig, storage: Storage, ref: StageRef, timings: dict) -> QualityModel | None:
+def _classifier(config: CleanConfig, storage: Storage, ref: StageRef, prior: tuple[StageRef, ...],
+                timings: dict) -> QualityModel | None:
+    """Train the quality classifier, or, in an incremental run, reuse the first generation's
+    (the same config trains the same model; a small new batch would also be a poor sample)."""
     if not config.classifier.enabled:
         return None
+    if prior:
+        return QualityModel.load(storage, prior[0].path("classifier", "model"))
     done = DoneRecords(storage, ref, "classifier")
     prefix = ref.path("classifier", "model")
     if done.get("model") is None:
@@ -271,8 +298,9 @@ class IndexShard:
         DoneRecords(self.storage, self.ref, "index").mark(shard.shard_id, {"docs": len(rows)})
 
 
-def decide(config: CleanConfig, storage: Storage, ref: StageRef, shards: list[InputShard]) -> dict:
-    """Phase 4: global decisions over the whole index, in input order (first occurrence wins)."""
+def decide(config: CleanConfig, storage: Storage, ref: StageRef, shards: list[InputShard], history: History) -> dict:
+    """Phase 4: global decisions over the whole index, in input order (first occurrence wins;
+    documents kept by earlier generations in ``history`` come before all of this run's)."""
     tables = [_read_table(storage, ref.path("dedup_index", f"{s.shard_id}.parquet")) for s in shards]
     shard_of = np.concatenate([np.full(len(t), i, dtype=np.int32) for i, t in enumerate(tables)] or [[]])
     row_of = np.concatenate([t["row"].to_numpy() for t in tables] or [[]]).astype(np.int64)
@@ -288,6 +316,10 @@ def decide(config: CleanConfig, storage: Storage, ref: StageRef, shards: list[In
             step[i] = step_name
             alive[i] = False
 
+    def key_of(i: int) -> str:
+        """A document of this run (index >= 0) or of the history (index - len(history) < 0)."""
+        return _doc_key(shards, shard_of, row_of, i) if i >= 0 else history.keys[i + len(history)]
+
     bucket_edges: dict[str, list[float]] = {}
     if config.classifier.enabled and n_docs:
         scores = np.concatenate([t["quality_score"].to_numpy(zero_copy_only=False) for t in tables]).astype(float)
@@ -296,38 +328,56 @@ def decide(config: CleanConfig, storage: Storage, ref: StageRef, shards: list[In
         for lang in sorted(set(langs) - {"code"}):
             in_lang = langs == lang
             # Thresholds from the top: quantile q of "best first" ordering splits head from the rest.
-            edges = [float(np.quantile(scores[in_lang], 1 - q)) for q in config.classifier.bucket_quantiles]
+            edges = history.bucket_edges.get(lang) or [float(np.quantile(scores[in_lang], 1 - q))
+                                                       for q in config.classifier.bucket_quantiles]
             bucket_edges[lang] = edges
             bucket_index = (scores[:, None] < np.array(edges)[None, :]).sum(axis=1)
             for b, name in enumerate(names):
                 if name not in keep:
                     drop(in_lang & (bucket_index == b), "quality_classifier", f"bucket_{name}")
 
+    earlier_duplicates = 0
     if config.dedup.exact and n_docs:
         hashes = np.concatenate([t["exact_hash"].to_numpy() for t in tables])
+        earlier = history.exact_matches(hashes)
+        earlier_duplicates += int((alive & (earlier >= 0)).sum())
+        drop(earlier >= 0, "exact_dedup", lambda i: f"duplicate_of: {history.keys[earlier[i]]}")
         _, first = np.unique(hashes[alive], return_index=True)
         alive_idx = np.flatnonzero(alive)
         first_of = {hashes[alive_idx[f]]: alive_idx[f] for f in first}
         dup = np.zeros(n_docs, dtype=bool)
         dup[alive_idx] = True
         dup[list(first_of.values())] = False
-        drop(dup, "exact_dedup", lambda i: f"duplicate_of: {_doc_key(shards, shard_of, row_of, first_of[hashes[i]])}")
+        drop(dup, "exact_dedup", lambda i: f"duplicate_of: {key_of(first_of[hashes[i]])}")
 
     mh = config.dedup.minhash
     near_dups = 0
-    if mh.enabled and n_docs:
+    signatures = np.zeros((0, mh.num_bands * mh.rows_per_band), dtype=np.uint32)
+    if n_docs:
         signatures = np.stack([np.asarray(sig, dtype=np.uint32) for t in tables for sig in t["minhash"].to_pylist()])
-        root = dedup.near_duplicate_clusters(signatures, mh.num_bands, mh.rows_per_band, alive.copy())
+    if mh.enabled and n_docs:
+        # Earlier generations' kept documents first: a cluster's first member is then the old one.
+        combined = np.concatenate([history.signatures, signatures])
+        root = dedup.near_duplicate_clusters(combined, mh.num_bands, mh.rows_per_band,
+                                             np.concatenate([np.ones(len(history), bool), alive]))[len(history):]
+        root -= len(history)
         is_dup = root != np.arange(n_docs)
         near_dups = int(is_dup.sum())
-        drop(is_dup, "near_dedup", lambda i: f"near_duplicate_of: {_doc_key(shards, shard_of, row_of, root[i])}")
+        earlier_duplicates += int((is_dup & alive & (root < 0)).sum())
+        drop(is_dup, "near_dedup", lambda i: f"near_duplicate_of: {key_of(root[i])}")
 
     rc = config.dedup.recurring
-    recurring = np.zeros(0, dtype=np.uint64)
-    if rc.enabled and n_docs:
-        per_doc = [np.asarray(h, dtype=np.uint64) for t in tables for h in t["line_hashes"].to_pylist()]
-        recurring = dedup.recurring_lines([h for h, a in zip(per_doc, alive) if a], rc.min_docs)
+    per_doc = [np.asarray(h, dtype=np.uint64) for t in tables for h in t["line_hashes"].to_pylist()]
+    line_hashes, line_docs = accumulate_line_counts(history, [h for h, a in zip(per_doc, alive) if a])
+    recurring = line_hashes[line_docs >= rc.min_docs] if rc.enabled else np.zeros(0, dtype=np.uint64)
     storage.write_bytes(ref.path("dedup", "recurring_lines.npy"), _npy(recurring))
+    write_parquet(storage, ref.path(LINE_COUNTS), {"line_hash": line_hashes, "docs": line_docs}, LINE_COUNT_SCHEMA)
+    kept = np.flatnonzero(alive)
+    write_parquet(storage, ref.path(KEPT_INDEX), {
+        "key": [_doc_key(shards, shard_of, row_of, i) for i in kept],
+        "exact_hash": np.concatenate([t["exact_hash"].to_numpy() for t in tables] or [np.zeros(0, np.uint64)])[kept],
+        "minhash": pa.array(list(signatures[kept]), type=pa.list_(pa.uint32())),
+    }, KEPT_SCHEMA)
 
     dropped = np.flatnonzero(~alive)
     _write_table(storage, ref.path("dedup", "decisions.parquet"), [
@@ -335,7 +385,8 @@ def decide(config: CleanConfig, storage: Storage, ref: StageRef, shards: list[In
         for i in dropped
     ], pa.schema([("shard", pa.string()), ("row", pa.int64()), ("step", pa.string()), ("reason", pa.string())]))
     return {"docs": n_docs, "dropped": len(dropped), "near_duplicates": near_dups,
-            "recurring_lines": int(len(recurring)), "bucket_edges": bucket_edges}
+            "duplicates_of_earlier": earlier_duplicates, "recurring_lines": len(recurring),
+            "bucket_edges": bucket_edges}
 
 
 def _doc_key(shards: list[InputShard], shard_of: np.ndarray, row_of: np.ndarray, i: int) -> str:
@@ -406,7 +457,7 @@ def _plots(storage: Storage, ref: StageRef, counts: dict) -> list[str]:
 
 
 def _manifest(config: CleanConfig, storage: Storage, ref: StageRef, shards: list[InputShard],
-              model: QualityModel | None, timings: dict) -> Manifest:
+              prior: tuple[StageRef, ...], model: QualityModel | None, timings: dict) -> Manifest:
     filtered = DoneRecords(storage, ref, "filter").all()
     applied = DoneRecords(storage, ref, "apply").all()
     rejects: Counter = Counter()
@@ -431,6 +482,7 @@ def _manifest(config: CleanConfig, storage: Storage, ref: StageRef, shards: list
         "docs_out_by_lang": dict(sorted(langs.items())),
         "lines_cut_recurring": sum(applied[s.shard_id]["lines_cut"] for s in shards),
         "recurring_lines": decide_record.get("recurring_lines", 0),
+        "duplicates_of_earlier": decide_record.get("duplicates_of_earlier", 0),
     }
     extra = {
         "rejects": reject_entries,
@@ -438,6 +490,8 @@ def _manifest(config: CleanConfig, storage: Storage, ref: StageRef, shards: list
         "quality_buckets": decide_record.get("bucket_edges", {}),
         "classifier": model.metrics if model is not None else None,
         "inputs": [{"uri": s.uri, "shard_id": s.shard_id, "source": s.source, "format": s.format} for s in shards],
+        "prior": [ref.uri for ref in prior],
+        "kept_index": KEPT_INDEX,
     }
     return Manifest(stage=STAGE, fingerprint=ref.fingerprint, code_version=CODE_VERSION,
                     config=json.loads(canonical_json(config.model_dump(mode="json"))),

@@ -193,7 +193,7 @@ class TokenReader:
         it. Anything else (``s3://``) is downloaded whole into memory: simple and fine while shards
         are modest; a ranged reader would be the next step if shards grow large.
         """
-        uri = join(self.stage_uri, entry["path"])
+        uri = file_uri(self.stage_uri, entry)
         fs, path = self.storage.fs(uri)
         try:
             if "file" in fs.protocol:
@@ -256,6 +256,14 @@ class TokenReader:
     def _selects(self, key: str) -> bool:
         lang, source = key.split("/", 1)
         return self.lang in (None, lang) and self.source in (None, source)
+
+def file_uri(stage_uri: str, entry: dict[str, Any]) -> str:
+    """Where a listed file lives: in this output, or, for files an appending run inherited, in the
+    sibling output its ``output`` field names."""
+    if "output" in entry:
+        return join(stage_uri.rstrip("/").rsplit("/", 1)[0], entry["output"], entry["path"])
+    return join(stage_uri, entry["path"])
+
 
 def _domain(entry: dict[str, Any]) -> str:
     return f"{entry['lang']}/{entry['source']}"

@@ -8,6 +8,10 @@ Phases, each resumable:
    Arrow IPC files (``train/`` and ``validation/``);
 3. the manifest: the file index (sequences and tokens per file, split, language, source) and the
    mixture plan (repeat factor and realised tokens per language and source).
+
+An appending run (``base``: an earlier tokenize output) encodes only its own cleaned shards with
+the base's tokenizer; its manifest lists the base's files, untouched where they are (each such
+entry names its folder in ``output``), followed by the new ones, so training reads one index.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class TokenizeUnit:
 class TokenizePlan:
     ref: StageRef
     units: list[TokenizeUnit]
+    base: StageRef | None = None  # the output this one appends to
 
 
 @dataclass(frozen=True)
@@ -87,8 +92,10 @@ class TokenizeResult:
     cached: bool
 
 
-def plan_tokenize(config: TokenizeConfig, storage: Storage, root: str, clean_ref: StageRef) -> TokenizePlan:
-    """The units to encode and the fingerprint; fails before any work when cleaning is incomplete."""
+def plan_tokenize(config: TokenizeConfig, storage: Storage, root: str, clean_ref: StageRef,
+                  base: StageRef | None = None) -> TokenizePlan:
+    """The units to encode and the fingerprint; fails before any work when cleaning (or the base
+    this run appends to) is incomplete."""
     clean = read_manifest(storage, clean_ref)
     if clean is None:
         raise TokenizeError(f"no complete cleaning output at {clean_ref.uri} (manifest.json missing)")
@@ -100,8 +107,13 @@ def plan_tokenize(config: TokenizeConfig, storage: Storage, root: str, clean_ref
     settings = config.model_dump(mode="json", exclude={"encode_batch"})
     if config.tokenizer.path:
         settings["tokenizer"]["path"] = storage.checksum(_tokenizer_file(config.tokenizer.path))
-    fp = fingerprint(STAGE, CODE_VERSION, settings, {"clean": clean_ref.fingerprint})
-    return TokenizePlan(StageRef(root, STAGE, fp), units)
+    inputs = {"clean": clean_ref.fingerprint}
+    if base is not None:
+        if read_manifest(storage, base) is None:
+            raise TokenizeError(f"cannot append to {base.uri}: it has no manifest.json")
+        inputs["base"] = base.fingerprint  # its tokenizer wins over the tokenizer settings
+    fp = fingerprint(STAGE, CODE_VERSION, settings, inputs)
+    return TokenizePlan(StageRef(root, STAGE, fp), units, base)
 
 
 def _source_of(inputs: list[dict], input_uri: str) -> str:
@@ -125,9 +137,13 @@ def run_tokenize(config: TokenizeConfig, storage: Storage, root: str, clean_ref:
     tokenizer_uri = ref.path("tokenizer")
     done = DoneRecords(storage, ref, "tokenizer")
     if done.get("tokenizer") is None:
-        tokenizer = (load_tokenizer(storage, config.tokenizer.path) if config.tokenizer.path
-                     else train_tokenizer(_training_texts(storage, plan.units, config), config.tokenizer.vocab_size,
-                                          config.tokenizer.min_frequency))
+        if plan.base is not None:  # appended ids must mean what the base's ids mean
+            tokenizer = load_tokenizer(storage, plan.base.path("tokenizer"))
+        elif config.tokenizer.path:
+            tokenizer = load_tokenizer(storage, config.tokenizer.path)
+        else:
+            tokenizer = train_tokenizer(_training_texts(storage, plan.units, config), config.tokenizer.vocab_size,
+                                        config.tokenizer.min_frequency)
         save_tokenizer(tokenizer, storage, tokenizer_uri)
         done.mark("tokenizer", {"vocab_size": tokenizer.get_vocab_size()})
         log.info("tokenize: tokenizer with %d ids at %s", tokenizer.get_vocab_size(), tokenizer_uri)
@@ -231,9 +247,24 @@ def _write_rows(storage: Storage, ref: StageRef, unit: TokenizeUnit, split: str,
     return written
 
 
+def _inherited(storage: Storage, base: StageRef | None, dtype: np.dtype) -> tuple[list[dict], list[dict], dict]:
+    """The base output's index and shard entries, each pointing at the folder that holds its file,
+    and its counts."""
+    if base is None:
+        return [], [], {}
+    manifest = read_manifest(storage, base)
+    if manifest.extra["token_dtype"] != str(dtype):
+        raise TokenizeError(f"cannot append {dtype} shards to {base.uri}, which holds {manifest.extra['token_dtype']}")
+    located = [{"output": base.fingerprint, **entry} for entry in manifest.extra["index"]]
+    shards = [{"output": base.fingerprint, **entry} for entry in manifest.shards]
+    return located, shards, manifest.counts
+
+
 def _manifest(config: TokenizeConfig, storage: Storage, ref: StageRef, clean_ref: StageRef, plan: TokenizePlan,
               records: dict[str, dict], vocab_size: int, dtype: np.dtype, timings: dict) -> Manifest:
-    index = [entry for unit in plan.units for entry in records[unit.unit_id]["files"]]
+    inherited_index, inherited_shards, inherited_counts = _inherited(storage, plan.base, dtype)
+    new_index = [entry for unit in plan.units for entry in records[unit.unit_id]["files"]]
+    index = inherited_index + new_index
     train_tokens: dict[str, int] = defaultdict(int)
     for entry in index:
         if entry["split"] == "train":
@@ -243,17 +274,22 @@ def _manifest(config: TokenizeConfig, storage: Storage, ref: StageRef, clean_ref
                             "per language: nothing to train on (lower tokenize.seq_len or add data)")
     mixture = repeat_factors(dict(train_tokens), config.mixture.weights, config.mixture.max_repeats)
     counts: dict[str, int] = defaultdict(int)
+    for key, value in inherited_counts.items():
+        if not key.startswith("appended_"):
+            counts[key] += value
     for unit in plan.units:
         for key, value in records[unit.unit_id]["counts"].items():
             counts[key] += value
-    for entry in index:
-        counts[f"{entry['split']}_sequences"] += entry["sequences"]
-        counts[f"{entry['split']}_tokens"] += entry["tokens"]
-    shards = [{**entry, "bytes": storage.size(ref.path(entry["path"])),
-               "checksum": storage.checksum(ref.path(entry["path"]))} for entry in index]
+    for entry in new_index:
+        for prefix in ("", "appended_") if plan.base else ("",):
+            counts[f"{prefix}{entry['split']}_sequences"] += entry["sequences"]
+            counts[f"{prefix}{entry['split']}_tokens"] += entry["tokens"]
+    shards = inherited_shards + [{**entry, "bytes": storage.size(ref.path(entry["path"])),
+                                  "checksum": storage.checksum(ref.path(entry["path"]))} for entry in new_index]
     return Manifest(
         stage=STAGE, fingerprint=ref.fingerprint, code_version=CODE_VERSION,
-        config=canonical_json(config.model_dump(mode="json")), inputs={"clean": clean_ref.uri},
+        config=canonical_json(config.model_dump(mode="json")),
+        inputs={"clean": clean_ref.uri, **({"base": plan.base.uri} if plan.base else {})},
         shards=shards, counts=dict(counts), timings=timings,
         extra={"index": index, "mixture": mixture, "seq_len": config.seq_len, "token_dtype": str(dtype),
                "vocab_size": vocab_size, "tokenizer": "tokenizer"},
