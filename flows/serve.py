@@ -5,8 +5,9 @@ Everything binds 127.0.0.1. The server and the worker are child processes in the
 a Ctrl-C in the terminal reaches only this process, which then stops the worker before the server
 (a worker without its server would log connection errors until killed).
 
-A flow run whose process died without reporting (kill -9, OOM, a reboot) stays "Running" in the
-API forever; ``start_worker`` first marks such runs Crashed, so a restart shows no ghost runs.
+A flow run whose process died without reporting (kill -9, OOM, a reboot, or a worker stopped
+mid-run) stays "Running" in the API forever; ``start_worker`` first marks such runs Crashed, and so
+does a clean shutdown, so the UI shows no ghost runs.
 """
 
 from __future__ import annotations
@@ -171,11 +172,11 @@ def flow_run_pids() -> dict[str, list[int]]:
     return runs
 
 
-def crash_stale_runs(local: LocalPrefect) -> list[str]:
+def crash_stale_runs(local: LocalPrefect, settle: float = 0) -> list[str]:
     """Mark Crashed every Running/Pending flow run of the pool whose process is gone, with its
     Running/Pending task runs; return their names. The server binds 127.0.0.1, so every worker of
-    the pool - and every flow-run process - is on this machine."""
-    live = flow_run_pids()
+    the pool - and every flow-run process - is on this machine. ``settle``: seconds to give live
+    run processes to exit first (at shutdown, a stopped worker's runs are still going down)."""
     now = datetime.now(timezone.utc)
     active = [StateType.RUNNING, StateType.PENDING]
     crashed = []
@@ -183,12 +184,16 @@ def crash_stale_runs(local: LocalPrefect) -> list[str]:
         runs = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=active))),
             work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[POOL])))
+        deadline, live = time.monotonic() + settle, flow_run_pids()
+        while any(str(run.id) in live for run in runs) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            live = flow_run_pids()
         for run in runs:
             if str(run.id) in live:
                 continue
             if run.state.type == StateType.PENDING and now - run.state.timestamp < PENDING_GRACE:
                 continue
-            message = f"{run.state.name} when the worker restarted, but its process is gone (killed or crashed)"
+            message = f"{run.state.name}, but its process is gone: killed, crashed, or stopped with its worker"
             client.set_flow_run_state(run.id, Crashed(message=message), force=True)
             task_runs = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
@@ -250,8 +255,12 @@ def serving(local: LocalPrefect, deployments: list[str] | None = None) -> Iterat
         local.worker = start_worker(local)
         yield local
     finally:
-        stop(local.worker)
-        stop(local.server)
+        try:
+            stop(local.worker)
+            if local.worker is not None and local.server is not None and local.server.poll() is None:
+                crash_stale_runs(local, settle=15)  # runs the worker took down with it: Crashed now, not at the next start
+        finally:
+            stop(local.server)
 
 
 def serve(local: LocalPrefect) -> int:

@@ -7,14 +7,17 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 from uuid import UUID
 
 import pytest
 from conftest import SMALL_TRAIN, free_port, write_config
 
-from flows.serve import LocalPrefect, flow_run_pids, serving, start_worker
+from flows.serve import LocalPrefect, flow_run_pids, serving, start_server, start_worker, stop
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun
 
@@ -84,6 +87,59 @@ def test_kill_9_of_worker_and_run_then_restart_and_resume(local, config, caplog)
     assert f"dense: resumed from step {killed_at} " in _logs(local, rerun)
     rows = [json.loads(line) for line in (checkpoints.parent / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if "loss" in row] == list(range(1, LONG_TRAIN["dense"]["steps"] + 1))
+
+
+def test_serve_command_deploys_everything_and_stops_cleanly(tmp_path, config, monkeypatch):
+    """``skymoe serve`` as a user runs it; SIGTERM with a run in flight leaves no process behind and
+    no ghost run in the database."""
+    monkeypatch.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED", "false")  # no hourly run mid-test
+    local = LocalPrefect(port=free_port(), home=tmp_path / "home")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(local.port), "--home",
+                             str(local.home)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output = ""
+        while "Prefect UI at" not in output and (line := proc.stdout.readline()):  # "" once serve exited
+            output += line
+        assert f"Prefect UI at {local.ui_url} " in output, output[-3000:]
+        with urllib.request.urlopen(f"{local.ui_url}/ui-settings") as response:
+            assert json.load(response)["api_url"] == local.api_url  # the UI calls this port, not 4200
+        with local.client() as client:
+            deployments = {d.name: d for d in client.read_deployments()}
+        assert set(deployments) == {"pipeline", "clean", "tokenize", "train", "evaluate", "incremental"}
+        assert [s.schedule.cron for s in deployments["incremental"].schedules] == ["0 * * * *"]
+        assert deployments["train"].parameters["from_stage"] == deployments["train"].parameters["until"] == "train"
+
+        run = _trigger(local, "pipeline", {"config_path": str(config[0]), "root": str(tmp_path / "out")})
+        with local.client() as client:
+            while not (state := client.read_flow_run(run).state).is_running():
+                assert not state.is_final(), state.message
+                time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert "worker and server stopped" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not _processes_with(f"PREFECT_HOME={local.home}")
+    local.server = start_server(local)
+    try:
+        with local.client() as client:
+            state = client.read_flow_run(run).state
+        assert state.is_crashed() and "stopped with its worker" in state.message
+    finally:
+        stop(local.server)
+
+
+def _processes_with(variable: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and variable.encode() in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
 
 
 def _trigger(local: LocalPrefect, deployment: str, parameters: dict) -> UUID:
