@@ -29,6 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--until", choices=STAGES, default=STAGES[-1], help="last stage to run")
     run.add_argument("--executor", choices=("datatrove", "beam"), help="cleaning executor (overrides the config)")
 
+    ablate = commands.add_parser("ablate", help="reproduce one of the report's ablations at small scale (Prefect flow)")
+    ablate.add_argument("ablation", choices=("gating-norm", "aux-coef", "init"))
+    ablate.add_argument("--config", help="config file or preset name (default: the 'tiny' preset)")
+    ablate.add_argument("--root", help="storage root URI (overrides storage.root)")
+    ablate.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3); more seeds add runs")
+    ablate.add_argument("--smoke", action="store_true", help="a handful of steps of a 2-layer model (tests)")
+    ablate.add_argument("--preset", choices=("cpu", "gpu"), help="size: cpu (default, ~30 min on 2 cores) or gpu")
+
     show = commands.add_parser("show", help="list every stage output under a root")
     show.add_argument("--root", help="storage root URI (default: the tiny preset's root)")
     show.add_argument("--config", help="config file or preset name, for its root and S3 settings")
@@ -62,6 +70,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     summary = pipeline_flow(config_path=args.config, root=args.root, inputs=overrides.get("clean", {}).get("inputs"),
                             until=args.until, executor=args.executor)
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from ablations.run import check_ablation, size_of
+    from pipelines.clean.stage import plan_clean
+    from skymoe.config import load_config
+    from skymoe.storage import Storage
+
+    # Fail on a bad config, grid, seed count, missing inputs or an unusable root before Prefect starts.
+    config = load_config(args.config, _overrides(args))
+    size = size_of(args.smoke, args.preset)
+    check_ablation(config, args.ablation, args.seeds, size)
+    storage = Storage.from_config(config.storage)
+    plan_clean(config.clean, storage, config.storage.root)
+    storage.check_writable_root(config.storage.root)
+    from flows.ablate import ablate_flow
+
+    summary = ablate_flow(ablation=args.ablation, config_path=args.config, root=args.root, seeds=args.seeds,
+                          size=size)
     print(json.dumps(summary, indent=2, ensure_ascii=False))
     return 0
 
@@ -108,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from skymoe.storage import StorageError
 
     try:
-        return {"run": _cmd_run, "show": _cmd_show, "serve": _cmd_serve}[args.command](args)
+        return {"run": _cmd_run, "ablate": _cmd_ablate, "show": _cmd_show, "serve": _cmd_serve}[args.command](args)
     except (ValueError, StorageError, OSError) as err:  # bad config, inputs or root: found before any work
         print(f"skymoe: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,192 @@
+"""Planning and running one ablation, without Prefect: tokens, then one training run per (variant, seed).
+
+Tokens come from the clean and tokenize stages (cached under the same root, so shared with
+``skymoe run``). Each variant's runs live at ``<root>/ablate/<ablation>/<fingerprint>/seed-<s>/``;
+the fingerprint covers what changes the trained weights (the variant's train settings, phase,
+initialisation, model shape, the tokens and the training code) but not the seed, so asking for
+more seeds adds folders next to the finished ones. A finished run leaves a done-record
+(``_done/seeds/seed-<s>.json``) after its weights and metrics: a rerun skips it, and an
+interrupted run resumes from its last checkpoint (``training.stage.execute_run``).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ablations.gates import gate_profile
+from ablations.variants import SIZES, Size, Variant, sized_train, variants
+from pipelines.clean.stage import plan_clean, run_clean
+from pipelines.tokenize.stage import plan_tokenize, run_tokenize
+from skymoe.config import ConfigError, PipelineConfig, StorageConfig, TrainConfig
+from skymoe.progress import Progress
+from skymoe.stage import DoneRecords, StageRef, canonical_json, fingerprint, read_manifest
+from skymoe.storage import Storage, join
+from training.checkpoint import checkpoints_uri, tag
+from training.model import ModelArgs, training_flops_per_token
+from training.presets import dense_shape, with_moe
+from training.spec import RunInit
+from training.stage import CODE_VERSION, PlannedRun, execute_run
+
+log = logging.getLogger("skymoe.ablate")
+
+# Train fields that cannot change a run's weights, or that the variant's phase replaces.
+_NOT_FINGERPRINTED = {"seed": True, "log_every": True, "parallel": {"launcher"}, "dense": True, "upcycled": True,
+                      "scratch": True, "export": True, "dense_source": True}
+
+
+@dataclass(frozen=True)
+class AblationRun:
+    """One (variant, seed) training run and everything ``execute_run`` needs for it."""
+
+    ablation: str
+    variant: Variant
+    seed: int
+    ref: StageRef  # the variant's folder: <root>/ablate/<ablation>/<fingerprint>
+    train: TrainConfig
+    args: ModelArgs
+    tokens_uri: str
+    init_uri: str | None
+
+    @property
+    def key(self) -> str:
+        return f"seed-{self.seed}"
+
+    @property
+    def uri(self) -> str:
+        return self.ref.path(self.key)
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant.name} seed {self.seed}"
+
+    def planned(self) -> PlannedRun:
+        init = RunInit("upcycle", self.init_uri) if self.variant.init == "upcycle" else RunInit("random")
+        return PlannedRun(f"{self.variant.name.replace('/', '-')}-{self.key}", self.variant.phase, init,
+                          self.variant.moe)
+
+
+@dataclass(frozen=True)
+class AblationPlan:
+    ablation: str
+    size: str
+    seeds: int
+    tokens_ref: StageRef
+    variants: tuple[Variant, ...]
+    runs: tuple[AblationRun, ...]  # sources (the init ablation's dense runs) before the runs that read them
+    tokens_per_step: int
+    flops: tuple[float, float]  # training FLOPs per token of the MoE and of the dense shape
+
+    @property
+    def report_uri(self) -> str:
+        return join(self.tokens_ref.root, "ablate", self.ablation, f"report-{self.size}")
+
+
+def size_of(smoke: bool, preset: str | None) -> str:
+    """The size name from the CLI's flags: ``--smoke`` wins, then ``--preset``, else ``cpu``."""
+    name = "smoke" if smoke else preset or "cpu"
+    if name not in SIZES:
+        raise ConfigError(f"unknown ablation preset {name!r}: expected one of {', '.join(SIZES)}")
+    return name
+
+
+def check_ablation(config: PipelineConfig, ablation: str, seeds: int, size: str) -> None:
+    """Everything that can fail before tokens exist: the ablation name, seeds, and every variant's config."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    train = sized_train(config.train, SIZES[size])
+    for variant in variants(ablation, train, SIZES[size]):
+        variant.train_config(train, 0)
+
+
+def prepare_tokens(config: PipelineConfig, storage: Storage) -> StageRef:
+    """The clean and tokenize stages' output for ``config`` (cache hits when ``skymoe run`` made them)."""
+    root = config.storage.root
+    clean = run_clean(config.clean, storage, root, plan_clean(config.clean, storage, root))
+    tokens = run_tokenize(config.tokenize, storage, root, clean.ref,
+                          plan_tokenize(config.tokenize, storage, root, clean.ref))
+    return tokens.ref
+
+
+def plan_ablation(config: PipelineConfig, storage: Storage, ablation: str, tokens_ref: StageRef, seeds: int,
+                  size_name: str) -> AblationPlan:
+    """Every run of ``ablation`` with its fingerprinted folder; cheap, touches no weights."""
+    size: Size = SIZES[size_name]
+    tokens = read_manifest(storage, tokens_ref)
+    if tokens is None:
+        raise ConfigError(f"no complete tokenize output at {tokens_ref.uri}")
+    seq_len, vocab = int(tokens.extra["seq_len"]), int(tokens.extra["vocab_size"])
+    base = sized_train(config.train, size)
+    dense = dense_shape(base, seq_len, vocab)
+    flops = (training_flops_per_token(with_moe(dense, base.moe), seq_len), training_flops_per_token(dense, seq_len))
+    grid = variants(ablation, base, size, *flops)
+    refs: dict[str, StageRef] = {}
+    runs: list[AblationRun] = []
+    for variant in grid:
+        train = variant.train_config(base, 0)
+        args = with_moe(dense_shape(train, seq_len, vocab), train.moe) if variant.moe else dense_shape(train, seq_len,
+                                                                                                       vocab)
+        settings = {"train": train.model_dump(mode="json", exclude=_NOT_FINGERPRINTED),
+                    "phase": variant.phase.model_dump(mode="json"), "moe": variant.moe, "model": args.to_dict(),
+                    "init": variant.init, "source_step": variant.source_step}
+        inputs = {"tokenize": tokens_ref.fingerprint}
+        if variant.source is not None:
+            inputs["source"] = refs[variant.source].fingerprint
+        refs[variant.name] = StageRef(tokens_ref.root, f"ablate/{ablation}",
+                                      fingerprint(f"ablate-{ablation}", CODE_VERSION, settings, inputs))
+        for seed in range(seeds):
+            init_uri = None
+            if variant.source is not None:
+                source = refs[variant.source].path(f"seed-{seed}")
+                init_uri = join(checkpoints_uri(source), tag(variant.source_step), "weights") \
+                    if variant.source_step is not None else join(source, "final", "weights")
+            runs.append(AblationRun(ablation, variant, seed, refs[variant.name], variant.train_config(base, seed),
+                                    args, tokens_ref.uri, init_uri))
+    tokens_per_step = base.micro_batch_size * base.grad_accum * base.parallel.world_size * seq_len
+    return AblationPlan(ablation, size_name, seeds, tokens_ref, tuple(grid), tuple(runs), tokens_per_step, flops)
+
+
+def done_record(storage: Storage, run: AblationRun) -> dict[str, Any] | None:
+    return DoneRecords(storage, run.ref, "seeds").get(run.key)
+
+
+def train_run(run: AblationRun, storage_config: StorageConfig) -> dict[str, Any]:
+    """Train one (variant, seed) run unless its done-record exists; its record (summary, gate profile)."""
+    storage = Storage.from_config(storage_config)
+    record = done_record(storage, run)
+    if record is not None:
+        return record
+    storage.write_text(run.ref.path("variant.json"), canonical_json(
+        {"ablation": run.ablation, "variant": run.variant.name, "phase": run.variant.phase.model_dump(mode="json"),
+         "settings": run.variant.settings, "init": run.variant.init, "source_step": run.variant.source_step}))
+    with tempfile.TemporaryDirectory(prefix="skymoe-ablate-") as scratch:
+        summary = execute_run(run.train, storage_config, run.tokens_uri, run.uri, run.args, run.planned(),
+                              Path(scratch))
+    gates = gate_profile(storage, join(run.uri, "final", "weights"), run.tokens_uri) if run.variant.moe else None
+    record = {**summary, "variant": run.variant.name, "seed": run.seed, "gates": gates}
+    DoneRecords(storage, run.ref, "seeds").mark(run.key, record)
+    return record
+
+
+Runner = Callable[[AblationRun], dict[str, Any]]
+
+
+def execute_plan(plan: AblationPlan, storage: Storage, runner: Runner) -> tuple[dict[tuple[str, int], dict], list[str]]:
+    """Every run of the plan through ``runner`` (``train_run``, or the flow's Prefect task around it),
+    in order; the records by (variant, seed) and the labels of the runs that had to train."""
+    pending = [run.label for run in plan.runs if done_record(storage, run) is None]
+    log.info("ablate %s (%s, %d seeds): %d runs, %d cached, %d to train", plan.ablation, plan.size, plan.seeds,
+             len(plan.runs), len(plan.runs) - len(pending), len(pending))
+    progress = Progress(f"ablate/{plan.ablation}", len(pending), "runs", log, every_s=0)
+    records = {}
+    for run in plan.runs:
+        fresh = run.label in pending
+        records[(run.variant.name, run.seed)] = runner(run)
+        if fresh:
+            progress.update()
+    progress.close()
+    return records, pending
