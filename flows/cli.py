@@ -37,6 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     ablate.add_argument("--smoke", action="store_true", help="a handful of steps of a 2-layer model (tests)")
     ablate.add_argument("--preset", choices=("cpu", "gpu"), help="size: cpu (default, ~30 min on 2 cores) or gpu")
 
+    incremental = commands.add_parser("incremental", help="run the pipeline on input files new since the last "
+                                      "generation (what the scheduled deployment does)")
+    incremental.add_argument("--config", help="config file or preset name (default: the 'tiny' preset)")
+    incremental.add_argument("--root", help="storage root URI (overrides storage.root)")
+    incremental.add_argument("--input", dest="input_prefix", metavar="URI",
+                             help="the input folder or prefix to watch (overrides clean.inputs)")
+    incremental.add_argument("--train-tokens", type=int, help="continued-training tokens (overrides the config)")
+
     show = commands.add_parser("show", help="list every stage output under a root")
     show.add_argument("--root", help="storage root URI (default: the tiny preset's root)")
     show.add_argument("--config", help="config file or preset name, for its root and S3 settings")
@@ -95,6 +103,33 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_incremental(args: argparse.Namespace) -> int:
+    from pipelines.incremental import load_ledger, plan_generation
+    from skymoe.config import load_config, run_overrides
+    from skymoe.storage import Storage
+
+    prefix = args.input_prefix
+    if prefix and "://" not in prefix:
+        prefix = os.path.abspath(prefix)
+    overrides = run_overrides(args.root, [prefix] if prefix else None)
+    if args.train_tokens is not None:
+        overrides["incremental"] = {"train_tokens": args.train_tokens}
+    config = load_config(args.config, overrides)
+    storage = Storage.from_config(config.storage)
+    storage.check_writable_root(config.storage.root)
+    ledger = load_ledger(storage, config)
+    if plan_generation(config, storage, ledger) is None:  # answered without starting Prefect
+        print(f"no new files under {', '.join(config.clean.inputs)} since generation "
+              f"{ledger.generations[-1].number}: nothing to do")
+        return 0
+    from flows.incremental import incremental_flow
+
+    summary = incremental_flow(config_path=args.config, root=args.root, input_prefix=prefix,
+                               train_tokens=args.train_tokens)
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     from skymoe.catalog import list_stage_outputs
     from skymoe.config import load_config
@@ -137,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     from skymoe.storage import StorageError
 
     try:
-        return {"run": _cmd_run, "ablate": _cmd_ablate, "show": _cmd_show, "serve": _cmd_serve}[args.command](args)
+        return {"run": _cmd_run, "ablate": _cmd_ablate, "incremental": _cmd_incremental, "show": _cmd_show,
+                "serve": _cmd_serve}[args.command](args)
     except (ValueError, StorageError, OSError) as err:  # bad config, inputs or root: found before any work
         print(f"skymoe: error: {err}", file=sys.stderr)
         return 2

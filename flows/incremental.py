@@ -52,7 +52,7 @@ def incremental_flow(config_path: str | None = None, root: str | None = None, in
 
     log.info("incremental: generation %d, %d new input files", generation.number, len(generation.clean.shards))
     if generation.previous is None:
-        outputs, counts = _first_generation(config_path, overrides, config.clean.inputs)
+        outputs, counts = _first_generation(config_path, root, config.clean.inputs)
     else:
         outputs, counts = _next_generation(config_path, overrides, storage, generation)
     record_generation(storage, ledger, new_record(generation, outputs, counts))
@@ -61,9 +61,9 @@ def incremental_flow(config_path: str | None = None, root: str | None = None, in
             "outputs": outputs, "counts": counts}
 
 
-def _first_generation(config_path: str | None, overrides: dict, inputs: list[str]) -> tuple[dict, dict]:
+def _first_generation(config_path: str | None, root: str | None, inputs: list[str]) -> tuple[dict, dict]:
     """Generation 0 is the full pipeline on everything (a cache hit where ``skymoe run`` did it)."""
-    summary = pipeline_flow(config_path=config_path, root=overrides.get("storage", {}).get("root"), inputs=inputs)
+    summary = pipeline_flow(config_path=config_path, root=root, inputs=inputs)
     stages = summary["stages"]
     outputs = {stage: result["fingerprint"] for stage, result in stages.items()}
     counts = {"docs_in": stages["clean"]["counts"]["docs_in"], "docs_kept": stages["clean"]["counts"]["docs_out"],
