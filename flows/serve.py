@@ -12,6 +12,7 @@ does a clean shutdown, so the UI shows no ghost runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -40,7 +41,7 @@ from prefect.client.schemas.filters import (
     WorkPoolFilter,
     WorkPoolFilterName,
 )
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Crashed
 
@@ -50,6 +51,7 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 # A flow run is Pending from the moment a worker claims it until its process starts; a run this
 # young without a process may just be starting under another worker of the pool.
 PENDING_GRACE = timedelta(seconds=60)
+ACTIVE = [StateType.RUNNING, StateType.PENDING]
 
 log = logging.getLogger(__name__)  # not under "skymoe": those records go to the flow run API
 
@@ -172,23 +174,15 @@ def flow_run_pids() -> dict[str, list[int]]:
     return runs
 
 
-def crash_stale_runs(local: LocalPrefect, settle: float = 0) -> list[str]:
+def crash_stale_runs(local: LocalPrefect) -> list[str]:
     """Mark Crashed every Running/Pending flow run of the pool whose process is gone, with its
     Running/Pending task runs; return their names. The server binds 127.0.0.1, so every worker of
-    the pool - and every flow-run process - is on this machine. ``settle``: seconds to give live
-    run processes to exit first (at shutdown, a stopped worker's runs are still going down)."""
+    the pool - and every flow-run process - is on this machine."""
     now = datetime.now(timezone.utc)
-    active = [StateType.RUNNING, StateType.PENDING]
+    live = flow_run_pids()
     crashed = []
     with local.client() as client:
-        runs = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=active))),
-            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[POOL])))
-        deadline, live = time.monotonic() + settle, flow_run_pids()
-        while any(str(run.id) in live for run in runs) and time.monotonic() < deadline:
-            time.sleep(0.2)
-            live = flow_run_pids()
-        for run in runs:
+        for run in _active_runs(client):
             if str(run.id) in live:
                 continue
             if run.state.type == StateType.PENDING and now - run.state.timestamp < PENDING_GRACE:
@@ -197,13 +191,37 @@ def crash_stale_runs(local: LocalPrefect, settle: float = 0) -> list[str]:
             client.set_flow_run_state(run.id, Crashed(message=message), force=True)
             task_runs = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
-                task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=active))))
+                task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=ACTIVE))))
             for task_run in task_runs:
                 client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
             log.warning("flow run %r (%s) was %s with no live process: marked Crashed", run.name, run.id,
                         run.state.name)
             crashed.append(run.name)
     return crashed
+
+
+def end_orphaned_runs(local: LocalPrefect, grace: float = 15) -> None:
+    """After the worker stopped: give the processes of the pool's active runs ``grace`` seconds to
+    exit, then SIGKILL them. Flow-run processes lead their own sessions, so a worker that had to
+    be killed leaves them running against a server about to go away."""
+    with local.client() as client:
+        runs = {str(run.id) for run in _active_runs(client)}
+    deadline = time.monotonic() + grace
+    while pids := [pid for run, run_pids in flow_run_pids().items() if run in runs for pid in run_pids]:
+        if time.monotonic() > deadline + 10:  # SIGKILL pending (uninterruptible I/O): do not hang the shutdown
+            log.warning("flow-run processes %s outlived the shutdown", pids)
+            return
+        if time.monotonic() > deadline:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+
+
+def _active_runs(client: SyncPrefectClient) -> list[FlowRun]:
+    return client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=ACTIVE))),
+        work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[POOL])))
 
 
 def start_worker(local: LocalPrefect, timeout: float = 120) -> subprocess.Popen:
@@ -258,7 +276,8 @@ def serving(local: LocalPrefect, deployments: list[str] | None = None) -> Iterat
         try:
             stop(local.worker)
             if local.worker is not None and local.server is not None and local.server.poll() is None:
-                crash_stale_runs(local, settle=15)  # runs the worker took down with it: Crashed now, not at the next start
+                end_orphaned_runs(local)
+                crash_stale_runs(local)  # runs the worker took down with it: Crashed now, not at the next start
         finally:
             stop(local.server)
 
