@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="local Prefect server + UI, work pool, deployments and worker")
     serve.add_argument("--port", type=int, default=4200, help="port of the server and UI on 127.0.0.1")
-    serve.add_argument("--home", help="Prefect state folder: database, results, logs (default: .prefect in the checkout)")
+    serve.add_argument("--home", help="Prefect state folder: database, results, logs (default: .prefect in the "
+                                      "checkout)")
     return parser
 
 

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -53,6 +54,7 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 PENDING_GRACE = timedelta(seconds=60)
 ACTIVE = [StateType.RUNNING, StateType.PENDING]
 
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback never goes through a proxy
 log = logging.getLogger(__name__)  # not under "skymoe": those records go to the flow run API
 
 
@@ -106,6 +108,12 @@ class LocalPrefect:
 def start_server(local: LocalPrefect, timeout: float = 180) -> subprocess.Popen:
     """Start ``prefect server start`` on 127.0.0.1 and wait until its API answers (a cold SQLite
     database takes tens of seconds on 2 cores)."""
+    with socket.socket() as probe:  # else the health check below could find another server there
+        try:
+            probe.bind((HOST, local.port))
+        except OSError:
+            raise ServeError(f"port {local.port} on {HOST} is in use (another server?): choose another "
+                             "with --port") from None
     local.home.mkdir(parents=True, exist_ok=True)
     with open(local.home / "server.log", "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", HOST,
@@ -117,7 +125,7 @@ def start_server(local: LocalPrefect, timeout: float = 180) -> subprocess.Popen:
             raise ServeError(f"the Prefect server exited with status {proc.returncode}:\n"
                              + _tail(local.home / "server.log"))
         try:
-            with urllib.request.urlopen(f"{local.api_url}/health", timeout=5) as response:
+            with _NO_PROXY.open(f"{local.api_url}/health", timeout=5) as response:
                 if response.status == 200:
                     return proc
         except (urllib.error.URLError, OSError):
@@ -148,8 +156,10 @@ def deploy_all(local: LocalPrefect, names: list[str] | None = None, timeout: flo
     result = subprocess.run([sys.executable, "-m", "prefect", "deploy", *selection], cwd=local.project_dir,
                             env=local.env(), capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
-        raise ServeError(f"prefect deploy failed (status {result.returncode}):\n{(result.stdout + result.stderr)[-3000:]}")
-    log.info("deployed %s from %s", ", ".join(names) if names else "every deployment", local.project_dir / "prefect.yaml")
+        raise ServeError(f"prefect deploy failed (status {result.returncode}):\n"
+                         + (result.stdout + result.stderr)[-3000:])
+    log.info("deployed %s from %s", ", ".join(names) if names else "every deployment",
+             local.project_dir / "prefect.yaml")
 
 
 def flow_run_pids() -> dict[str, list[int]]:
@@ -237,7 +247,8 @@ def start_worker(local: LocalPrefect, timeout: float = 120) -> subprocess.Popen:
     with local.client() as client:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise ServeError(f"the worker exited with status {proc.returncode}:\n" + _tail(local.home / "worker.log"))
+                raise ServeError(f"the worker exited with status {proc.returncode}:\n"
+                                 + _tail(local.home / "worker.log"))
             if any(w.last_heartbeat_time and w.last_heartbeat_time >= started
                    for w in client.read_workers_for_work_pool(POOL)):
                 return proc

@@ -22,8 +22,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFi
 from prefect.client.schemas.objects import FlowRun
 
 # Long enough that the kill lands between the first checkpoint and the end of the dense run.
-LONG_TRAIN = {**SMALL_TRAIN, "dense": {**SMALL_TRAIN["dense"], "steps": 80}, "upcycled": {**SMALL_TRAIN["upcycled"], "steps": 10},
-              "checkpoint_every": 10, "eval_every": 40}
+LONG_TRAIN = {**SMALL_TRAIN, "dense": {**SMALL_TRAIN["dense"], "steps": 80},
+              "upcycled": {**SMALL_TRAIN["upcycled"], "steps": 10}, "checkpoint_every": 10, "eval_every": 40}
 
 
 @pytest.fixture(scope="module")
