@@ -109,6 +109,7 @@ def start_server(local: LocalPrefect, timeout: float = 180) -> subprocess.Popen:
     """Start ``prefect server start`` on 127.0.0.1 and wait until its API answers (a cold SQLite
     database takes tens of seconds on 2 cores)."""
     with socket.socket() as probe:  # else the health check below could find another server there
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a listener fails it; TIME_WAIT does not
         try:
             probe.bind((HOST, local.port))
         except OSError:
