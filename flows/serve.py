@@ -49,8 +49,8 @@ from prefect.states import Crashed
 HOST = "127.0.0.1"
 POOL = "skymoe-local"
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-# A flow run is Pending from the moment a worker claims it until its process starts; a run this
-# young without a process may just be starting under another worker of the pool.
+# A flow run is Pending from the moment a worker claims it until the worker records the process it
+# started; a run this young with no process recorded may just be starting under another worker.
 PENDING_GRACE = timedelta(seconds=60)
 ACTIVE = [StateType.RUNNING, StateType.PENDING]
 
@@ -196,7 +196,8 @@ def crash_stale_runs(local: LocalPrefect) -> list[str]:
         for run in _active_runs(client):
             if str(run.id) in live:
                 continue
-            if run.state.type == StateType.PENDING and now - run.state.timestamp < PENDING_GRACE:
+            if (run.state.type == StateType.PENDING and not run.infrastructure_pid
+                    and now - run.state.timestamp < PENDING_GRACE):
                 continue
             message = f"{run.state.name}, but its process is gone: killed, crashed, or stopped with its worker"
             client.set_flow_run_state(run.id, Crashed(message=message), force=True)
