@@ -251,16 +251,22 @@ def _init(plan: AblationPlan, runs: Histories, records: dict) -> tuple[list, lis
             ("loss", None, f"training loss, budget {group}"), ("val", None, f"validation loss, budget {group}")])
         plots[f"figure1-expert-similarity-{group}.png"] = _panels(
             runs, names, [("expert_similarity", None, f"average expert similarity, budget {group}")], smooth=False)
-    upcycled = [v.name for v in plan.variants if v.init == "upcycle"]
-    if upcycled:
-        similarity = {n: spread(_per_seed(runs, n, lambda r: _last(r, "expert_similarity")))[0] for n in upcycled}
-        quality = {n: spread(_per_seed(runs, n, _final_val))[0] for n in upcycled}
-        most_similar, weakest = max(similarity, key=similarity.get), max(quality, key=quality.get)
-        findings.append({"finding": "the upcycled model with the highest final expert similarity is the weakest",
-                         "status": "reproduced" if most_similar == weakest else "not reproduced at this scale",
-                         "measured": f"highest similarity {most_similar} ({similarity[most_similar]:.3f}), "
-                                     f"highest validation loss {weakest} ({quality[weakest]:.4g})"})
+    for group in groups:
+        findings.append(_similarity_finding(runs, group, [v.name for v in plan.variants
+                                                          if v.group == group and v.init == "upcycle"]))
     return table, findings, plots, notes
+
+
+def _similarity_finding(runs: Histories, group: str, upcycled: list[str]) -> dict[str, str]:
+    """Figure 1's reading: among upcycled models of one budget, the highest final expert similarity
+    goes with the weakest model (highest final validation loss)."""
+    similarity = {n: spread(_per_seed(runs, n, lambda r: _last(r, "expert_similarity")))[0] for n in upcycled}
+    quality = {n: spread(_per_seed(runs, n, _final_val))[0] for n in upcycled}
+    most_similar, weakest = max(similarity, key=similarity.get), max(quality, key=quality.get)
+    return {"finding": f"budget {group}: the upcycled model with the highest expert similarity is the weakest",
+            "status": "reproduced" if most_similar == weakest else "not reproduced at this scale",
+            "measured": f"highest final similarity {most_similar} ({similarity[most_similar]:.3f}), "
+                        f"highest validation loss {weakest} ({quality[weakest]:.4g})"}
 
 
 def _alpha_tracks_drops(runs: list[Rows]) -> dict[str, str]:

@@ -39,7 +39,7 @@ SIZES: dict[str, Size] = {
                   moe_steps=4, dense_steps=6),
     "cpu": Size({"model": {"preset": "tiny"}, "micro_batch_size": 4, "eval_every": 40, "similarity_every": 10,
                  **_INTERVALS},
-                moe_steps=120, dense_steps=60),
+                moe_steps=120, dense_steps=45),
     "gpu": Size({"model": {"preset": "tiny", "dim": 512, "n_layers": 8, "n_heads": 8, "ffn_dim": 1376},
                  "micro_batch_size": 16, "eval_every": 200, "similarity_every": 50, **_INTERVALS},
                 moe_steps=2000, dense_steps=1500),
