@@ -46,6 +46,9 @@ class StorageConfig(_Strict):
 class ExecutorConfig(_Strict):
     kind: Literal["datatrove", "beam"] = "datatrove"
     workers: int = Field(1, ge=1, description="parallel shard workers (datatrove processes)")
+    min_shards_per_worker: int = Field(
+        2, ge=1, description="a worker process takes seconds to start (imports, language models): fewer pending "
+                             "shards per worker than this and a phase runs in fewer workers, or in this process")
     beam_options: list[str] = Field(
         default_factory=list,
         description="Beam pipeline options passed through, e.g. --runner=FlinkRunner",

@@ -59,7 +59,9 @@ def _run_datatrove(config: ExecutorConfig, task: ShardTask, shard_indices: list[
         executor = LocalPipelineExecutor(
             pipeline=[_RunShardTask(task, shard_indices, label)],
             tasks=len(shard_indices),
-            workers=min(config.workers, len(shard_indices)),
+            # One worker runs in this process; more are spawned, which only pays with enough shards each
+            # (3 small shards of an incremental run: 15 s with 2 workers, 5 s in-process).
+            workers=max(1, min(config.workers, len(shard_indices) // config.min_shards_per_worker)),
             logging_dir=logging_dir,
             skip_completed=False,  # skymoe's done-records decide what is finished
             # datatrove's default, forkserver, forks workers from a server started at the first use in
