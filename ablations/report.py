@@ -204,7 +204,8 @@ def _aux_coef(plan: AblationPlan, runs: Histories, records: dict) -> tuple[list,
         compare("adaptive alpha drops fewer tokens than a fixed small alpha (1e-3)", "adaptive",
                 _per_seed(runs, "adaptive", drops), "fixed-0.001", _per_seed(runs, "fixed-0.001", drops), "lower",
                 "mean drop rate"),
-        _alpha_tracks_drops(runs["adaptive"]),
+        _alpha_tracks_drops(runs["adaptive"], next(v for v in plan.variants if v.name == "adaptive")
+                            .settings["aux_loss"]),
     ]
     names = [v.name for v in plan.variants]
     layers = len(next(row["drop_rate"] for row in runs[names[0]][0] if "drop_rate" in row))
@@ -269,14 +270,21 @@ def _similarity_finding(runs: Histories, group: str, upcycled: list[str]) -> dic
                         f"highest validation loss {weakest} ({quality[weakest]:.4g})"}
 
 
-def _alpha_tracks_drops(runs: list[Rows]) -> dict[str, str]:
-    """Per-layer adaptive alpha follows per-layer drops: the layer dropping most holds the largest alpha."""
+def _alpha_tracks_drops(runs: list[Rows], aux: dict[str, float]) -> dict[str, str]:
+    """Per-layer adaptive alpha follows per-layer drops: the layer dropping most holds the largest alpha.
+    Untestable while every layer drops more than alpha_max / xi: alpha then sits at alpha_max everywhere."""
+    finding = "adaptive alpha is layer-specific: the layer that drops most tokens holds the largest alpha"
+    finals = [np.array([row["alpha"] for row in rows if "alpha" in row][-1]) for rows in runs]
+    if all(final.min() >= 0.99 * aux["alpha_max"] for final in finals):
+        return {"finding": finding, "status": "inconclusive (differences within seed spread)",
+                "measured": f"alpha ends at alpha_max = {aux['alpha_max']:g} in every layer and seed: every layer "
+                            f"drops more than alpha_max / xi = {aux['alpha_max'] / aux['xi']:.0%} of its routes, "
+                            "so the rule cannot tell the layers apart"}
     agree = []
-    for rows in runs:
+    for rows, final in zip(runs, finals):
         drops = np.mean([row["drop_rate"] for row in rows if "drop_rate" in row], axis=0)
-        alphas = np.array([row["alpha"] for row in rows if "alpha" in row][-1])
-        agree.append(int(np.argmax(drops) == np.argmax(alphas)))
-    return {"finding": "adaptive alpha is layer-specific: the layer that drops most tokens holds the largest alpha",
+        agree.append(int(np.argmax(drops) == np.argmax(final)))
+    return {"finding": finding,
             "status": "reproduced" if all(agree) else "not reproduced at this scale" if not any(agree)
             else "inconclusive (differences within seed spread)",
             "measured": f"{sum(agree)} of {len(agree)} seeds"}
