@@ -28,9 +28,10 @@ class Size:
     dense_steps: int  # the init ablation's dense run (a multiple of 3: a checkpoint at one third)
 
 
-# cpu: one ablation in about 30 minutes on two shared CPU cores (docs/results.md has the measured times).
-# smoke: a handful of steps of a 2-layer model, for the test suite. gpu: a wider, deeper model and
-# 10x the steps, for one GPU.
+# cpu: at most ~30 minutes per ablation on two CPU cores shared with other jobs (measured: 31, 16 and
+# the init time in docs/results.md; most of a short run is launching DeepSpeed). smoke: a handful of
+# steps of a 2-layer model, for the test suite. gpu: a wider, deeper model and ~17x the steps, for one
+# GPU (one rank; not measured yet).
 _INTERVALS = {"eval_batches": 4, "log_every": 10}
 SIZES: dict[str, Size] = {
     "smoke": Size({"model": {"preset": "tiny", "dim": 32, "n_layers": 2, "n_heads": 2, "ffn_dim": 64},
@@ -41,7 +42,8 @@ SIZES: dict[str, Size] = {
                  **_INTERVALS},
                 moe_steps=120, dense_steps=45),
     "gpu": Size({"model": {"preset": "tiny", "dim": 512, "n_layers": 8, "n_heads": 8, "ffn_dim": 1376},
-                 "micro_batch_size": 16, "eval_every": 200, "similarity_every": 50, **_INTERVALS},
+                 "parallel": {"world_size": 1, "ep_size": 1}, "micro_batch_size": 16, "eval_every": 200,
+                 "similarity_every": 50, **_INTERVALS},
                 moe_steps=2000, dense_steps=1500),
 }
 
