@@ -130,6 +130,24 @@ def s3_server():
 
 
 @pytest.fixture()
+def bucket(s3_server):
+    """A bucket on the moto server, and a boto3 client to look inside it."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server)
+    name = "skymoe-test"
+    if name not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
+        client.create_bucket(Bucket=name)
+    return client, name
+
+
+def upload_folder(client, bucket: str, folder: Path, prefix: str) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+
+
+@pytest.fixture()
 def prefect_env(tmp_path, monkeypatch):
     """An isolated Prefect home: a fresh ephemeral API database per test."""
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))

@@ -76,6 +76,7 @@ def test_gating_norm_through_the_cli_then_all_cache_hits(prefect_env, ablate_roo
     assert second["table"] == first["table"]
 
 
+@pytest.mark.slow  # ~1.5 min each on 2 cores; the gating-norm smoke test stays in the default suite
 def test_aux_coef_adds_only_the_missing_seed(prefect_env, ablate_root):
     first = ablate_flow(ablate_root, "aux-coef", 1)
     variants = {"fixed-0.01", "fixed-0.001", "adaptive"}
@@ -91,6 +92,7 @@ def test_aux_coef_adds_only_the_missing_seed(prefect_env, ablate_root):
     check_report(second, variants)
 
 
+@pytest.mark.slow  # ~1.5 min each on 2 cores; the gating-norm smoke test stays in the default suite
 def test_init_upcycles_from_dense_checkpoints(prefect_env, ablate_root):
     summary = ablate_flow(ablate_root, "init", 1)
     budgets = ("small", "2x-dense")

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-import boto3
 import pytest
 
-from conftest import write_config
+from conftest import upload_folder, write_config
 from pipelines.clean.readers import InputError
 from pipelines.clean.stage import run_clean
 from skymoe.catalog import list_stage_outputs
@@ -18,24 +16,9 @@ from skymoe.config import load_config
 from skymoe.storage import Storage, StorageError
 
 
-@pytest.fixture()
-def bucket(s3_server):
-    client = boto3.client("s3", endpoint_url=s3_server)
-    name = "skymoe-test"
-    if name not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
-        client.create_bucket(Bucket=name)
-    return client, name
-
-
-def _upload(client, bucket: str, folder: Path, prefix: str) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
-
-
 def test_clean_reads_and_writes_s3(tmp_path, small_corpus, bucket):
     client, name = bucket
-    _upload(client, name, small_corpus, "raw")
+    upload_folder(client, name, small_corpus, "raw")
     config_path = write_config(tmp_path / "c.yaml", f"s3://{name}/runs", [f"s3://{name}/raw"],
                                executor={"kind": "datatrove", "workers": 2})  # done-records come from other processes
     config = load_config(config_path)

@@ -11,12 +11,9 @@ import sys
 import threading
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-import boto3
-import pytest
 
-from conftest import REPO, SMALL_TRAIN, write_config
+from conftest import REPO, SMALL_TRAIN, upload_folder, write_config
 from pipelines.clean.stage import run_clean
 from skymoe.config import load_config
 from skymoe.storage import Storage
@@ -35,22 +32,6 @@ asyncio.run(main())
 """
 
 
-@pytest.fixture()
-def bucket(s3_server, monkeypatch):
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    client = boto3.client("s3", endpoint_url=s3_server)
-    name = "skymoe-e2e"
-    if name not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
-        client.create_bucket(Bucket=name)
-    return client, name
-
-
-def _upload(client, bucket: str, folder: Path, prefix: str) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
-
-
 def _keys(client, bucket: str, prefix: str) -> set[str]:
     keys, token = set(), None
     while True:
@@ -61,9 +42,10 @@ def _keys(client, bucket: str, prefix: str) -> set[str]:
             return keys
 
 
-def test_whole_pipeline_on_s3_with_presigned_links(tmp_path, small_corpus, bucket, prefect_env):
+def test_whole_pipeline_on_s3_with_presigned_links(tmp_path, small_corpus, bucket, prefect_env, monkeypatch):
     client, name = bucket
-    _upload(client, name, small_corpus, "landing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    upload_folder(client, name, small_corpus, "landing")
     root = f"s3://{name}/skymoe"
     short = {"steps": 10, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2}
     config = write_config(tmp_path / "c.yaml", root, [f"s3://{name}/landing"],
@@ -164,7 +146,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
 def test_transient_store_errors_are_retried_and_leave_no_partial_output(tmp_path, small_corpus, bucket, s3_server):
     client, name = bucket
-    _upload(client, name, small_corpus / "c4", "flaky-in")
+    upload_folder(client, name, small_corpus / "c4", "flaky-in")
     proxy = _FlakyProxy(s3_server, fail_every=5, drop_every=17)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{proxy.server_address[1]}"

@@ -41,6 +41,7 @@ def config(tmp_path_factory, small_corpus) -> tuple[Path, Path]:
     return write_config(folder / "c.yaml", str(folder / "out"), [str(small_corpus)], train=LONG_TRAIN), folder / "out"
 
 
+@pytest.mark.slow  # ~1 min; the browser and kill -9 tests run deployments by default
 def test_single_stage_deployments_and_a_missing_upstream(local, config):
     path, root = config
     params = {"config_path": str(path)}
@@ -124,7 +125,8 @@ def test_serve_command_deploys_everything_and_stops_cleanly(tmp_path, config, mo
     try:
         with local.client() as client:
             state = client.read_flow_run(run).state
-        assert state.is_crashed() and "stopped with its worker" in state.message
+        # Crashed either way: marked by serve's shutdown, or reported by the run's own process on SIGTERM.
+        assert state.is_crashed(), state
     finally:
         stop(local.server)
 
