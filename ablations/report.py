@@ -9,7 +9,6 @@ spread)", or "not reproduced" when the difference is clear and has the opposite 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
 import statistics
@@ -25,6 +24,7 @@ import matplotlib.pyplot as plt
 
 from ablations.gates import SEQUENCES
 from ablations.run import AblationPlan
+from skymoe.plots import figure_png
 from skymoe.storage import Storage, join
 
 Rows = list[dict[str, Any]]
@@ -347,7 +347,7 @@ def _panels(runs: Histories, names: list[str], panels: list[tuple[str, int | Non
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    return _png(fig)
+    return figure_png(fig, dpi=90)
 
 
 def _moving_average(y: np.ndarray, window: int) -> np.ndarray:
@@ -374,7 +374,7 @@ def _gate_distribution(plan: AblationPlan, records: dict, layer: int) -> bytes:
     for ax in (hist_ax, sorted_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _png(fig)
+    return figure_png(fig, dpi=90)
 
 
 def _markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -382,11 +382,3 @@ def _markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(row[key]) for key in header) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def _png(fig) -> bytes:
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()

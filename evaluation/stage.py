@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from skymoe.config import PipelineConfig
-from skymoe.plots import bar_chart_png
+from skymoe.plots import bar_chart_png, figure_png
 from skymoe.stage import Manifest, StageRef, canonical_json, fingerprint, read_manifest, source_digest, write_manifest
 from skymoe.storage import Storage, join
 
@@ -130,8 +130,6 @@ def progress_plot(points: list[tuple[int, dict[str, float]]]) -> bytes | None:
     points = sorted(points, key=lambda point: point[0])
     if len(points) < 2:
         return None
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,11 +144,7 @@ def progress_plot(points: list[tuple[int, dict[str, float]]]) -> bytes | None:
     ax.set_title("evaluation score against training tokens")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig)
 
 
 def _ref(root: str, settings: dict[str, Any], data_checksums: dict[str, str], model: str) -> StageRef:

@@ -20,8 +20,15 @@ def bar_chart_png(title: str, values: dict[str, float], xlabel: str) -> bytes:
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.tick_params(axis="y", labelsize=8)
+    return figure_png(fig, dpi=110)
+
+
+def figure_png(fig, dpi: int = 100) -> bytes:
+    """A finished matplotlib figure as PNG bytes; the figure is closed (plots are made in loops)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)
     return buffer.getvalue()

@@ -8,13 +8,14 @@ curves of all runs of a stage against training tokens.
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from skymoe.plots import figure_png  # noqa: E402
 
 Rows = list[dict[str, Any]]
 
@@ -46,7 +47,7 @@ def run_plots(name: str, rows: Rows) -> dict[str, bytes]:
     for ax in flat[panels:]:
         ax.axis("off")
     fig.suptitle(f"run {name}")
-    out = {f"{name}-training.png": _png(fig)}
+    out = {f"{name}-training.png": figure_png(fig)}
     if moe:
         out[f"{name}-expert-load.png"] = _expert_load(name, rows)
     return out
@@ -67,7 +68,7 @@ def comparison_plot(histories: dict[str, Rows]) -> bytes:
     ax.set_title("loss against training tokens")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _loss_panel(ax, rows: Rows) -> None:
@@ -121,12 +122,4 @@ def _expert_load(name: str, rows: Rows) -> bytes:
     ax.set_ylabel("MoE layer")
     ax.set_title(f"{name}: expert load (uniform = {1 / experts:.3f})")
     fig.colorbar(image, ax=ax)
-    return _png(fig)
-
-
-def _png(fig) -> bytes:
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig)
