@@ -22,7 +22,7 @@ from pipelines.incremental import (
     plan_generation,
     record_generation,
 )
-from skymoe.config import load_config, run_overrides
+from skymoe.config import PipelineConfig, load_config, run_overrides
 from skymoe.storage import Storage
 
 log = logging.getLogger("skymoe.incremental")
@@ -54,7 +54,7 @@ def incremental_flow(config_path: str | None = None, root: str | None = None, in
     if generation.previous is None:
         outputs, counts = _first_generation(config_path, root, config.clean.inputs)
     else:
-        outputs, counts = _next_generation(config_path, overrides, storage, generation)
+        outputs, counts = _next_generation(config, config_path, overrides, storage, generation)
     record_generation(storage, ledger, new_record(generation, outputs, counts))
     _publish_report(generation, counts)
     return {"generation": generation.number, "new_files": len(generation.clean.shards), "series": ledger.uri,
@@ -72,12 +72,11 @@ def _first_generation(config_path: str | None, root: str | None, inputs: list[st
     return outputs, counts
 
 
-def _next_generation(config_path: str | None, overrides: dict, storage: Storage,
+def _next_generation(config: PipelineConfig, config_path: str | None, overrides: dict, storage: Storage,
                      generation: GenerationPlan) -> tuple[dict, dict]:
     """Clean the new files against the history, append their tokens, train on, evaluate."""
     from evaluation.stage import plan_evaluate
 
-    config = load_config(config_path, overrides)
     clean = run_stage(clean_task, storage, generation.clean.ref, config_path, overrides, generation.clean)
     publish("clean", clean, storage)
     token_plan = plan_appended_tokens(config, storage, generation)

@@ -305,6 +305,7 @@ def decide(config: CleanConfig, storage: Storage, ref: StageRef, shards: list[In
     shard_of = np.concatenate([np.full(len(t), i, dtype=np.int32) for i, t in enumerate(tables)] or [[]])
     row_of = np.concatenate([t["row"].to_numpy() for t in tables] or [[]]).astype(np.int64)
     langs = np.array([lang for t in tables for lang in t["lang"].to_pylist()], dtype=object)
+    hashes = np.concatenate([t["exact_hash"].to_numpy() for t in tables] or [np.zeros(0, np.uint64)])
     n_docs = len(row_of)
     alive = np.ones(n_docs, dtype=bool)  # not dropped by an earlier decision
     reason = np.full(n_docs, None, dtype=object)
@@ -338,7 +339,6 @@ def decide(config: CleanConfig, storage: Storage, ref: StageRef, shards: list[In
 
     earlier_duplicates = 0
     if config.dedup.exact and n_docs:
-        hashes = np.concatenate([t["exact_hash"].to_numpy() for t in tables])
         earlier = history.exact_matches(hashes)
         earlier_duplicates += int((alive & (earlier >= 0)).sum())
         drop(earlier >= 0, "exact_dedup", lambda i: f"duplicate_of: {history.keys[earlier[i]]}")
@@ -375,7 +375,7 @@ def decide(config: CleanConfig, storage: Storage, ref: StageRef, shards: list[In
     kept = np.flatnonzero(alive)
     write_parquet(storage, ref.path(KEPT_INDEX), {
         "key": [_doc_key(shards, shard_of, row_of, i) for i in kept],
-        "exact_hash": np.concatenate([t["exact_hash"].to_numpy() for t in tables] or [np.zeros(0, np.uint64)])[kept],
+        "exact_hash": hashes[kept],
         "minhash": pa.array(list(signatures[kept]), type=pa.list_(pa.uint32())),
     }, KEPT_SCHEMA)
 
