@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipelines.tokenize.reader import TokenReader, TokenReaderError
+from skymoe.training.data import TokenReader, TokenReaderError
 from skymoe.storage import Storage
-from training.model import Transformer
-from training.weights import load_args, load_state
+from skymoe.training.model import Transformer
+from skymoe.training.weights import load_args, load_state
 
 BINS = 25  # histogram bins of the top-1 gate probability over [0, 1]
 SEQUENCES = 16  # validation sequences the distribution is measured on

@@ -22,8 +22,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from ablations.gates import SEQUENCES
-from ablations.run import AblationPlan
+from skymoe.ablations.gates import SEQUENCES
+from skymoe.ablations.run import AblationPlan
 from skymoe.plots import figure_png
 from skymoe.storage import Storage, join
 

@@ -6,7 +6,7 @@ the fingerprint covers what changes the trained weights (the variant's train set
 initialisation, model shape, the tokens and the training code) but not the seed, so asking for
 more seeds adds folders next to the finished ones. A finished run leaves a done-record
 (``_done/seeds/seed-<s>.json``) after its weights and metrics: a rerun skips it, and an
-interrupted run resumes from its last checkpoint (``training.stage.execute_run``).
+interrupted run resumes from its last checkpoint (``skymoe.training.stage.execute_run``).
 """
 
 from __future__ import annotations
@@ -18,19 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ablations.gates import gate_profile
-from ablations.variants import SIZES, Size, Variant, sized_train, variants
-from pipelines.clean.stage import plan_clean, run_clean
-from pipelines.tokenize.stage import plan_tokenize, run_tokenize
+from skymoe.ablations.gates import gate_profile
+from skymoe.ablations.variants import SIZES, Size, Variant, sized_train, variants
+from skymoe.pipelines.clean.stage import plan_clean, run_clean
+from skymoe.pipelines.tokenize.stage import plan_tokenize, run_tokenize
 from skymoe.config import ConfigError, PipelineConfig, StorageConfig, TrainConfig
 from skymoe.progress import Progress
 from skymoe.stage import DoneRecords, StageRef, canonical_json, fingerprint, read_manifest
 from skymoe.storage import Storage, join
-from training.checkpoint import checkpoints_uri, tag
-from training.model import ModelArgs, training_flops_per_token
-from training.presets import dense_shape, with_moe
-from training.spec import RunInit
-from training.stage import CODE_VERSION, PlannedRun, execute_run
+from skymoe.training.checkpoint import checkpoints_uri, tag
+from skymoe.training.model import ModelArgs, training_flops_per_token
+from skymoe.training.presets import dense_shape, with_moe
+from skymoe.training.spec import RunInit
+from skymoe.training.stage import CODE_VERSION, PlannedRun, execute_run
 
 log = logging.getLogger("skymoe.ablate")
 

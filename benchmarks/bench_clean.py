@@ -51,14 +51,14 @@ from datatrove.pipeline.filters import (  # noqa: E402
     GopherRepetitionFilter,
 )
 
-from pipelines.clean.heuristics import (  # noqa: E402
+from skymoe.pipelines.clean.heuristics import (  # noqa: E402
     C4Lines,
     FineWebQuality,
     GopherQuality,
     GopherRepetition,
     heuristic_steps,
 )
-from pipelines.clean.steps import REJECT  # noqa: E402
+from skymoe.pipelines.clean.steps import REJECT  # noqa: E402
 from skymoe.config import HeuristicsConfig, LanguageConfig  # noqa: E402
 
 CORPUS = ROOT / "examples" / "corpus"
@@ -176,7 +176,7 @@ def diagnose(text: str) -> str:
     """A short numeric hint at why the implementations differ (word-level counts)."""
     from datatrove.utils.text import split_into_words
 
-    from pipelines.clean.text import latin_words
+    from skymoe.pipelines.clean.text import latin_words
 
     def alpha(words):
         return sum(any(c.isalpha() for c in w) for w in words) / max(len(words), 1)
@@ -191,8 +191,8 @@ def top_ngrams(text: str) -> str:
     from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate
     from datatrove.utils.text import split_into_words
 
-    from pipelines.clean.heuristics import _repeated_ngram_chars
-    from pipelines.clean.text import latin_words
+    from skymoe.pipelines.clean.heuristics import _repeated_ngram_chars
+    from skymoe.pipelines.clean.text import latin_words
 
     def top(words, n=2):
         grams = Counter(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
@@ -211,7 +211,7 @@ def c4_sentences(text: str) -> str:
     """Sentences counted on C4-kept lines by each implementation (threshold 5)."""
     from datatrove.utils.text import split_into_sentences
 
-    from pipelines.clean.text import count_sentences
+    from skymoe.pipelines.clean.text import count_sentences
 
     dt = sk = 0
     for raw in text.splitlines():
@@ -301,7 +301,7 @@ def main() -> int:
     run_datatrove(fresh_docs(en_texts, warm, None))
     run_skymoe(fresh_docs(en_texts, warm, "en"))
     if not args.no_langid:
-        from pipelines.clean.langid import LanguageId
+        from skymoe.pipelines.clean.langid import LanguageId
 
         _LANGID = LanguageId(LanguageConfig())
         run_skymoe(fresh_docs(en_texts, list(range(len(en_texts))), None), langid=True)

@@ -1,4 +1,4 @@
-"""Benchmark loglikelihood requests/s of skymoe's lm-eval model class (``evaluation.lm.SkyMoeLM``)
+"""Benchmark loglikelihood requests/s of skymoe's lm-eval model class (``skymoe.evaluation.lm.SkyMoeLM``)
 against lm-eval's own ``hf`` model (``HFLM``) on the same exported checkpoint and the same requests.
 
 Checkpoint: ``--checkpoint`` (an exported Hugging Face folder, ``training/export.py``) or, by default,
@@ -103,11 +103,11 @@ def build_checkpoint(folder: Path) -> float:
     """Train the tokenizer, make the random tiny-shaped MoE, export; returns the seconds it took."""
     import torch
 
-    from pipelines.tokenize.tokenizer import save_tokenizer, train_tokenizer
+    from skymoe.pipelines.tokenize.tokenizer import save_tokenizer, train_tokenizer
     from skymoe.storage import Storage
-    from training.export import export_hf
-    from training.model import ModelArgs, Transformer
-    from training.weights import save_args, save_part
+    from skymoe.training.export import export_hf
+    from skymoe.training.model import ModelArgs, Transformer
+    from skymoe.training.weights import save_args, save_part
 
     started = time.perf_counter()
     english, zhwiki, _ = corpus()
@@ -204,7 +204,7 @@ def main() -> int:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from evaluation.lm import SkyMoeLM
+    from skymoe.evaluation.lm import SkyMoeLM
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     logging.getLogger("evaluation").setLevel(logging.ERROR)

@@ -34,7 +34,7 @@ CORPUS = ROOT / "examples" / "corpus"
 SPLIT = ("c4/c4_demo.jsonl", "cmrc2018/cmrc2018_contexts.jsonl", "zhwiki/zhwiki_part1.txt")
 WHOLE = ("dolma/cc_en_head-0091.jsonl", "dolma/sample-0000.warc.gz")
 PARTS = 10
-_FLOW = ("import json, sys; from flows.incremental import incremental_flow; "
+_FLOW = ("import json, sys; from skymoe.flows.incremental import incremental_flow; "
          "print('RESULT ' + json.dumps(incremental_flow(config_path='tiny', root=sys.argv[1], input_prefix=sys.argv[2])))")
 
 
@@ -76,7 +76,7 @@ def main() -> None:
     work = args.keep or Path(tempfile.mkdtemp(prefix="skymoe-bench-incremental-"))
     landing, held_back, root = work / "landing", work / "held-back", work / "out"
     make_landing(landing, held_back)
-    cli = [sys.executable, "-m", "flows.cli", "incremental", "--config", "tiny", "--root", str(root),
+    cli = [sys.executable, "-m", "skymoe.flows.cli", "incremental", "--config", "tiny", "--root", str(root),
            "--input", str(landing)]
     files = sum(1 for p in landing.rglob("*") if p.is_file())
     print(f"{git_state(('pipelines', 'flows', 'training', 'evaluation', 'skymoe'))}; {files} files landed, "

@@ -74,7 +74,7 @@ from datatrove.pipeline.dedup.minhash import (  # noqa: E402
 from datatrove.utils.hashing import HashConfig  # noqa: E402
 from datatrove.utils.word_tokenizers import WordTokenizer, load_word_tokenizer  # noqa: E402
 
-from pipelines.clean.dedup import MinHasher, near_duplicate_clusters  # noqa: E402
+from skymoe.pipelines.clean.dedup import MinHasher, near_duplicate_clusters  # noqa: E402
 
 CORPUS = ROOT / "examples" / "corpus"
 NGRAM, BANDS, ROWS, SEED = 5, 14, 8, 1

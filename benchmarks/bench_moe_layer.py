@@ -2,11 +2,11 @@
 
 Layers, one shape (hidden, ffn, experts; top-2), one set of weights (skymoe's, drawn N(0, 0.02), copied
 into Mixtral's ``gate.weight``, ``gate_up_proj[e] = [gate_proj; up_proj]`` and ``down_proj[e]``):
-(a) skymoe's training layer ``training.parallel.ExpertParallelMoE``: skymoe's ``RouterGate`` as the gate
+(a) skymoe's training layer ``skymoe.training.parallel.ExpertParallelMoE``: skymoe's ``RouterGate`` as the gate
     of ``deepspeed.moe.layer.MoE`` (sparse-route dispatch into an [experts, capacity, hidden] buffer ->
     ``Experts`` -> decode), ep_size 1 in this process (gloo, world size 1). The gate trims the buffer to
     the busiest expert's kept load: min(router capacity, max kept load), all-reduced over the expert group;
-(b) skymoe's local layer ``training.model.MoEFeedForward`` (same router; per expert: nonzero -> gather ->
+(b) skymoe's local layer ``skymoe.training.model.MoEFeedForward`` (same router; per expert: nonzero -> gather ->
     expert -> index_add_);
 (c) ``transformers``' ``MixtralSparseMoeBlock`` (same-shape ``MixtralConfig``, no download, no router
     jitter, experts implementation ``eager``, transformers' default).
@@ -90,8 +90,8 @@ def build(shape: tuple[int, int, int], lam: float | None) -> dict:
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    from training.model import ModelArgs, MoEFeedForward
-    from training.parallel import ExpertParallelMoE
+    from skymoe.training.model import ModelArgs, MoEFeedForward
+    from skymoe.training.parallel import ExpertParallelMoE
 
     hidden, ffn, experts = shape
     margs = ModelArgs(dim=hidden, ffn_dim=ffn, num_experts=experts, max_seq_len=SEQ_LEN, gate_norm_lambda=lam)

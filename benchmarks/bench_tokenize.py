@@ -129,7 +129,7 @@ def write_clean_input(folder: Path, scale: int, documents) -> tuple[str, str, in
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.clean.stage import DOC_SCHEMA
+    from skymoe.pipelines.clean.stage import DOC_SCHEMA
     from skymoe.stage import Manifest, StageRef, write_manifest
     from skymoe.storage import Storage
 
@@ -183,7 +183,7 @@ def worker(args) -> dict:
     data = Path(clean_root) / "clean" / clean_fp / "data"
     result: dict = {}
     if args.worker in ("skymoe", PATCHED):
-        from pipelines.tokenize import stage
+        from skymoe.pipelines.tokenize import stage
         from skymoe.stage import StageRef
         from skymoe.storage import Storage
 
@@ -213,7 +213,7 @@ def worker(args) -> dict:
     elif args.worker in ("raw", "raw_fast"):
         import pyarrow.parquet as pq
 
-        from pipelines.tokenize.tokenizer import load_tokenizer
+        from skymoe.pipelines.tokenize.tokenizer import load_tokenizer
         from skymoe.storage import Storage
 
         tokenizer = load_tokenizer(Storage(), args.tokenizer)
@@ -284,7 +284,7 @@ def main() -> int:
         return 0
     wall = time.perf_counter()
 
-    from pipelines.tokenize.tokenizer import save_tokenizer, train_tokenizer
+    from skymoe.pipelines.tokenize.tokenizer import save_tokenizer, train_tokenizer
     from skymoe.config import load_config
     from skymoe.storage import Storage
 

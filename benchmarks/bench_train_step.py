@@ -2,7 +2,7 @@
 
 The peer here is the hardware: the peak is what ``torch.matmul`` reaches on square matrices with
 every core (fp32 and bf16, median of repeats), and the training step is the real thing - the
-train stage's DeepSpeed ranks (``training.launch``: 2 ranks, gloo, ZeRO-1, ep_size 2 by default)
+train stage's DeepSpeed ranks (``skymoe.training.launch``: 2 ranks, gloo, ZeRO-1, ep_size 2 by default)
 training an MoE from random weights on the bundled demo corpus (cleaned and tokenized into a
 temporary root first, not timed). Achieved FLOP/s = ``training_flops_per_token`` (PaLM's
 6N + 12 L d T estimate with N the activated parameters) x the median tokens/s of the steps after
@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from pipelines.clean.stage import run_clean
-from pipelines.tokenize.stage import run_tokenize
+from skymoe.pipelines.clean.stage import run_clean
+from skymoe.pipelines.tokenize.stage import run_tokenize
 from skymoe.config import load_config
 from skymoe.storage import Storage
-from training.launch import launch
-from training.model import parameter_counts, training_flops_per_token
-from training.presets import dense_shape, with_moe
-from training.spec import RunInit, RunSpec
+from skymoe.training.launch import launch
+from skymoe.training.model import parameter_counts, training_flops_per_token
+from skymoe.training.presets import dense_shape, with_moe
+from skymoe.training.spec import RunInit, RunSpec
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from evaluation.humaneval import OPT_IN_ENV
-from evaluation.tasks import OFFLINE_ENV, TaskSet, build_tasks
+from skymoe.evaluation.humaneval import OPT_IN_ENV
+from skymoe.evaluation.tasks import OFFLINE_ENV, TaskSet, build_tasks
 from skymoe.config import EvaluateConfig
 
 
@@ -44,7 +44,7 @@ def _model(model_dir: Path, config: EvaluateConfig):
         # wrong positions when two requests tokenize to the same ids split differently (lm-eval 0.4.13).
         return HFLM(pretrained=str(model_dir), trust_remote_code=True, batch_size=config.batch_size,
                     device="cuda" if torch.cuda.is_available() else "cpu", logits_cache=False)
-    from evaluation.lm import SkyMoeLM
+    from skymoe.evaluation.lm import SkyMoeLM
 
     return SkyMoeLM(str(model_dir), batch_size=config.batch_size, max_gen_tokens=config.max_gen_tokens)
 

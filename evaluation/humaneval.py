@@ -45,7 +45,7 @@ The program for a completion is ``prompt + completion + "\\n" + test + "\\ncheck
 **lm-eval wiring.** A task YAML names hooks with ``!function <module>.<function>``. lm-eval
 0.4.13's task loader first looks for ``<module>.py`` (dots as slashes) next to the YAML, then
 imports ``<module>`` normally; ``evaluation`` is an installed package, so
-``!function evaluation.humaneval.<function>`` works from a YAML in any folder (as long as no
+``!function skymoe.evaluation.humaneval.<function>`` works from a YAML in any folder (as long as no
 ``evaluation/humaneval.py`` sits next to that YAML). The hooks:
 
 - ``build_predictions(resps: list[list[str]], docs: list[dict]) -> list[list[str]]``: filter
@@ -90,8 +90,8 @@ A complete task YAML using ``process_results`` (``dataset_kwargs.data_files`` as
       - name: create_test
         filter:
           - function: custom
-            filter_fn: !function evaluation.humaneval.build_predictions
-    process_results: !function evaluation.humaneval.process_results
+            filter_fn: !function skymoe.evaluation.humaneval.build_predictions
+    process_results: !function skymoe.evaluation.humaneval.process_results
     metric_list:
       - metric: pass@1
         aggregation: mean
@@ -102,7 +102,7 @@ or, instead of ``process_results`` and its ``metric_list``, the metric form (the
 shape)::
 
     metric_list:
-      - metric: !function evaluation.humaneval.pass_at_k_metric
+      - metric: !function skymoe.evaluation.humaneval.pass_at_k_metric
         aggregation: mean
         higher_is_better: true
         k: [1]

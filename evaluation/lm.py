@@ -1,7 +1,7 @@
 """skymoe's lm-evaluation-harness model class, registered as ``skymoe``.
 
 ``SkyMoeLM`` evaluates an exported Hugging Face folder (``training/export.py``) without its remote
-code: the weights (``model.safetensors``) go straight into ``training.model.Transformer`` and the
+code: the weights (``model.safetensors``) go straight into ``skymoe.training.model.Transformer`` and the
 tokenizer is ``tokenizer.json`` read with ``tokenizers``. It computes what lm-eval's own ``hf`` model
 (``HFLM``) computes on the same folder, request for request, only faster:
 
@@ -33,7 +33,7 @@ counts pads), and the two classes agree only approximately.
 
 Construct it from Python (``SkyMoeLM("path/to/hf")``) or through lm-eval with
 ``--model skymoe --model_args pretrained=path,batch_size=16,max_gen_tokens=256,device=cpu``
-(``evaluation.lm`` must be imported first; importing it registers the class).
+(``skymoe.evaluation.lm`` must be imported first; importing it registers the class).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from training.model import ModelArgs, Transformer, apply_rotary, rotary_tables
+from skymoe.training.model import ModelArgs, Transformer, apply_rotary, rotary_tables
 
 logger = logging.getLogger(__name__)
 

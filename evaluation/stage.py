@@ -92,7 +92,7 @@ def run_evaluate(config: PipelineConfig, storage: Storage, target: EvalTarget) -
     if existing is not None:
         log.info("evaluate %s: cache hit at %s", target.label, target.ref.uri)
         return EvaluateResult(target.ref, existing, cached=True)
-    from evaluation.harness import evaluate_folder  # lm-eval and torch load only when evaluating
+    from skymoe.evaluation.harness import evaluate_folder  # lm-eval and torch load only when evaluating
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="skymoe-eval-") as scratch:
@@ -181,7 +181,7 @@ def _local_model(storage: Storage, target: EvalTarget, scratch: Path) -> Path:
             (folder / uri.rsplit("/", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
             (folder / uri.rsplit("/", 1)[1]).write_bytes(storage.read_bytes(uri))
     else:
-        from training.export import export_hf
+        from skymoe.training.export import export_hf
 
         export_hf(storage, target.weights_uri, target.tokenizer_uri, str(folder))
     return folder
@@ -215,7 +215,7 @@ def check_inputs(config: PipelineConfig) -> None:
     """Fail before any stage runs when the benchmarks cannot be read: a dry run of the task builder,
     which finds every suite's folder and parses every row it will use. (Checksums wait for
     ``plan_evaluate``: hashing the files here too would read them twice.)"""
-    from evaluation.tasks import TaskError, build_tasks
+    from skymoe.evaluation.tasks import TaskError, build_tasks
 
     with tempfile.TemporaryDirectory(prefix="skymoe-tasks-") as scratch:
         try:

@@ -30,8 +30,8 @@ processed ``{query, choices, gold}``, so ``process_docs`` is dropped and the tar
 and PIQA (``piqa.yaml``; ``valid.jsonl`` joined with ``valid-labels.lst`` as ``label``). Two
 suites cannot include their built-in because its Python hooks fail offline, so their YAML is
 written out with the same prompt: MATH (``minerva_math``'s utils need the ``lm-eval[math]``
-extra; see :mod:`evaluation.task_templates.minerva_math`) and HumanEval (the built-in calls
-``evaluate.load("code_eval")`` from the hub at import; scored by :mod:`evaluation.humaneval`).
+extra; see :mod:`skymoe.evaluation.task_templates.minerva_math`) and HumanEval (the built-in calls
+``evaluate.load("code_eval")`` from the hub at import; scored by :mod:`skymoe.evaluation.humaneval`).
 
 **Task names** carry a ``skymoe_`` prefix so they never collide with lm-eval's built-ins:
 groups ``skymoe_mmlu``, ``skymoe_cmmlu``, ``skymoe_ceval`` and ``skymoe_math`` (one task per
@@ -93,7 +93,7 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 MARKER = ".skymoe-tasks"  # marks an out_dir written by build_tasks (and so safe to clear)
 _SUBJECT = re.compile(r"^[A-Za-z0-9_\-]+$")
 _GSM8K_FINAL = re.compile(r"#### (\-?[0-9\.\,]+)")  # the built-in's strict-match pattern
-_HOOKS = "evaluation.task_templates.minerva_math"
+_HOOKS = "skymoe.evaluation.task_templates.minerva_math"
 
 
 class TaskError(ValueError):
@@ -172,7 +172,7 @@ class TaskSet:
     def evaluate(self, lm, **kwargs) -> dict[str, Any]:
         """``lm_eval.simple_evaluate`` on every suite with an LM instance; ``kwargs`` pass through.
         HumanEval needs ``confirm_run_unsafe_code=True`` here *and* ``SKYMOE_RUN_MODEL_CODE=1`` in
-        the environment (:mod:`evaluation.humaneval`)."""
+        the environment (:mod:`skymoe.evaluation.humaneval`)."""
         import lm_eval
 
         for forbidden in ("tasks", "task_manager", "num_fewshot", "limit"):
@@ -236,7 +236,7 @@ def _prepare_out(out: Path) -> Path:
                 raise TaskError(f"{out}: task output folder is not empty and was not written by build_tasks")
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("lm-eval task YAMLs and data written by evaluation.tasks.build_tasks\n")
+    (out / MARKER).write_text("lm-eval task YAMLs and data written by skymoe.evaluation.tasks.build_tasks\n")
     return out
 
 
@@ -539,7 +539,7 @@ def _build_gsm8k(w: _Writer, fewshot: int, limit: int | None) -> SuiteTasks:
 
 # ------------------------------------------------------------------------------------------ MATH
 def _build_math(w: _Writer, fewshot: int, limit: int | None) -> SuiteTasks:
-    from evaluation.task_templates.minerva_math import gold_answer
+    from skymoe.evaluation.task_templates.minerva_math import gold_answer
 
     folder = w.root / "math" / "jsonl"
     if not folder.is_dir():
@@ -595,18 +595,18 @@ def _build_humaneval(w: _Writer, fewshot: int, limit: int | None) -> SuiteTasks:
     _nonempty(rows, path, "problems")
     task = f"{PREFIX}_humaneval"
     # The built-in humaneval.yaml's prompt, stop sequences and filter; its metric needs the hub, so
-    # the metric is evaluation.humaneval's local pass@k (runs only with SKYMOE_RUN_MODEL_CODE=1).
+    # the metric is skymoe.evaluation.humaneval's local pass@k (runs only with SKYMOE_RUN_MODEL_CODE=1).
     w.task_yaml("humaneval", task, {
         "task": task, **w.dataset({"test": w.data("humaneval", "test", rows)}),
         "unsafe_code": True, "output_type": "generate_until", "test_split": "test",
         "doc_to_text": "{{prompt}}", "doc_to_target": "{{test}}\ncheck({{entry_point}})",
-        "metric_list": [{"metric": _FunctionRef("evaluation.humaneval.pass_at_k_metric"), "aggregation": "mean",
+        "metric_list": [{"metric": _FunctionRef("skymoe.evaluation.humaneval.pass_at_k_metric"), "aggregation": "mean",
                          "higher_is_better": True, "k": [1]}],
         "generation_kwargs": {"until": ["\nclass", "\ndef", "\n#", "\nif", "\nprint"], "max_gen_toks": 1024,
                               "do_sample": False},
         "repeats": 1, "num_fewshot": 0,
         "filter_list": [{"name": "create_test", "filter": [
-            {"function": "custom", "filter_fn": _FunctionRef("evaluation.humaneval.build_predictions")}]}],
+            {"function": "custom", "filter_fn": _FunctionRef("skymoe.evaluation.humaneval.build_predictions")}]}],
         "metadata": {"version": 1.0},
     })
     return SuiteTasks("humaneval", task, (task,), 0, limit, {task: len(rows)}, METRICS["humaneval"],

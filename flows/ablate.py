@@ -16,9 +16,9 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from ablations.report import build_report, write_report
-from ablations.run import AblationRun, done_record, execute_plan, plan_ablation, prepare_tokens, train_run
-from flows.prefect_env import forward_stage_logs  # offline settings: must precede the first Prefect import
+from skymoe.ablations.report import build_report, write_report
+from skymoe.ablations.run import AblationRun, done_record, execute_plan, plan_ablation, prepare_tokens, train_run
+from skymoe.flows.prefect_env import forward_stage_logs  # offline settings: must precede the first Prefect import
 from skymoe.config import StorageConfig, load_config, run_overrides
 from skymoe.storage import Storage
 

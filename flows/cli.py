@@ -65,7 +65,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.clean.stage import plan_clean
+    from skymoe.pipelines.clean.stage import plan_clean
     from skymoe.config import load_config
     from skymoe.storage import Storage
 
@@ -75,7 +75,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     storage = Storage.from_config(config.storage)
     plan_clean(config.clean, storage, config.storage.root)
     storage.check_writable_root(config.storage.root)
-    from flows.pipeline import pipeline_flow
+    from skymoe.flows.pipeline import pipeline_flow
 
     summary = pipeline_flow(config_path=args.config, root=args.root, inputs=overrides.get("clean", {}).get("inputs"),
                             until=args.until, executor=args.executor)
@@ -84,8 +84,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
-    from ablations.run import check_ablation, size_of
-    from pipelines.clean.stage import plan_clean
+    from skymoe.ablations.run import check_ablation, size_of
+    from skymoe.pipelines.clean.stage import plan_clean
     from skymoe.config import load_config
     from skymoe.storage import Storage
 
@@ -96,7 +96,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     storage = Storage.from_config(config.storage)
     plan_clean(config.clean, storage, config.storage.root)
     storage.check_writable_root(config.storage.root)
-    from flows.ablate import ablate_flow
+    from skymoe.flows.ablate import ablate_flow
 
     summary = ablate_flow(ablation=args.ablation, config_path=args.config, root=args.root, seeds=args.seeds,
                           size=size)
@@ -105,7 +105,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def _cmd_incremental(args: argparse.Namespace) -> int:
-    from pipelines.incremental import load_ledger, plan_generation
+    from skymoe.flows.generations import load_ledger, plan_generation
     from skymoe.config import load_config, run_overrides
     from skymoe.storage import Storage
 
@@ -123,7 +123,7 @@ def _cmd_incremental(args: argparse.Namespace) -> int:
         print(f"no new files under {', '.join(config.clean.inputs)} since generation "
               f"{ledger.generations[-1].number}: nothing to do")
         return 0
-    from flows.incremental import incremental_flow
+    from skymoe.flows.incremental import incremental_flow
 
     summary = incremental_flow(config_path=args.config, root=args.root, input_prefix=prefix,
                                train_tokens=args.train_tokens)
@@ -154,7 +154,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from flows.serve import LocalPrefect, ServeError, serve
+    from skymoe.flows.serve import LocalPrefect, ServeError, serve
 
     local = LocalPrefect(port=args.port)
     if args.home:

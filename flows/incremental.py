@@ -1,5 +1,5 @@
 """The incremental flow: what landed under the inputs since the last generation goes through the
-pipeline, on top of everything before it (see ``pipelines/incremental.py`` for what a generation
+pipeline, on top of everything before it (see ``flows/generations.py`` for what a generation
 is). Deployed on a schedule; with nothing new it is a quick no-op that says so.
 """
 
@@ -8,12 +8,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flows.prefect_env import forward_stage_logs  # offline settings: must precede the first Prefect import
+from skymoe.flows.prefect_env import forward_stage_logs  # offline settings: must precede the first Prefect import
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.pipeline import clean_task, evaluate_task, pipeline_flow, publish, run_stage, tokenize_task, train_task
-from pipelines.incremental import (
+from skymoe.flows.pipeline import clean_task, evaluate_task, pipeline_flow, publish, run_stage, tokenize_task, train_task
+from skymoe.flows.generations import (
     GenerationPlan,
     load_ledger,
     new_record,
@@ -75,7 +75,7 @@ def _first_generation(config_path: str | None, root: str | None, inputs: list[st
 def _next_generation(config: PipelineConfig, config_path: str | None, overrides: dict, storage: Storage,
                      generation: GenerationPlan) -> tuple[dict, dict]:
     """Clean the new files against the history, append their tokens, train on, evaluate."""
-    from evaluation.stage import plan_evaluate
+    from skymoe.evaluation.stage import plan_evaluate
 
     clean = run_stage(clean_task, storage, generation.clean.ref, config_path, overrides, generation.clean)
     publish("clean", clean, storage)

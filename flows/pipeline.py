@@ -12,20 +12,20 @@ import base64
 import logging
 from typing import TYPE_CHECKING, Any
 
-from flows.prefect_env import forward_stage_logs  # offline settings: must precede the first Prefect import
+from skymoe.flows.prefect_env import forward_stage_logs  # offline settings: must precede the first Prefect import
 from prefect import Task, flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from pipelines.clean.stage import CleanPlan, plan_clean, run_clean
-from pipelines.tokenize.stage import TokenizePlan, plan_tokenize, run_tokenize
+from skymoe.pipelines.clean.stage import CleanPlan, plan_clean, run_clean
+from skymoe.pipelines.tokenize.stage import TokenizePlan, plan_tokenize, run_tokenize
 from skymoe import PIPELINE_STAGES as STAGES
 from skymoe.config import load_config, run_overrides
 from skymoe.stage import StageRef, read_manifest
 from skymoe.storage import Storage
 
 if TYPE_CHECKING:
-    from evaluation.stage import EvalTarget
-    from training.stage import TrainPlan
+    from skymoe.evaluation.stage import EvalTarget
+    from skymoe.training.stage import TrainPlan
 
 def _stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """The stage output's full location: same fingerprint under another root is another output."""
@@ -52,7 +52,7 @@ def tokenize_task(config_path: str | None, overrides: dict, plan: TokenizePlan, 
 
 @task(name="train", cache_key_fn=_stage_cache_key, persist_result=True)
 def train_task(config_path: str | None, overrides: dict, plan: TrainPlan, tokens_ref: StageRef) -> dict[str, Any]:
-    from training.stage import run_train  # torch and DeepSpeed load only when the train stage is wanted
+    from skymoe.training.stage import run_train  # torch and DeepSpeed load only when the train stage is wanted
 
     config = load_config(config_path, overrides)
     result = run_train(config, Storage.from_config(config.storage), config.storage.root, tokens_ref, plan)
@@ -76,7 +76,7 @@ def _publish_train(summary: dict[str, Any]) -> None:
 
 @task(name="evaluate", cache_key_fn=_stage_cache_key, persist_result=True, task_run_name="evaluate-{target.label}")
 def evaluate_task(config_path: str | None, overrides: dict, target: EvalTarget) -> dict[str, Any]:
-    from evaluation.stage import run_evaluate
+    from skymoe.evaluation.stage import run_evaluate
 
     config = load_config(config_path, overrides)
     result = run_evaluate(config, Storage.from_config(config.storage), target)
@@ -94,7 +94,7 @@ def _publish_evaluate(summary: dict[str, Any]) -> None:
 
 def _publish_progress(evaluations: list[dict[str, Any]]) -> None:
     """Score against training tokens over the evaluated checkpoints, inlined in a markdown artifact."""
-    from evaluation.stage import progress_plot
+    from skymoe.evaluation.stage import progress_plot
 
     png = progress_plot([(e["tokens"], {row["suite"]: row["score"] for row in e["table"]}) for e in evaluations])
     if png is not None:
@@ -184,7 +184,7 @@ def pipeline_flow(config_path: str | None = None, root: str | None = None, input
 
     wanted = STAGES[STAGES.index(from_stage): STAGES.index(until) + 1]
     if "evaluate" in wanted:  # benchmark data problems surface now, not after hours of training
-        from evaluation.stage import check_inputs
+        from skymoe.evaluation.stage import check_inputs
 
         check_inputs(config)
 
@@ -206,7 +206,7 @@ def pipeline_flow(config_path: str | None = None, root: str | None = None, input
 
     if until == "tokenize":
         return _done(summary)
-    from training.stage import plan_train
+    from skymoe.training.stage import plan_train
 
     train_plan = plan_train(config, storage, config.storage.root, token_plan.ref)
     train_summary = _run_or_require("train", wanted, train_task, storage, train_plan.ref, config_path, overrides,
@@ -217,7 +217,7 @@ def pipeline_flow(config_path: str | None = None, root: str | None = None, input
 
     if until == "train":
         return _done(summary)
-    from evaluation.stage import plan_evaluate
+    from skymoe.evaluation.stage import plan_evaluate
 
     evaluations = []
     for target in plan_evaluate(config, storage, config.storage.root, train_plan.ref):

@@ -1,4 +1,4 @@
-"""Prefect settings for offline use. Imported by ``flows.pipeline`` before Prefect itself, so they
+"""Prefect settings for offline use. Imported by ``skymoe.flows.pipeline`` before Prefect itself, so they
 hold for the CLI, for tests and for deployment runs started by a worker alike."""
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""Data stages: corpus cleaning (``pipelines.clean``) and, later, tokenization into Arrow shards."""
+"""Data stages: corpus cleaning (``skymoe.pipelines.clean``) and, later, tokenization into Arrow shards."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import SMALL_TRAIN, write_config
 
-from flows.cli import main
+from skymoe.flows.cli import main
 
 STATUSES = ("reproduced", "not reproduced at this scale", "inconclusive (differences within seed spread)")
 
@@ -36,7 +36,7 @@ def ablate_cli(config: Path, ablation: str, *flags: str) -> dict:
 
 
 def ablate_flow(config: Path, ablation: str, seeds: int) -> dict:
-    from flows.ablate import ablate_flow
+    from skymoe.flows.ablate import ablate_flow
 
     return ablate_flow(ablation=ablation, config_path=str(config), seeds=seeds, size="smoke")
 
@@ -70,7 +70,7 @@ def test_gating_norm_through_the_cli_then_all_cache_hits(prefect_env, ablate_roo
     def no_training(*args, **kwargs):
         raise AssertionError("a cached run was trained again")
 
-    monkeypatch.setattr("ablations.run.execute_run", no_training)
+    monkeypatch.setattr("skymoe.ablations.run.execute_run", no_training)
     second = ablate_cli(ablate_root, "gating-norm", "--seeds", "1")
     assert second["trained"] == [] and second["cached"] == 4
     assert second["table"] == first["table"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, free_port, write_config
 
-from flows.serve import LocalPrefect, serving
+from skymoe.flows.serve import LocalPrefect, serving
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; `playwright install` would download a browser
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import kill_after_done_records, write_config
-from pipelines.clean.stage import run_clean
+from skymoe.pipelines.clean.stage import run_clean
 from skymoe.catalog import list_stage_outputs
 from skymoe.config import load_config
 from skymoe.storage import Storage

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from conftest import write_config
-from pipelines.clean.readers import InputError
-from pipelines.clean.stage import plan_clean
+from skymoe.pipelines.clean.readers import InputError
+from skymoe.pipelines.clean.stage import plan_clean
 from skymoe.config import ConfigError, load_config
 from skymoe.storage import Storage
 
@@ -82,7 +82,7 @@ def test_missing_input_fails_before_work(tmp_path):
 def test_help_imports_nothing_heavy():
     code = (
         "import sys\n"
-        "from flows.cli import main\n"
+        "from skymoe.flows.cli import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "heavy = [m for m in ('prefect', 'datatrove', 'apache_beam', 'torch', 'pyarrow', 'pydantic') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"

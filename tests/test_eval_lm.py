@@ -3,7 +3,7 @@ lm-eval's own ``hf`` model (``HFLM`` loading the exported folder with its remote
 
 One small exported folder is built the way tests/test_export.py builds one: a random MoE (dim 64,
 2 layers, one dense and one 4-expert MoE layer, grouped-query attention, max_seq_len 128) and a
-byte-level BPE trained with ``pipelines.tokenize.tokenizer`` on a few hundred English and Chinese
+byte-level BPE trained with ``skymoe.pipelines.tokenize.tokenizer`` on a few hundred English and Chinese
 sentences of examples/corpus. The requests are real text from other documents of the corpus:
 multiple-choice sets, Chinese, contexts ending in spaces, empty contexts, contexts past
 max_seq_len, literal special-token text, duplicates. Nothing is fetched (offline env, local folder).
@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from conftest import CORPUS
-from pipelines.tokenize.tokenizer import save_tokenizer, train_tokenizer
+from skymoe.pipelines.tokenize.tokenizer import save_tokenizer, train_tokenizer
 from skymoe.storage import Storage
-from training.export import export_hf
-from training.model import ModelArgs, Transformer
-from training.weights import save_args, save_part
+from skymoe.training.export import export_hf
+from skymoe.training.model import ModelArgs, Transformer
+from skymoe.training.weights import save_args, save_part
 
 STORAGE = Storage()
 ARGS = ModelArgs(vocab_size=1024, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=128,
@@ -85,7 +85,7 @@ def hflm(built):
 
 @pytest.fixture(scope="module")
 def skymoe(built):
-    from evaluation.lm import SkyMoeLM
+    from skymoe.evaluation.lm import SkyMoeLM
 
     return SkyMoeLM(built[0], batch_size=8, max_gen_tokens=MAX_GEN, device="cpu")
 
@@ -156,7 +156,7 @@ def test_loglikelihood_matches_lm_evals_hf_model(hflm, skymoe, built):
     assert all(math.isfinite(b[0]) and b[0] < 0 for b in ours)
 
     # The same numbers without context sharing (one row per request, as HFLM batches them).
-    from evaluation.lm import SkyMoeLM
+    from skymoe.evaluation.lm import SkyMoeLM
 
     unshared = SkyMoeLM(built[0], batch_size=3, share_context=False).loglikelihood(requests[:80], disable_tqdm=True)
     assert max(abs(a[0] - b[0]) for a, b in zip(theirs[:80], unshared, strict=True)) < MAX_DIFF
@@ -254,7 +254,7 @@ def test_generate_until_stop_strings_and_token_cap(hflm, skymoe, built):
 
 
 def test_generation_stops_at_eos(built):
-    from evaluation.lm import SkyMoeLM
+    from skymoe.evaluation.lm import SkyMoeLM
 
     lm = SkyMoeLM(built[0], batch_size=2, max_gen_tokens=10)
     head = torch.nn.Linear(ARGS.dim, ARGS.vocab_size)  # EOS wins at every position
@@ -271,7 +271,7 @@ def test_generation_stops_at_eos(built):
 def test_registered_with_lm_eval_and_built_from_model_args(built):
     from lm_eval.api.registry import get_model
 
-    from evaluation.lm import SkyMoeLM
+    from skymoe.evaluation.lm import SkyMoeLM
 
     assert get_model("skymoe") is SkyMoeLM
     assert get_model("hf").__name__ == "HFLM"  # registering ours does not hide lm-eval's own

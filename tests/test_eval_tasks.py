@@ -1,4 +1,4 @@
-"""The local lm-eval task suites (evaluation.tasks): every suite runs through lm-eval's
+"""The local lm-eval task suites (skymoe.evaluation.tasks): every suite runs through lm-eval's
 ``simple_evaluate`` with test LMs, offline, with network sockets blocked.
 
 - an oracle LM (the gold choice gets the highest log-likelihood; generations are the gold answer
@@ -27,8 +27,8 @@ import pytest
 lm_eval = pytest.importorskip("lm_eval")  # the eval extra
 from lm_eval.api.model import LM  # noqa: E402
 
-from evaluation.task_templates import minerva_math  # noqa: E402
-from evaluation.tasks import DEFAULT_NUM_FEWSHOT, MARKER, TaskError, TaskSet, build_tasks  # noqa: E402
+from skymoe.evaluation.task_templates import minerva_math  # noqa: E402
+from skymoe.evaluation.tasks import DEFAULT_NUM_FEWSHOT, MARKER, TaskError, TaskSet, build_tasks  # noqa: E402
 from skymoe.config import SUITES, SuiteConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -190,7 +190,7 @@ class HalfRightLM(OracleLM):
 
 
 def test_humaneval_runs_reference_solutions_through_local_scorer(tmp_path, monkeypatch):
-    from evaluation.humaneval import OPT_IN_ENV, UnsafeCodeRefused
+    from skymoe.evaluation.humaneval import OPT_IN_ENV, UnsafeCodeRefused
 
     taskset = build_tasks(str(EXAMPLES), {"humaneval": SuiteConfig()}, tmp_path / "tasks")
     assert taskset.unsafe_code and taskset.suites["humaneval"].items == {"skymoe_humaneval": 164}

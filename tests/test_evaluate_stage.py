@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from conftest import CORPUS, SMALL_EVALUATE, SMALL_TRAIN, write_config
-from evaluation.stage import EvaluateError, check_inputs, plan_evaluate, run_evaluate
-from pipelines.clean.stage import run_clean
-from pipelines.tokenize.stage import run_tokenize
+from skymoe.evaluation.stage import EvaluateError, check_inputs, plan_evaluate, run_evaluate
+from skymoe.pipelines.clean.stage import run_clean
+from skymoe.pipelines.tokenize.stage import run_tokenize
 from skymoe.config import ConfigError, load_config
 from skymoe.storage import Storage
-from training.stage import run_train
+from skymoe.training.stage import run_train
 
 TRAIN = {**SMALL_TRAIN, "dense": {"steps": 6, "warmup_steps": 1},
          "upcycled": {"steps": 9, "lr": 2e-3, "warmup_steps": 1}, "checkpoint_every": 3, "eval_every": 100}

@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from pipelines.tokenize.tokenizer import save_tokenizer, train_tokenizer
+from skymoe.pipelines.tokenize.tokenizer import save_tokenizer, train_tokenizer
 from skymoe.storage import Storage
-from training.export import ExportError, export_hf
-from training.hf_import import HfImportError, import_llama
-from training.model import ModelArgs, Transformer
-from training.weights import save_args, save_part
+from skymoe.training.export import ExportError, export_hf
+from skymoe.training.hf_import import HfImportError, import_llama
+from skymoe.training.model import ModelArgs, Transformer
+from skymoe.training.weights import save_args, save_part
 
 STORAGE = Storage()
 DENSE = ModelArgs(vocab_size=512, dim=64, n_layers=2, n_heads=4, ffn_dim=128, max_seq_len=64, init_std=0.2)

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from datatrove.data import Document
 
-from pipelines.clean.classifier import QualityModel, QualityScorer, train_quality_model
-from pipelines.clean.heuristics import (
+from skymoe.pipelines.clean.classifier import QualityModel, QualityScorer, train_quality_model
+from skymoe.pipelines.clean.heuristics import (
     C4Lines,
     ChineseQuality,
     CodeQuality,
@@ -31,8 +31,8 @@ from pipelines.clean.heuristics import (
     GopherRepetition,
     heuristic_steps,
 )
-from pipelines.clean.langid import LanguageId
-from pipelines.clean.steps import REJECT, reject
+from skymoe.pipelines.clean.langid import LanguageId
+from skymoe.pipelines.clean.steps import REJECT, reject
 from skymoe.config import ClassifierConfig, HeuristicsConfig, LanguageConfig
 from skymoe.storage import Storage
 

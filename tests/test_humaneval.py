@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from evaluation import humaneval
-from evaluation.humaneval import (UnsafeCodeRefused, build_program, check_program, load_problems, pass_at_k,
+from skymoe.evaluation import humaneval
+from skymoe.evaluation.humaneval import (UnsafeCodeRefused, build_program, check_program, load_problems, pass_at_k,
                                   pass_at_k_metric, process_results, score)
 
 # The shared data folder next to the checkout (../shared), as on the development machine.
@@ -253,8 +253,8 @@ def test_lm_eval_runs_the_documented_yamls(tmp_path, monkeypatch, problems):
     doc = humaneval.__doc__.split("A complete task YAML using ``process_results``", 1)[1]
     process_form = textwrap.dedent(doc.split("::\n", 1)[1].split("\nor, instead of", 1)[0])
     metric_list = textwrap.dedent(doc.split("the metric form", 1)[1].split("::\n", 1)[1].split('"""', 1)[0])
-    assert "process_results: !function evaluation.humaneval.process_results" in process_form
-    assert "- metric: !function evaluation.humaneval.pass_at_k_metric" in metric_list
+    assert "process_results: !function skymoe.evaluation.humaneval.process_results" in process_form
+    assert "- metric: !function skymoe.evaluation.humaneval.pass_at_k_metric" in metric_list
     process_form = process_form.replace("/path/to/humaneval/HumanEval.jsonl.gz", str(HUMANEVAL)).replace(
         "dataset_kwargs:\n", f"dataset_kwargs:\n  cache_dir: {tmp_path / 'hf-cache'}\n")
     metric_form = (process_form.replace("task: humaneval_local", "task: humaneval_local_metric")

@@ -13,10 +13,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from conftest import CORPUS, REPO, write_config
-from pipelines.tokenize.reader import TokenReader
+from skymoe.training.data import TokenReader
 from skymoe.storage import Storage
 
-_RUN = "import json, sys; from flows.incremental import incremental_flow; print('RESULT ' + json.dumps(incremental_flow(config_path=sys.argv[1])))"
+_RUN = "import json, sys; from skymoe.flows.incremental import incremental_flow; print('RESULT ' + json.dumps(incremental_flow(config_path=sys.argv[1])))"
 
 
 def _incremental(config: Path, env: dict) -> dict:

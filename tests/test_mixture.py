@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipelines.tokenize.mixture import MixtureError, repeat_factors
+from skymoe.pipelines.tokenize.mixture import MixtureError, repeat_factors
 
 TOKENS = {"en/c4": 600, "en/dolma": 200, "zh/zhwiki": 1000, "code/github": 200}
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, free_port
-from training.model import (
+from skymoe.training.model import (
     FeedForward,
     ModelArgs,
     MoEFeedForward,
@@ -28,7 +28,7 @@ from training.model import (
     parameter_counts,
     route,
 )
-from training.upcycle import UpcycleError, dense_args, upcycle, upcycle_state
+from skymoe.training.upcycle import UpcycleError, dense_args, upcycle, upcycle_state
 
 TINY_MOE = ModelArgs(vocab_size=97, dim=32, n_layers=4, n_heads=4, ffn_dim=48, max_seq_len=16, num_experts=4,
                      top_k=2, init_std=0.2)
@@ -434,7 +434,7 @@ def dist_world():
 
 
 def to_expert_parallel(model: Transformer) -> Transformer:
-    from training.parallel import ExpertParallelMoE, make_expert_parallel
+    from skymoe.training.parallel import ExpertParallelMoE, make_expert_parallel
 
     parallel = make_expert_parallel(model, ep_size=1, ep_rank=0)
     moe_layers = [layer.mlp for layer in parallel.layers if isinstance(layer.mlp, ExpertParallelMoE)]
@@ -452,7 +452,7 @@ def ep_name(name: str) -> str:
 
 @pytest.mark.parametrize("moe_every", [1, 2])
 def test_expert_parallel_matches_local_and_exports_plain_state(dist_world, moe_every):
-    from training.parallel import SHARED_PART, plain_state_parts
+    from skymoe.training.parallel import SHARED_PART, plain_state_parts
 
     args = dataclasses.replace(TINY_MOE, moe_every=moe_every, capacity_factor=0.75, min_capacity=1)
     local = seeded_model(args, 12)
@@ -520,8 +520,8 @@ import torch, torch.nn.functional as F
 import deepspeed
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-from training.model import ModelArgs, Transformer
-from training.parallel import ExpertParallelMoE, make_expert_parallel, plain_state_parts
+from skymoe.training.model import ModelArgs, Transformer
+from skymoe.training.parallel import ExpertParallelMoE, make_expert_parallel, plain_state_parts
 rank, out = int(os.environ["RANK"]), sys.argv[1]
 args = ModelArgs(**torch.load(os.path.join(out, "args.pt")))
 torch.manual_seed(13)

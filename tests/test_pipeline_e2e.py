@@ -25,7 +25,7 @@ asyncio.run(main())
 
 
 def _skymoe(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "skymoe.flows.cli", *args], capture_output=True, text=True, env=env,
                           timeout=900)
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from datatrove.data import Document
 
-from pipelines.clean.readers import InputError, ShardReader, detect_format, discover_inputs
-from pipelines.clean.steps import ORIGINAL, REJECT
+from skymoe.pipelines.clean.readers import InputError, ShardReader, detect_format, discover_inputs
+from skymoe.pipelines.clean.steps import ORIGINAL, REJECT
 from skymoe.config import ReaderConfig
 from skymoe.storage import Storage
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from conftest import upload_folder, write_config
-from pipelines.clean.readers import InputError
-from pipelines.clean.stage import run_clean
+from skymoe.pipelines.clean.readers import InputError
+from skymoe.pipelines.clean.stage import run_clean
 from skymoe.catalog import list_stage_outputs
 from skymoe.config import load_config
 from skymoe.storage import Storage, StorageError
@@ -53,7 +53,7 @@ def test_clean_reads_and_writes_s3(tmp_path, small_corpus, bucket):
         ("clean", result.ref.fingerprint, True)
     ]
 
-    shown = subprocess.run([sys.executable, "-m", "flows.cli", "show", "--root", f"s3://{name}/runs", "--json"],
+    shown = subprocess.run([sys.executable, "-m", "skymoe.flows.cli", "show", "--root", f"s3://{name}/runs", "--json"],
                            capture_output=True, text=True, check=True)
     assert json.loads(shown.stdout)["stages"][0]["counts"]["docs_out"] == result.manifest.counts["docs_out"]
 

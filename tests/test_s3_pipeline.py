@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 from conftest import REPO, SMALL_TRAIN, upload_folder, write_config
-from pipelines.clean.stage import run_clean
+from skymoe.pipelines.clean.stage import run_clean
 from skymoe.config import load_config
 from skymoe.storage import Storage
 
@@ -52,7 +52,7 @@ def test_whole_pipeline_on_s3_with_presigned_links(tmp_path, small_corpus, bucke
                           train={**SMALL_TRAIN, "dense": short, "upcycled": short, "eval_every": 10},
                           evaluate={"suites": {"hellaswag": {"limit": 20}}, "max_gen_tokens": 16})
     env = dict(os.environ)
-    run = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(config)], capture_output=True,
+    run = subprocess.run([sys.executable, "-m", "skymoe.flows.cli", "run", "--config", str(config)], capture_output=True,
                          text=True, env=env, timeout=900, cwd=REPO)
     assert run.returncode == 0, run.stderr[-4000:]
     stages = json.loads(run.stdout[run.stdout.index("{"):])["stages"]
@@ -63,7 +63,7 @@ def test_whole_pipeline_on_s3_with_presigned_links(tmp_path, small_corpus, bucke
         assert stages[stage]["uri"][len(f"s3://{name}/"):] + "/manifest.json" in keys
     assert any(key.startswith("skymoe/train/") and key.endswith("/hf/config.json") for key in keys)
 
-    shown = subprocess.run([sys.executable, "-m", "flows.cli", "show", "--root", root, "--json"],
+    shown = subprocess.run([sys.executable, "-m", "skymoe.flows.cli", "show", "--root", root, "--json"],
                            capture_output=True, text=True, env=env, check=True, cwd=REPO)
     listed = json.loads(shown.stdout)["stages"]
     assert {item["name"] for item in listed} == {"clean", "tokenize", "train", "evaluate"}

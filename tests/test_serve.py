@@ -17,7 +17,7 @@ from uuid import UUID
 import pytest
 from conftest import SMALL_TRAIN, free_port, write_config
 
-from flows.serve import LocalPrefect, flow_run_pids, serving, start_server, start_worker, stop
+from skymoe.flows.serve import LocalPrefect, flow_run_pids, serving, start_server, start_worker, stop
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun
 
@@ -72,7 +72,7 @@ def test_kill_9_of_worker_and_run_then_restart_and_resume(local, config, caplog)
     with local.client() as client:
         assert client.read_flow_run(first).state.is_running()  # a ghost: nobody reported the kill
 
-    with caplog.at_level(logging.WARNING, logger="flows.serve"):
+    with caplog.at_level(logging.WARNING, logger="skymoe.flows.serve"):
         local.worker = start_worker(local)
     with local.client() as client:
         ghost = client.read_flow_run(first)
@@ -93,7 +93,7 @@ def test_serve_command_deploys_everything_and_stops_cleanly(tmp_path, config, mo
     no ghost run in the database."""
     monkeypatch.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED", "false")  # no hourly run mid-test
     local = LocalPrefect(port=free_port(), home=tmp_path / "home")
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(local.port), "--home",
+    proc = subprocess.Popen([sys.executable, "-m", "skymoe.flows.cli", "serve", "--port", str(local.port), "--home",
                              str(local.home)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:

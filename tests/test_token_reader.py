@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 
-from pipelines.tokenize.reader import TokenReader, TokenReaderError
+from skymoe.training.data import TokenReader, TokenReaderError
 from skymoe.stage import Manifest, StageRef, write_manifest
 from skymoe.storage import Storage
 

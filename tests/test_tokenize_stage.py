@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import kill_after_done_records, write_config
-from pipelines.clean.stage import run_clean
-from pipelines.tokenize.stage import TokenizeError, is_validation, plan_tokenize, run_tokenize
-from pipelines.tokenize.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from skymoe.pipelines.clean.stage import run_clean
+from skymoe.pipelines.tokenize.stage import TokenizeError, is_validation, plan_tokenize, run_tokenize
+from skymoe.pipelines.tokenize.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from skymoe.config import load_config
 from skymoe.stage import StageRef
 from skymoe.storage import Storage
@@ -136,7 +136,7 @@ def test_corpus_smaller_than_one_sequence_and_missing_clean_output(cleaned, tmp_
 
 
 def test_training_reader_and_datasets_read_the_stage_output(cleaned, tmp_path, monkeypatch):
-    from pipelines.tokenize.reader import TokenReader
+    from skymoe.training.data import TokenReader
 
     config, clean_ref = cleaned
     result = _tokenize(config, clean_ref)
@@ -161,7 +161,7 @@ def test_training_reader_and_datasets_read_the_stage_output(cleaned, tmp_path, m
 
 
 def test_id_type_too_small_for_the_vocabulary_fails_before_work(cleaned, tmp_path):
-    from pipelines.tokenize.tokenizer import TokenizerError
+    from skymoe.pipelines.tokenize.tokenizer import TokenizerError
 
     config, clean_ref = cleaned
     settings = config.tokenize.model_copy(update={
@@ -189,7 +189,7 @@ def test_kill_9_mid_encode_resumes_byte_identical(cleaned, tmp_path):
         "from skymoe.config import load_config\n"
         "from skymoe.stage import StageRef\n"
         "from skymoe.storage import Storage\n"
-        "from pipelines.tokenize.stage import run_tokenize\n"
+        "from skymoe.pipelines.tokenize.stage import run_tokenize\n"
         "config = load_config(Path(%r), {'tokenize': %r})\n"
         "settings = config.tokenize.model_copy(update={'encode_batch': 1})\n"
         "run_tokenize(settings, Storage(), %r, StageRef(%r, 'clean', %r))\n"

@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from conftest import CORPUS
-from pipelines.tokenize.tokenizer import (BOS, EOS, PAD, TokenizerError, check_token_dtype, load_tokenizer,
+from skymoe.pipelines.tokenize.tokenizer import (BOS, EOS, PAD, TokenizerError, check_token_dtype, load_tokenizer,
                                           save_tokenizer, smallest_token_dtype, train_tokenizer)
 from skymoe.storage import Storage
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.clean.stage import run_clean
-from pipelines.tokenize.stage import run_tokenize
+from skymoe.pipelines.clean.stage import run_clean
+from skymoe.pipelines.tokenize.stage import run_tokenize
 from conftest import SMALL_TRAIN
 from skymoe.config import load_config
 from skymoe.storage import Storage
-from training.stage import TrainError, plan_train, run_train
+from skymoe.training.stage import TrainError, plan_train, run_train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -101,7 +101,7 @@ def _run_in_subprocess(root: Path, train: dict) -> subprocess.Popen:
         f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
         "from test_train_stage import config_for, resume_tokens\n"
         "from skymoe.storage import Storage\n"
-        "from training.stage import run_train\n"
+        "from skymoe.training.stage import run_train\n"
         f"config = config_for({str(root)!r}, **json.loads({json.dumps(json.dumps(train))}))\n"
         "run_train(config, Storage.from_config(config.storage), config.storage.root, resume_tokens(config))\n"
     )

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from skymoe.storage import Storage, join
-from training.parallel import plain_state_parts
-from training.weights import save_args, save_part
+from skymoe.training.parallel import plain_state_parts
+from skymoe.training.weights import save_args, save_part
 
 COMPLETE = "COMPLETE"
 

@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from skymoe.storage import Storage, join
-from training.model import ModelArgs, Transformer
-from training.weights import load_args, load_state
+from skymoe.training.model import ModelArgs, Transformer
+from skymoe.training.weights import load_args, load_state
 
 HF_CODE = Path(__file__).parent / "hf"
 CODE_FILES = (HF_CODE / "configuration_skymoe.py", HF_CODE / "modeling_skymoe.py", Path(__file__).parent / "model.py")

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from skymoe.storage import Storage, join
-from training.model import ModelArgs, Transformer
+from skymoe.training.model import ModelArgs, Transformer
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"

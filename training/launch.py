@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from skymoe.config import ParallelConfig
-from training.spec import RunSpec
+from skymoe.training.spec import RunSpec
 
 log = logging.getLogger("skymoe.train")
 
@@ -50,10 +50,10 @@ def _command(parallel: ParallelConfig, spec_path: Path) -> list[str]:
     if parallel.launcher == "deepspeed":
         runner = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
         return [runner, "--num_nodes", "1", "--num_accelerators", str(parallel.world_size), "--master_addr",
-                "127.0.0.1", "--master_port", port, "--module", "training.trainer", str(spec_path)]
+                "127.0.0.1", "--master_port", port, "--module", "skymoe.training.trainer", str(spec_path)]
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
             str(parallel.world_size), "--master_addr", "127.0.0.1", "--master_port", port,
-            "-m", "training.trainer", str(spec_path)]
+            "-m", "skymoe.training.trainer", str(spec_path)]
 
 
 def _env(parallel: ParallelConfig) -> dict[str, str]:

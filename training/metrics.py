@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from training.model import Transformer
-from training.parallel import ExpertParallelMoE
+from skymoe.training.model import Transformer
+from skymoe.training.parallel import ExpertParallelMoE
 
 
 class RoutingTotals:

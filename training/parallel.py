@@ -14,7 +14,7 @@ from deepspeed.moe.sharded_moe import TopKGate
 from deepspeed.utils import groups
 from torch import nn
 
-from training.model import FeedForward, ModelArgs, MoEFeedForward, Router, Routing, Transformer
+from skymoe.training.model import FeedForward, ModelArgs, MoEFeedForward, Router, Routing, Transformer
 
 SHARED_PART = "shared"
 

@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 from skymoe.config import MoELayerConfig, TrainConfig
-from training.model import ModelArgs
+from skymoe.training.model import ModelArgs
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"dim": 128, "n_layers": 4, "n_heads": 4, "ffn_dim": 344, "vocab_size": 4096},

@@ -37,14 +37,14 @@ from skymoe.stage import (
     write_manifest,
 )
 from skymoe.storage import Storage, join
-from training.export import export_hf
-from training.hf_import import import_llama, llama_args
-from training.launch import launch
-from training.model import ModelArgs, parameter_counts
-from training.plots import comparison_plot, run_plots
-from training.presets import dense_shape, with_moe
-from training.spec import RunInit, RunSpec
-from training.weights import save_args, save_part
+from skymoe.training.export import export_hf
+from skymoe.training.hf_import import import_llama, llama_args
+from skymoe.training.launch import launch
+from skymoe.training.model import ModelArgs, parameter_counts
+from skymoe.training.plots import comparison_plot, run_plots
+from skymoe.training.presets import dense_shape, with_moe
+from skymoe.training.spec import RunInit, RunSpec
+from skymoe.training.weights import save_args, save_part
 
 STAGE = "train"
 CODE_VERSION = "train-{}+{}".format(

@@ -1,4 +1,4 @@
-"""One training run on one DeepSpeed rank: ``python -m training.trainer <spec.json>`` under torchrun
+"""One training run on one DeepSpeed rank: ``python -m skymoe.training.trainer <spec.json>`` under torchrun
 or the deepspeed launcher (``training/launch.py`` starts it).
 
 The loop: build the model (random, loaded or upcycled), make its MoE layers expert-parallel, wrap
@@ -26,18 +26,18 @@ import torch.nn.functional as F
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups
 
-from pipelines.tokenize.reader import TokenReader
+from skymoe.training.data import TokenReader
 from skymoe.config import AuxLossConfig, PhaseConfig, StorageConfig
 from skymoe.progress import Progress
 from skymoe.storage import Storage, join
-from training import checkpoint
-from training.metrics import RoutingTotals, expert_similarity, validation_loss
-from training.model import ModelArgs, Transformer, training_flops_per_token
-from training.parallel import make_expert_parallel
-from training.schedule import learning_rate, next_alpha
-from training.spec import RunSpec
-from training.upcycle import upcycle_state
-from training.weights import load_state
+from skymoe.training import checkpoint
+from skymoe.training.metrics import RoutingTotals, expert_similarity, validation_loss
+from skymoe.training.model import ModelArgs, Transformer, training_flops_per_token
+from skymoe.training.parallel import make_expert_parallel
+from skymoe.training.schedule import learning_rate, next_alpha
+from skymoe.training.spec import RunSpec
+from skymoe.training.upcycle import upcycle_state
+from skymoe.training.weights import load_state
 
 log = logging.getLogger("skymoe.train")
 

@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from training.model import ModelArgs, Transformer
+from skymoe.training.model import ModelArgs, Transformer
 
 
 class UpcycleError(ValueError):

@@ -15,7 +15,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from skymoe.storage import Storage, join
-from training.model import ModelArgs
+from skymoe.training.model import ModelArgs
 
 ARGS_FILE = "model_args.json"
 

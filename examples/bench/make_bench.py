@@ -5,7 +5,7 @@ and PIQA (AFL-3.0). C-Eval and CMMLU (CC BY-NC-SA 4.0, non-commercial) are never
 evaluate stage reads them from the shared data folder when ``evaluate.data_dir`` points there.
 
 Every subset is the *first* N rows of the upstream file (lines copied byte-for-byte, header kept
-for CSV), in the same layout as the shared folder, so ``evaluation.tasks.build_tasks`` reads both
+for CSV), in the same layout as the shared folder, so ``skymoe.evaluation.tasks.build_tasks`` reads both
 the same way. The SOURCE.md and LICENSE files beside the data are kept by hand and are not
 regenerated here.
 

@@ -1,1 +1,1 @@
-"""SkyPile-style corpus cleaning. The stage function is :func:`pipelines.clean.stage.run_clean`."""
+"""SkyPile-style corpus cleaning. The stage function is :func:`skymoe.pipelines.clean.stage.run_clean`."""

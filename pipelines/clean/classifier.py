@@ -18,7 +18,7 @@ import numpy as np
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 
-from pipelines.clean.steps import is_rejected
+from skymoe.pipelines.clean.steps import is_rejected
 from skymoe.config import ClassifierConfig
 from skymoe.storage import Storage
 

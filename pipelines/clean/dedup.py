@@ -26,7 +26,7 @@ _SPACE = re.compile(r"\s+")
 _ROLL = np.uint64(0x9E3779B97F4A7C15)
 _FOLD = np.uint64(61)
 # Latin words for shingling: runs of letters/digits with inner apostrophes (the words the MinHash
-# has always used). Deliberately not ``pipelines.clean.text.latin_words``: that spaCy-like
+# has always used). Deliberately not ``skymoe.pipelines.clean.text.latin_words``: that spaCy-like
 # segmentation is tuned for the quality filters, and tuning it must not silently change MinHash
 # signatures (it is also ~3x slower, and was no better for near-duplicate recall/precision).
 _LATIN_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")

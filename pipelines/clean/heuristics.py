@@ -3,7 +3,7 @@ character-based equivalents, and SkyPile's code heuristics.
 
 The English rules and thresholds are those of datatrove's GopherRepetitionFilter,
 GopherQualityFilter, C4QualityFilter and FineWebQualityFilter (the published recipes); what
-differs is that all of them read one shared segmentation (:mod:`pipelines.clean.text`) instead of
+differs is that all of them read one shared segmentation (:mod:`skymoe.pipelines.clean.text`) instead of
 re-tokenizing the document each.
 """
 
@@ -15,8 +15,8 @@ from collections import Counter
 from datatrove.data import Document
 from datatrove.utils.text import TERMINAL_PUNCTUATION
 
-from pipelines.clean.steps import DocFilter
-from pipelines.clean.text import (
+from skymoe.pipelines.clean.steps import DocFilter
+from skymoe.pipelines.clean.text import (
     TERMINAL_PUNCTUATION_EN,
     TERMINAL_PUNCTUATION_ZH,
     count_sentences,

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 
-from pipelines.clean.steps import is_rejected, reject
+from skymoe.pipelines.clean.steps import is_rejected, reject
 from skymoe.config import LanguageConfig
 
 _WEB_LANGUAGES = ("ENGLISH", "CHINESE", "JAPANESE", "KOREAN", "FRENCH", "GERMAN", "SPANISH", "RUSSIAN",

@@ -22,7 +22,7 @@ import xxhash
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 
-from pipelines.clean.steps import ORIGINAL, reject
+from skymoe.pipelines.clean.steps import ORIGINAL, reject
 from skymoe.config import ReaderConfig
 from skymoe.storage import Storage
 
@@ -257,7 +257,7 @@ class ShardReader(PipelineStep):
         from warcio.archiveiterator import ArchiveIterator
         from warcio.exceptions import ArchiveLoadFailed
 
-        from pipelines.clean.extract import extract_main_text
+        from skymoe.pipelines.clean.extract import extract_main_text
 
         number = 0
         try:

@@ -28,11 +28,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.clean import dedup
-from pipelines.clean.classifier import QualityModel, QualityScorer, train_quality_model
-from pipelines.clean.executors import ShardTask, map_shards
-from pipelines.clean.heuristics import heuristic_steps
-from pipelines.clean.history import (
+from skymoe.pipelines.clean import dedup
+from skymoe.pipelines.clean.classifier import QualityModel, QualityScorer, train_quality_model
+from skymoe.pipelines.clean.executors import ShardTask, map_shards
+from skymoe.pipelines.clean.heuristics import heuristic_steps
+from skymoe.pipelines.clean.history import (
     KEPT_INDEX,
     KEPT_SCHEMA,
     LINE_COUNT_SCHEMA,
@@ -42,9 +42,9 @@ from pipelines.clean.history import (
     load_history,
     write_parquet,
 )
-from pipelines.clean.langid import LanguageId
-from pipelines.clean.readers import InputError, InputShard, ShardReader, discover_inputs
-from pipelines.clean.steps import ORIGINAL, REJECT
+from skymoe.pipelines.clean.langid import LanguageId
+from skymoe.pipelines.clean.readers import InputError, InputShard, ShardReader, discover_inputs
+from skymoe.pipelines.clean.steps import ORIGINAL, REJECT
 from skymoe.config import CleanConfig, ConfigError, bucket_names
 from skymoe.plots import bar_chart_png
 from skymoe.progress import Progress

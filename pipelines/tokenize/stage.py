@@ -31,9 +31,9 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import xxhash
 
-from pipelines.tokenize.mixture import repeat_factors
-from pipelines.tokenize.packing import PackedRows, pack, rows_table
-from pipelines.tokenize.tokenizer import (
+from skymoe.pipelines.tokenize.mixture import repeat_factors
+from skymoe.pipelines.tokenize.packing import PackedRows, pack, rows_table
+from skymoe.pipelines.tokenize.tokenizer import (
     EOS,
     check_token_dtype,
     load_tokenizer,

@@ -20,14 +20,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipelines.clean.stage import CleanPlan, plan_clean
-from pipelines.tokenize.stage import TokenizePlan, plan_tokenize
+from skymoe.pipelines.clean.stage import CleanPlan, plan_clean
+from skymoe.pipelines.tokenize.stage import TokenizePlan, plan_tokenize
 from skymoe.config import PipelineConfig
 from skymoe.stage import StageRef, canonical_json, fingerprint, read_manifest
 from skymoe.storage import Storage, join
 
 if TYPE_CHECKING:
-    from training.stage import TrainPlan
+    from skymoe.training.stage import TrainPlan
 
 SERIES_DIR = "incremental"
 LEDGER = "ledger.json"
@@ -110,7 +110,7 @@ def plan_appended_tokens(config: PipelineConfig, storage: Storage, generation: G
 def plan_continued_training(config: PipelineConfig, storage: Storage, generation: GenerationPlan,
                             tokens_ref: StageRef) -> TrainPlan:
     """Continue the previous generation's exported MoE on the appended shards."""
-    from training.stage import plan_continued_train  # torch loads only when training is planned
+    from skymoe.training.stage import plan_continued_train  # torch loads only when training is planned
 
     root = config.storage.root
     seq_len = int(read_manifest(storage, tokens_ref).extra["seq_len"])
