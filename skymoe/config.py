@@ -359,6 +359,8 @@ class TrainConfig(_Strict):
     grad_clip: float = Field(1.0, ge=0)
     seed: int = 0
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (the last step always saves)")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept per run; older ones are deleted "
+                                                       "unless the evaluate stage evaluates them")
     eval_every: int = Field(50, ge=1, description="steps between validation-loss evaluations")
     eval_batches: int = Field(4, ge=1, description="validation micro-batches per language and source")
     similarity_every: int = Field(25, ge=1, description="steps between expert-similarity measurements")

@@ -146,7 +146,7 @@ def _token_shape(storage: Storage, tokens_ref: StageRef) -> tuple[int, int]:
 
 def _weight_settings(train: TrainConfig) -> dict:
     """Everything in the train config that changes the trained weights; logging and the launcher do not."""
-    return train.model_dump(mode="json", exclude={"log_every": True, "parallel": {"launcher"}})
+    return train.model_dump(mode="json", exclude={"log_every": True, "keep_checkpoints": True, "parallel": {"launcher"}})
 
 
 def run_train(config: PipelineConfig, storage: Storage, root: str, tokens_ref: StageRef,
