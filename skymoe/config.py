@@ -4,17 +4,21 @@ A config is a YAML file (presets live in ``configs/``; ``tiny`` is the default).
 checked before any work starts: unknown keys, wrong types and out-of-range values fail with a
 :class:`ConfigError` that names the file and the dotted path of the field. Relative paths inside a
 config resolve against the config file's own folder, so a preset works from any working directory.
+A file may ``extends:`` a preset or another file and set only what differs; ``--set a.b=c`` items
+(:func:`parse_set_overrides`) override single fields from the command line. See docs/configuration.md.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "tiny"
@@ -453,6 +457,15 @@ class IncrementalConfig(_Strict):
                            warmup_steps=self.warmup_steps)
 
 
+class _PathOrigin(NamedTuple):
+    """A path field's value as written, who wrote it (a file, a ``--set`` item, overrides, defaults)
+    and what a relative value resolved against (None: nothing was resolved)."""
+
+    value: Any
+    source: str
+    base: str | None
+
+
 class PipelineConfig(_Strict):
     name: str = "skymoe"
     storage: StorageConfig = StorageConfig()
@@ -461,6 +474,8 @@ class PipelineConfig(_Strict):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     incremental: IncrementalConfig = IncrementalConfig()
+    # Set by load_config for describe_path; private, so never part of a dump or fingerprint.
+    _path_origins: dict[str, _PathOrigin] = PrivateAttr(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -486,6 +501,71 @@ def run_overrides(root: str | None = None, inputs: list[str] | None = None,
     return overrides
 
 
+# ----------------------------------------------------------------------------------------- overrides
+_OVERRIDES = "overrides"  # who set a field when an override came from a plain dict (CLI flag, deployment)
+
+
+class _Overrides(dict):
+    """Overrides that remember which ``--set`` item set each field (dotted key -> ``--set a.b=c``), so a
+    validation error blames that item instead of the config file."""
+
+    def __init__(self, values: dict[str, Any] | None = None, sources: dict[str, str] | None = None) -> None:
+        super().__init__(values or {})
+        self.sources: dict[str, str] = dict(sources or {})
+
+
+def parse_set_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``--set`` items (``train.dense.steps=20``) into nested overrides for :func:`load_config`.
+
+    A value is YAML, as it would be in the file: ``20`` is an int, ``true`` a bool, ``null`` None,
+    ``[a.jsonl, b.jsonl]`` a list. Later items win; mappings merge, as between config files.
+    Unknown fields are left for validation, which then names the item.
+    """
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for item in items:
+        keys, value = _parse_set_item(item)
+        nested: dict[str, Any] = {keys[-1]: value}
+        for key in reversed(keys[:-1]):
+            nested = {key: nested}
+        values = _deep_merge(values, nested)
+        for leaf in _leaf_keys(nested):
+            _claim(sources, leaf, f"--set {item}")
+    return _Overrides(values, sources)
+
+
+def _parse_set_item(item: str) -> tuple[list[str], Any]:
+    key, equals, text = item.partition("=")
+    if not equals:
+        raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set train.dense.steps=20")
+    keys = key.strip().split(".")
+    if not key.strip():
+        raise ConfigError(f"--set {item}: empty key before '='")
+    if not all(k.strip() for k in keys):
+        raise ConfigError(f"--set {item}: empty segment in the dotted key '{key.strip()}'")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item}: value is not valid YAML: {_one_line(err)}") from None
+    return [k.strip() for k in keys], value
+
+
+def merge_overrides(*overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge override dicts, later ones winning (mappings merge, anything else replaces).
+
+    Use it to combine :func:`run_overrides` with :func:`parse_set_overrides`: unlike a plain merge it
+    keeps which ``--set`` item set which field, for :func:`load_config`'s error messages.
+    """
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for extra in overrides:
+        values = _deep_merge(values, copy.deepcopy(extra))
+        for leaf in _leaf_keys(extra):
+            _claim(sources, leaf, _blame(leaf, getattr(extra, "sources", {}), _OVERRIDES))
+    return _Overrides(values, sources)
+
+
+# ------------------------------------------------------------------------------------------- loading
 def preset_path(name: str) -> Path:
     """The YAML file of a preset shipped in ``configs/``."""
     return CONFIGS_DIR / f"{name}.yaml"
@@ -494,36 +574,100 @@ def preset_path(name: str) -> Path:
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Load and validate a config file (the ``tiny`` preset when ``path`` is None).
 
-    ``overrides`` is a nested dict merged over the file (CLI flags such as ``--root``). Raises
-    :class:`ConfigError` naming the file and field on any problem.
+    The file may ``extends:`` a preset or another file, whose settings it deep-merges over.
+    ``overrides`` is a nested dict merged over the result (CLI flags such as ``--root``, ``--set``
+    items). Raises :class:`ConfigError` naming the file (or ``--set`` item) and field on any problem.
     """
     config_file = Path(path) if path is not None else preset_path(DEFAULT_PRESET)
     if path is not None and not config_file.exists() and preset_path(str(path)).exists():
         config_file = preset_path(str(path))  # a preset name such as "tiny"
+    config_file = Path(os.path.abspath(config_file))  # messages then say where relative paths resolved from
+    cwd = Path.cwd()
+    here = f"the working directory {cwd}"
+    merged = _Merged()
+    for file, raw in _file_chain(config_file):
+        merged.add(raw, _resolve_file_paths(raw, file, cwd), {}, str(file), base=str(file), root_base=here)
+    merged.add(overrides or {}, _resolve_paths(overrides or {}, cwd), getattr(overrides, "sources", {}), _OVERRIDES,
+               base=here, root_base=here)
+    storage = merged.values.setdefault("storage", {})
+    if isinstance(storage, dict) and "root" not in storage:
+        storage["root"] = _resolve(StorageConfig().root, cwd)
+        merged.origins["storage.root"] = _PathOrigin(StorageConfig().root, "defaults", here)
+    try:
+        config = PipelineConfig.model_validate(merged.values)
+    except ValidationError as err:
+        raise _validation_error(err, merged.sources, str(config_file)) from None
+    config._path_origins = merged.origins
+    _add_default_origins(config)
+    return config
+
+
+def _file_chain(config_file: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
+    """``config_file`` and the files it extends, base first, each with its mapping (``extends`` removed)."""
+    raw = _read_mapping(config_file)
+    if "extends" not in raw:
+        return [(config_file, raw)]
+    chain = (*chain, config_file.resolve())
+    target = _extends_target(raw.pop("extends"), config_file)
+    if target in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, target))
+        raise ConfigError(f"{config_file}: field 'extends': cycle of extends: {cycle}")
+    return [*_file_chain(target, chain), (config_file, raw)]
+
+
+def _read_mapping(config_file: Path) -> dict:
     if not config_file.is_file():
         raise ConfigError(f"{config_file}: config file not found")
     try:
         raw = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{config_file}: not valid YAML: {err}") from None
+        raise ConfigError(f"{config_file}: not valid YAML: {_one_line(err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_file}: top level must be a mapping, got {type(raw).__name__}")
-    # The output root is the user's, like any path given on a command line: relative to the
-    # working directory. Other paths in the file are the file's own: relative to its folder.
+    return raw
+
+
+def _extends_target(value: Any, config_file: Path) -> Path:
+    """The file ``extends:`` names: a bare name is a preset, anything with a '/' or a .yaml suffix a
+    path relative to the extending file's folder (so a config and its base move together)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{config_file}: field 'extends': expected a preset name or a path to a YAML file, "
+                          f"got {value!r}")
+    if "/" not in value and os.sep not in value and not value.endswith((".yaml", ".yml")):
+        if preset_path(value).is_file():
+            return preset_path(value).resolve()
+        presets = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+        raise ConfigError(f"{config_file}: field 'extends': no preset '{value}' (presets: {presets}; "
+                          f"a file needs a path such as ./{value}.yaml)")
+    target = (config_file.resolve().parent / value).resolve()
+    if not target.is_file():
+        raise ConfigError(f"{config_file}: field 'extends': {value} not found (resolved relative to "
+                          f"{config_file} to {target})")
+    return target
+
+
+def _resolve_file_paths(raw: dict, config_file: Path, cwd: Path) -> dict:
+    """A file's paths resolve against its folder, except the output root: like any path given on a
+    command line, the root is the user's, relative to the working directory."""
+    raw = copy.deepcopy(raw)
     if isinstance(raw.get("storage"), dict) and isinstance(raw["storage"].get("root"), str):
-        raw["storage"]["root"] = _resolve(raw["storage"]["root"], Path.cwd())
-    merged = _deep_merge(_resolve_paths(raw, config_file.resolve().parent), _resolve_paths(overrides or {}, Path.cwd()))
-    storage = merged.setdefault("storage", {})
-    if isinstance(storage, dict):
-        storage.setdefault("root", _resolve(StorageConfig().root, Path.cwd()))
-    try:
-        config = PipelineConfig.model_validate(merged)
-    except ValidationError as err:
-        problems = "; ".join(
-            f"field '{'.'.join(str(p) for p in e['loc']) or '<top>'}': {e['msg']}" for e in err.errors()
-        )
-        raise ConfigError(f"{config_file}: {problems}") from None
-    return config
+        raw["storage"]["root"] = _resolve(raw["storage"]["root"], cwd)
+    return _resolve_paths(raw, config_file.resolve().parent)
+
+
+def _validation_error(err: ValidationError, sources: dict[str, str], config_file: str) -> ConfigError:
+    """One line; each problem under the file or ``--set`` item that set the field (the loaded file
+    when none did, e.g. a check across fields), so the user knows what to fix."""
+    grouped: dict[str, list[str]] = {}
+    for error in err.errors():
+        field = ".".join(str(p) for p in error["loc"])
+        problem = f"field '{field or '<top>'}': {error['msg']}"
+        grouped.setdefault(_blame(field, sources, config_file), []).append(problem)
+    return ConfigError("; ".join(f"{source}: {'; '.join(problems)}" for source, problems in grouped.items()))
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -534,6 +678,34 @@ def _deep_merge(base: dict, extra: dict) -> dict:
         else:
             merged[key] = value
     return merged
+
+
+def _leaf_keys(values: dict, prefix: str = "") -> Iterator[str]:
+    """Dotted keys of the values a mapping sets; non-empty mappings are descended since they merge."""
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            yield from _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+_T = TypeVar("_T")
+
+
+def _claim(table: dict[str, _T], key: str, entry: _T) -> None:
+    """Record ``entry`` for dotted ``key``, dropping entries at, above or below it: the new value replaced them."""
+    for old in [k for k in table if k == key or k.startswith(f"{key}.") or key.startswith(f"{k}.")]:
+        del table[old]
+    table[key] = entry
+
+
+def _blame(field: str, sources: dict[str, str], default: str) -> str:
+    """Who set ``field`` or the nearest setting above it: the file or ``--set`` item to fix."""
+    parts = field.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in sources:
+            return sources[".".join(parts[:n])]
+    return default
 
 
 def _is_relative_local(path: str) -> bool:
@@ -579,3 +751,95 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
         elif kind == "str" and isinstance(value, str):
             parent[keys[-1]] = _resolve(value, base)
     return resolved
+
+
+# ---------------------------------------------------------------------------------------- provenance
+class _Merged:
+    """Settings merged layer by layer (base files, the loaded file, overrides), with who set each
+    field (for error messages) and each path field's value as written (for :func:`describe_path`)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.sources: dict[str, str] = {}
+        self.origins: dict[str, _PathOrigin] = {}
+
+    def add(self, raw: dict, resolved: dict, sources: dict[str, str], source: str, base: str, root_base: str) -> None:
+        """Merge one layer: ``raw`` as written, ``resolved`` with its paths absolute. ``sources`` names
+        who set a dotted key (``--set`` items), ``source`` everything else; relative path fields resolved
+        against ``base``, ``storage.root`` against ``root_base``."""
+        self.values = _deep_merge(self.values, resolved)
+        for leaf in _leaf_keys(raw):
+            _claim(self.sources, leaf, _blame(leaf, sources, source))
+        for key, field, value in _path_entries(raw):
+            resolved_against = root_base if field == "storage.root" else base
+            _claim(self.origins, key, _PathOrigin(value, _blame(key, sources, source), resolved_against))
+
+
+def _path_entries(raw: dict) -> Iterator[tuple[str, str, Any]]:
+    """(dotted key, path field, value as written) for each path field ``raw`` sets; a dict field
+    entry by entry, since its entries merge across layers and may come from different files."""
+    for keys, kind in _PATH_FIELDS:
+        value: Any = raw
+        for key in keys:
+            if not isinstance(value, dict) or key not in value:
+                break
+            value = value[key]
+        else:
+            field = ".".join(keys)
+            if kind == "dict" and isinstance(value, dict):
+                yield from ((f"{field}.{k}", field, v) for k, v in value.items())
+            else:
+                yield field, field, value
+
+
+def _add_default_origins(config: PipelineConfig) -> None:
+    """Path fields no layer set hold their defaults: say so rather than nothing."""
+    for key, value in _path_values(config).items():
+        config._path_origins.setdefault(key, _PathOrigin(value, "defaults", None))
+
+
+def _path_values(config: PipelineConfig) -> dict[str, Any]:
+    """Each path field's validated value by dotted key, a dict field entry by entry."""
+    values: dict[str, Any] = {}
+    for keys, kind in _PATH_FIELDS:
+        value: Any = config
+        for key in keys:
+            value = getattr(value, key)
+        field = ".".join(keys)
+        values.update({f"{field}.{k}": v for k, v in value.items()} if kind == "dict" else {field: value})
+    return values
+
+
+def describe_path(config: PipelineConfig, field: str) -> str:
+    """Where a path field's value came from, e.g. ``"../corpus" (relative to /x/configs/tiny.yaml)``.
+
+    Values are absolute once loaded; an error about a missing file should also show what the user
+    wrote and where, since a relative path resolves against the folder of the file that holds it
+    (the working directory for ``--set``, other overrides and ``storage.root``).
+    """
+    fields = {".".join(keys): kind for keys, kind in _PATH_FIELDS}
+    if fields.get(field) is None:
+        raise ValueError(f"{field!r} is not a path field: expected one of {', '.join(fields)}")
+    values = {k: v for k, v in _path_values(config).items() if k == field or k.startswith(f"{field}.")}
+    if fields[field] != "dict":
+        return _describe(values[field], config._path_origins.get(field))
+    entries = [f"{k[len(field) + 1:]}: {_describe(v, config._path_origins.get(k))}" for k, v in values.items()]
+    return ", ".join(entries) or "{}"
+
+
+def _describe(value: Any, origin: _PathOrigin | None) -> str:
+    if origin is None:  # built in code, not by load_config
+        return _show(value)
+    written = origin.value if isinstance(origin.value, list) else [origin.value]
+    relative = any(isinstance(v, str) and _is_relative_local(v) for v in written)
+    if origin.base is None or not relative:
+        return f"{_show(origin.value)} (from {origin.source})"
+    if origin.base == origin.source:
+        return f"{_show(origin.value)} (relative to {origin.source})"
+    return f"{_show(origin.value)} (from {origin.source}, relative to {origin.base})"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(json.dumps(v, ensure_ascii=False, default=str) for v in value) or "[]"
+    return json.dumps(value, ensure_ascii=False, default=str)
