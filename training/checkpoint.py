@@ -5,15 +5,22 @@ folder; a remote root gets a copy uploaded. Next to it each rank saves its RNG s
 does not) and its share of the plain weights (``weights/``: what export and upcycling read).
 A checkpoint exists only once rank 0 has written ``COMPLETE`` after every rank finished, so a
 kill in the middle of a save leaves the previous checkpoint as the latest.
+
+Retention (:func:`prune`) keeps the newest ``train.keep_checkpoints`` complete checkpoints and
+those the evaluate stage reads; it deletes only after a newer checkpoint is complete, and removes
+``COMPLETE`` first, so a kill at any moment leaves a complete checkpoint to resume from and never
+a half-deleted one that looks complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import random
 import shutil
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -36,10 +43,39 @@ def checkpoints_uri(run_uri: str) -> str:
 
 
 def latest_step(storage: Storage, run_uri: str) -> int | None:
-    """The last step with a complete checkpoint, or None."""
-    steps = [int(uri.rsplit("step-", 1)[1]) for uri in storage.listdir(checkpoints_uri(run_uri))
-             if "step-" in uri.rsplit("/", 1)[-1] and storage.exists(join(uri, COMPLETE))]
-    return max(steps, default=None)
+    """The last step with a complete checkpoint, or None. A folder without ``COMPLETE`` (a save or
+    a deletion cut short) never counts."""
+    return max(_complete_steps(storage, _step_folders(storage, run_uri)), default=None)
+
+
+def steps_to_delete(complete_steps: Sequence[int], incomplete_steps: Sequence[int], keep: int,
+                    protect_every: int | None) -> list[int]:
+    """The checkpoint folders retention deletes, by step.
+
+    Complete checkpoints go unless they are among the newest ``keep`` or their step is a multiple
+    of ``protect_every`` (the evaluate stage reads those later). Incomplete folders older than the
+    newest complete checkpoint are leftovers of a kill mid-save or mid-delete that no resume will
+    use; newer ones are a save a resume redoes in place, so they stay.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1 (a run must keep a checkpoint to resume from), got {keep}")
+    newest = set(sorted(complete_steps)[-keep:])
+    expired = [step for step in complete_steps
+               if step not in newest and not (protect_every and step % protect_every == 0)]
+    leftovers = [step for step in incomplete_steps if step < max(complete_steps, default=0)]
+    return sorted(expired + leftovers)
+
+
+def prune(storage: Storage, run_uri: str, keep: int, protect_every: int | None) -> list[int]:
+    """Delete the run's checkpoints :func:`steps_to_delete` names and return their steps. Rank 0
+    only, after a save's last barrier: no rank reads an old checkpoint then, and the newest one,
+    the only one a resume reads, is complete and kept. Rerunning it finishes an interrupted pass."""
+    folders = _step_folders(storage, run_uri)
+    complete = _complete_steps(storage, folders)
+    doomed = steps_to_delete(complete, [step for step in folders if step not in complete], keep, protect_every)
+    for step in doomed:
+        _delete_folder(storage, folders[step])
+    return doomed
 
 
 def complete_record(storage: Storage, run_uri: str, step: int) -> dict[str, Any]:
@@ -98,6 +134,27 @@ def load(storage: Storage, run_uri: str, local_dir: str, engine, step: int) -> d
         if first_on_node:
             shutil.rmtree(staged)
     return complete_record(storage, run_uri, step)
+
+
+def _step_folders(storage: Storage, run_uri: str) -> dict[int, str]:
+    """Every ``step-*`` folder of the run, complete or not, by step."""
+    return {int(uri.rsplit("step-", 1)[1]): uri for uri in storage.listdir(checkpoints_uri(run_uri))
+            if uri.rsplit("/", 1)[-1].startswith("step-")}
+
+
+def _complete_steps(storage: Storage, folders: dict[int, str]) -> list[int]:
+    return sorted(step for step, uri in folders.items() if storage.exists(join(uri, COMPLETE)))
+
+
+def _delete_folder(storage: Storage, uri: str) -> None:
+    """``COMPLETE`` first: a kill mid-delete then leaves a folder that no resume or evaluation
+    picks up and that the next prune deletes. Whatever is already gone was deleted by an earlier,
+    interrupted pass."""
+    fs, path = storage.fs(uri)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(join(path, COMPLETE))
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path, recursive=True)
 
 
 def _deepspeed_dir(storage: Storage, run_uri: str, local_dir: str) -> str:

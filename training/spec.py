@@ -31,11 +31,14 @@ class RunSpec:
     train: dict[str, Any]  # TrainConfig (batching, aux loss, parallelism, intervals)
     storage: dict[str, Any]  # StorageConfig.s3 (endpoint, region; never credentials)
     local_dir: str  # this machine's scratch folder for DeepSpeed's checkpoint files
+    # Checkpoints at multiples of this step are never deleted: the evaluate stage reads them after the run.
+    protect_every_steps: int | None = None
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1), encoding="utf-8")
 
     @classmethod
     def read(cls, path: Path) -> "RunSpec":
+        """Fields with defaults may be absent: a spec written before they existed still reads."""
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
         return cls(**{**raw, "init": RunInit(**raw["init"])})

@@ -6,7 +6,8 @@ it in a DeepSpeed engine (ZeRO-1 by default, a client AdamW so nothing is JIT-co
 resume from the latest complete checkpoint if any, then step through the token shards. After
 each step the per-layer drop rates, summed over all ranks, drive the adaptive aux-loss
 coefficients, so every rank takes the same decision. Metrics go to ``metrics.jsonl`` in the run
-folder, checkpoints every ``checkpoint_every`` steps, the final weights to ``final/weights``.
+folder, checkpoints every ``checkpoint_every`` steps (the newest ``keep_checkpoints`` and those the
+evaluate stage reads are kept), the final weights to ``final/weights``.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ class Trainer:
         spec, total = self.spec, self.phase.steps
         batches = self._batches()
         progress = Progress(f"train/{spec.name}", total - self.step, "steps", log, every_s=15)
+        self._prune_checkpoints()  # a kill mid-delete at the last step leaves no later save to finish it
         if self.step == 0 and total > 0 and self.validation:
             self.metrics.append({"step": 0, "tokens": 0, **self._validation()})
         while self.step < total:
@@ -225,6 +227,17 @@ class Trainer:
             self._write_metrics(join(self.spec.run_uri, "metrics.jsonl"))
         checkpoint.save(self.storage, self.spec.run_uri, self.spec.local_dir, self.engine, self.model, self.step,
                         {"consumed_samples": self.reader.consumed_samples, "tokens": self.step * self.tokens_per_step})
+        self._prune_checkpoints()
+
+    def _prune_checkpoints(self) -> None:
+        """Rank 0 deletes checkpoints retention no longer keeps. Called once every rank is past
+        loading (the start-up all-reduce) or past a save (its last barrier), so none reads them."""
+        if self.rank != 0:
+            return
+        deleted = checkpoint.prune(self.storage, self.spec.run_uri, self.train_cfg.get("keep_checkpoints", 2),
+                                   self.spec.protect_every_steps)
+        if deleted:
+            log.info("%s: deleted checkpoints at steps %s", self.spec.name, deleted)
 
     def _write_metrics(self, uri: str) -> None:
         self.storage.write_text(uri, "".join(json.dumps(row) + "\n" for row in self.metrics))
