@@ -20,9 +20,8 @@ from typing import Any
 
 from skymoe.ablations.gates import gate_profile
 from skymoe.ablations.variants import SIZES, Size, Variant, sized_train, variants
-from skymoe.pipelines.clean.stage import plan_clean, run_clean
-from skymoe.pipelines.tokenize.stage import plan_tokenize, run_tokenize
 from skymoe.config import ConfigError, PipelineConfig, StorageConfig, TrainConfig
+from skymoe.pipeline import run_pipeline
 from skymoe.progress import Progress
 from skymoe.stage import DoneRecords, StageRef, canonical_json, fingerprint, read_manifest
 from skymoe.storage import Storage, join
@@ -30,13 +29,14 @@ from skymoe.training.checkpoint import checkpoints_uri, tag
 from skymoe.training.model import ModelArgs, training_flops_per_token
 from skymoe.training.presets import dense_shape, with_moe
 from skymoe.training.spec import RunInit
-from skymoe.training.stage import CODE_VERSION, PlannedRun, execute_run
+from skymoe.training.stage import STAGE as TRAIN
+from skymoe.training.stage import PlannedRun, execute_run
 
 log = logging.getLogger("skymoe.ablate")
 
 # Train fields that cannot change a run's weights, or that the variant's phase replaces.
-_NOT_FINGERPRINTED = {"seed": True, "log_every": True, "parallel": {"launcher"}, "dense": True, "upcycled": True,
-                      "scratch": True, "export": True, "dense_source": True}
+_NOT_FINGERPRINTED = {"seed": True, "log_every": True, "keep_checkpoints": True, "parallel": {"launcher"},
+                      "dense": True, "upcycled": True, "scratch": True, "export": True, "dense_source": True}
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class AblationRun:
     args: ModelArgs
     tokens_uri: str
     init_uri: str | None
+    protect_every_steps: int | None = None  # checkpoints other runs start from outlive checkpoint retention
 
     @property
     def key(self) -> str:
@@ -105,11 +106,7 @@ def check_ablation(config: PipelineConfig, ablation: str, seeds: int, size: str)
 
 def prepare_tokens(config: PipelineConfig, storage: Storage) -> StageRef:
     """The clean and tokenize stages' output for ``config`` (cache hits when ``skymoe run`` made them)."""
-    root = config.storage.root
-    clean = run_clean(config.clean, storage, root, plan_clean(config.clean, storage, root))
-    tokens = run_tokenize(config.tokenize, storage, root, clean.ref,
-                          plan_tokenize(config.tokenize, storage, root, clean.ref))
-    return tokens.ref
+    return run_pipeline(config, storage, ("clean", "tokenize"))[-1].ref
 
 
 def plan_ablation(config: PipelineConfig, storage: Storage, ablation: str, tokens_ref: StageRef, seeds: int,
@@ -126,6 +123,7 @@ def plan_ablation(config: PipelineConfig, storage: Storage, ablation: str, token
     grid = variants(ablation, base, size, *flops)
     refs: dict[str, StageRef] = {}
     runs: list[AblationRun] = []
+    read_steps = {v.source: v.source_step for v in grid if v.source is not None and v.source_step is not None}
     for variant in grid:
         train = variant.train_config(base, 0)
         args = with_moe(dense_shape(train, seq_len, vocab), train.moe) if variant.moe else dense_shape(train, seq_len,
@@ -137,7 +135,7 @@ def plan_ablation(config: PipelineConfig, storage: Storage, ablation: str, token
         if variant.source is not None:
             inputs["source"] = refs[variant.source].fingerprint
         refs[variant.name] = StageRef(tokens_ref.root, f"ablate/{ablation}",
-                                      fingerprint(f"ablate-{ablation}", CODE_VERSION, settings, inputs))
+                                      fingerprint(f"ablate-{ablation}", TRAIN.code_version, settings, inputs))
         for seed in range(seeds):
             init_uri = None
             if variant.source is not None:
@@ -145,7 +143,7 @@ def plan_ablation(config: PipelineConfig, storage: Storage, ablation: str, token
                 init_uri = join(checkpoints_uri(source), tag(variant.source_step), "weights") \
                     if variant.source_step is not None else join(source, "final", "weights")
             runs.append(AblationRun(ablation, variant, seed, refs[variant.name], variant.train_config(base, seed),
-                                    args, tokens_ref.uri, init_uri))
+                                    args, tokens_ref.uri, init_uri, read_steps.get(variant.name)))
     tokens_per_step = base.micro_batch_size * base.grad_accum * base.parallel.world_size * seq_len
     return AblationPlan(ablation, size_name, seeds, tokens_ref, tuple(grid), tuple(runs), tokens_per_step, flops)
 
@@ -165,7 +163,7 @@ def train_run(run: AblationRun, storage_config: StorageConfig) -> dict[str, Any]
          "settings": run.variant.settings, "init": run.variant.init, "source_step": run.variant.source_step}))
     with tempfile.TemporaryDirectory(prefix="skymoe-ablate-") as scratch:
         summary = execute_run(run.train, storage_config, run.tokens_uri, run.uri, run.args, run.planned(),
-                              Path(scratch))
+                              Path(scratch), protect_every_steps=run.protect_every_steps)
     gates = gate_profile(storage, join(run.uri, "final", "weights"), run.tokens_uri) if run.variant.moe else None
     record = {**summary, "variant": run.variant.name, "seed": run.seed, "gates": gates}
     DoneRecords(storage, run.ref, "seeds").mark(run.key, record)

@@ -10,23 +10,19 @@ table, a comparison with the previous comparable evaluation, and a plot.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import tempfile
-import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from skymoe.config import PipelineConfig
 from skymoe.plots import bar_chart_png, figure_png
-from skymoe.stage import Manifest, StageRef, canonical_json, fingerprint, read_manifest, source_digest, write_manifest
+from skymoe.stage import Continuation, Manifest, Plan, Stage, StageOutput, StageRef, fingerprint, read_manifest
 from skymoe.storage import Storage, join
 
-STAGE = "evaluate"
-CODE_VERSION = "evaluate-{}+lm-eval={}".format(source_digest(Path(__file__).resolve().parent),
-                                               importlib.metadata.version("lm_eval"))
 log = logging.getLogger("skymoe.evaluate")
 
 # Skywork-MoE base, the report's Table 1 (percent), shown next to skymoe's scores for context.
@@ -47,7 +43,6 @@ class EvaluateError(ValueError):
 class EvalTarget:
     """One model to evaluate: the stage's export (``step`` None) or a saved checkpoint."""
 
-    ref: StageRef
     label: str  # "final" or "step-0000100"
     settings_digest: str  # config + benchmark files: only evaluations with the same digest compare
     weights_uri: str  # a Hugging Face folder (final) or a skymoe weights folder (checkpoint)
@@ -56,72 +51,81 @@ class EvalTarget:
     step: int | None
 
 
-@dataclass(frozen=True)
-class EvaluateResult:
-    ref: StageRef
-    manifest: Manifest
-    cached: bool
+class EvaluateStage(Stage):
+    """lm-eval on local benchmark data, for the exported model and every n-th evaluated checkpoint:
+    each evaluated model is its own output, so no model is evaluated twice."""
+
+    name = "evaluate"
+    upstream = ("train",)
+    section = "evaluate"
+    code = tuple(f"skymoe.evaluation.{module}" for module in (
+        "stage", "harness", "humaneval", "lm", "tasks", "task_templates.minerva_math"))
+    libraries = ("lm_eval",)
+
+    def check(self, config: PipelineConfig, storage: Storage) -> None:
+        check_inputs(config)
+
+    def plan(self, config: PipelineConfig, storage: Storage, upstream: Mapping[str, StageRef],
+             continues: Continuation | None = None) -> list[Plan]:
+        """The models to evaluate (a continuing generation: its continued model alone), each with its
+        output location; fails early on missing inputs."""
+        train_ref = upstream["train"]
+        train = read_manifest(storage, train_ref)
+        if train is None:
+            raise EvaluateError(f"no complete train output at {train_ref.uri} (manifest.json missing)")
+        data_checksums = _data_checksums(storage, config.evaluate.data_dir, sorted(config.evaluate.suites))
+        settings = config.evaluate.model_dump(mode="json", exclude={"data_dir", "batch_size", "checkpoint_every"})
+        run = train.extra["exported_run"]
+        tokenizer = join(train.upstream["tokenize"], "tokenizer")
+        final_tokens = train.extra["runs"][run]["tokens"]
+        digest = fingerprint(self.name, self.code_version, settings, data_checksums)
+
+        def target_plan(model: str, target: EvalTarget) -> Plan:
+            return self.make_plan(config, settings, {"model": model, **data_checksums}, {"train": train_ref},
+                                  work=target, label=f"evaluate-{target.label}")
+
+        plans = [target_plan(f"{train_ref.fingerprint}/final", EvalTarget(
+            "final", digest, train_ref.path(train.extra["export"]), tokenizer, final_tokens, None))]
+        every = config.evaluate.checkpoint_every
+        if every and continues is None:
+            protect = config.train.checkpoint_every * every
+            for step, uri, tokens in _saved_checkpoints(storage, train_ref.path("runs", run, "checkpoints")):
+                if step % protect or tokens == final_tokens:  # the last checkpoint is the exported model
+                    continue
+                plans.append(target_plan(f"{train_ref.fingerprint}/{step}", EvalTarget(
+                    f"step-{step:07d}", digest, join(uri, "weights"), tokenizer, tokens, step)))
+        return plans
+
+    def run(self, plan: Plan, storage: Storage) -> StageOutput:
+        return _evaluate(plan.config, storage, plan.ref, plan.work)
 
 
-def plan_evaluate(config: PipelineConfig, storage: Storage, root: str, train_ref: StageRef) -> list[EvalTarget]:
-    """The models to evaluate, each with its output location; fails early on missing inputs."""
-    train = read_manifest(storage, train_ref)
-    if train is None:
-        raise EvaluateError(f"no complete train output at {train_ref.uri} (manifest.json missing)")
-    data_checksums = _data_checksums(storage, config.evaluate.data_dir, sorted(config.evaluate.suites))
-    settings = config.evaluate.model_dump(mode="json", exclude={"data_dir", "batch_size", "checkpoint_every"})
-    run = train.extra["exported_run"]
-    tokenizer = join(train.inputs["tokenize"], "tokenizer")
-    final_tokens = train.extra["runs"][run]["tokens"]
-    digest = fingerprint(STAGE, CODE_VERSION, settings, data_checksums)
-    targets = [EvalTarget(_ref(root, settings, data_checksums, f"{train_ref.fingerprint}/final"), "final", digest,
-                          train_ref.path(train.extra["export"]), tokenizer, final_tokens, None)]
-    if config.evaluate.checkpoint_every:
-        checkpoints = _saved_checkpoints(storage, train_ref.path("runs", run, "checkpoints"))
-        for step, uri, tokens in checkpoints[config.evaluate.checkpoint_every - 1 :: config.evaluate.checkpoint_every]:
-            if tokens == final_tokens:
-                continue  # the last checkpoint is the exported model
-            targets.append(EvalTarget(_ref(root, settings, data_checksums, f"{train_ref.fingerprint}/{step}"),
-                                      f"step-{step:07d}", digest, join(uri, "weights"), tokenizer, tokens, step))
-    return targets
-
-
-def run_evaluate(config: PipelineConfig, storage: Storage, target: EvalTarget) -> EvaluateResult:
-    """Evaluate one model (or reuse its earlier evaluation)."""
-    existing = read_manifest(storage, target.ref)
-    if existing is not None:
-        log.info("evaluate %s: cache hit at %s", target.label, target.ref.uri)
-        return EvaluateResult(target.ref, existing, cached=True)
+def _evaluate(config: PipelineConfig, storage: Storage, ref: StageRef, target: EvalTarget) -> StageOutput:
     from skymoe.evaluation.harness import evaluate_folder  # lm-eval and torch load only when evaluating
 
-    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="skymoe-eval-") as scratch:
         model_dir = _local_model(storage, target, Path(scratch))
         outcome = evaluate_folder(model_dir, config.evaluate, Path(scratch))
     scores = outcome.scores
-    storage.write_text(target.ref.path("results.json"), json.dumps(outcome.results, indent=1, default=str))
+    storage.write_text(ref.path("results.json"), json.dumps(outcome.results, indent=1, default=str))
     for task, rows in outcome.samples.items():
-        storage.write_text(target.ref.path("samples", f"{task}.jsonl"),
+        storage.write_text(ref.path("samples", f"{task}.jsonl"),
                            "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
-    previous = _previous_scores(storage, target)
+    previous = _previous_scores(storage, ref, target)
     table = [{"suite": suite, "metric": score["metric"], "score": score["value"], "stderr": score["stderr"],
-              "chance": CHANCE.get(suite), "beats_chance": score["value"] - 2 * (score["stderr"] or 0) > CHANCE.get(suite, 0),
+              "chance": CHANCE.get(suite),
+              "beats_chance": score["value"] - 2 * (score["stderr"] or 0) > CHANCE.get(suite, 0),
               "delta_vs_previous": None if previous is None or suite not in previous["scores"]
               else round(score["value"] - previous["scores"][suite]["value"], 3),
               "skywork_moe_report": REPORT_TABLE_1.get(suite)} for suite, score in scores.items()]
-    storage.write_bytes(target.ref.path("scores.png"), bar_chart_png(
+    storage.write_bytes(ref.path("scores.png"), bar_chart_png(
         f"{target.label}: score per suite (percent)", {suite: s["value"] for suite, s in scores.items()}, "score"))
-    manifest = Manifest(
-        stage=STAGE, fingerprint=target.ref.fingerprint, code_version=CODE_VERSION,
-        config=canonical_json(config.evaluate.model_dump(mode="json")), inputs={"model": target.weights_uri},
-        counts={"suites": len(scores), "items": outcome.items}, timings={"total": round(time.monotonic() - started, 3)},
+    log.info("evaluate %s: %s", target.label, ", ".join(f"{s} {v['value']:.1f}" for s, v in scores.items()))
+    return StageOutput(
+        counts={"suites": len(scores), "items": outcome.items},
         extra={"label": target.label, "step": target.step, "tokens": target.tokens, "scores": scores, "table": table,
                "previous": previous and previous["uri"], "settings_digest": target.settings_digest,
-               "model": target.weights_uri, "plots": ["scores.png"]},
-    )
-    write_manifest(storage, target.ref, manifest)
-    log.info("evaluate %s: %s", target.label, ", ".join(f"{s} {v['value']:.1f}" for s, v in scores.items()))
-    return EvaluateResult(target.ref, manifest, cached=False)
+               "model": target.weights_uri, "plots": ["scores.png"], "summary": {"scores": table}})
 
 
 def progress_plot(points: list[tuple[int, dict[str, float]]]) -> bytes | None:
@@ -145,10 +149,6 @@ def progress_plot(points: list[tuple[int, dict[str, float]]]) -> bytes | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return figure_png(fig)
-
-
-def _ref(root: str, settings: dict[str, Any], data_checksums: dict[str, str], model: str) -> StageRef:
-    return StageRef(root, STAGE, fingerprint(STAGE, CODE_VERSION, settings, {"model": model, **data_checksums}))
 
 
 def _data_checksums(storage: Storage, data_dir: str, suites: list[str]) -> dict[str, str]:
@@ -187,13 +187,13 @@ def _local_model(storage: Storage, target: EvalTarget, scratch: Path) -> Path:
     return folder
 
 
-def _previous_scores(storage: Storage, target: EvalTarget) -> dict[str, Any] | None:
+def _previous_scores(storage: Storage, ref: StageRef, target: EvalTarget) -> dict[str, Any] | None:
     """The evaluation to compare with, among those with the same suites, settings and data: for the
     exported model, the latest earlier exported model under this root (the previous training run);
     for a checkpoint, the previous evaluated checkpoint of the same run. None when there is none."""
     best = None
-    for uri in storage.listdir(join(target.ref.root, STAGE)):
-        if uri == target.ref.uri or not storage.exists(join(uri, "manifest.json")):
+    for uri in storage.listdir(join(ref.root, EvaluateStage.name)):
+        if uri == ref.uri or not storage.exists(join(uri, "manifest.json")):
             continue
         manifest = Manifest.from_json(storage.read_text(join(uri, "manifest.json")))
         extra = manifest.extra
@@ -213,8 +213,8 @@ def _previous_scores(storage: Storage, target: EvalTarget) -> dict[str, Any] | N
 
 def check_inputs(config: PipelineConfig) -> None:
     """Fail before any stage runs when the benchmarks cannot be read: a dry run of the task builder,
-    which finds every suite's folder and parses every row it will use. (Checksums wait for
-    ``plan_evaluate``: hashing the files here too would read them twice.)"""
+    which finds every suite's folder and parses every row it will use. (Checksums wait for the
+    plan: hashing the files here too would read them twice.)"""
     from skymoe.evaluation.tasks import TaskError, build_tasks
 
     with tempfile.TemporaryDirectory(prefix="skymoe-tasks-") as scratch:
@@ -222,3 +222,6 @@ def check_inputs(config: PipelineConfig) -> None:
             build_tasks(config.evaluate.data_dir, config.evaluate.suites, Path(scratch) / "tasks")
         except TaskError as err:
             raise EvaluateError(f"evaluate: {err}") from None
+
+
+STAGE = EvaluateStage()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from skymoe.ablations.report import build_report, write_report
 from skymoe.ablations.run import AblationRun, done_record, execute_plan, plan_ablation, prepare_tokens, train_run
 from skymoe.flows.prefect_env import forward_stage_logs  # offline settings: must precede the first Prefect import
-from skymoe.config import StorageConfig, load_config, run_overrides
+from skymoe.config import StorageConfig, load_config, merge_overrides, run_overrides
 from skymoe.storage import Storage
 
 log = logging.getLogger("skymoe.ablate")
@@ -35,12 +35,22 @@ def run_task(run: AblationRun, storage_config: StorageConfig) -> dict[str, Any]:
 
 
 @flow(name="skymoe-ablate", log_prints=True)
-def ablate_flow(ablation: str, config_path: str | None = None, root: str | None = None, seeds: int = 3,
-                size: str = "cpu") -> dict[str, Any]:
-    """Train the missing runs of ``ablation`` for ``seeds`` seeds at ``size``, then report on all of them."""
+def ablate_flow(ablation: Literal["gating-norm", "aux-coef", "init"], config_path: str | None = None,
+                root: str | None = None, seeds: int = 3, size: Literal["smoke", "cpu", "gpu"] = "cpu",
+                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train the missing runs of an ablation, then report on all of them.
+
+    Args:
+        ablation: The report's ablation to reproduce.
+        config_path: A config file or a preset name; empty = tiny (its data and tokenizer settings are used).
+        root: Storage root URI; empty = the config's.
+        seeds: Seeds per variant; more seeds add only the missing runs.
+        size: Model and budget: smoke (tests), cpu (~30 min on 2 cores) or gpu.
+        overrides: Config values that replace the file's, nested as in the YAML (what `--set a.b=c` gives).
+    """
     forward_stage_logs()
     started = time.monotonic()
-    config = load_config(config_path, run_overrides(root))
+    config = load_config(config_path, merge_overrides(run_overrides(root), overrides or {}))
     storage = Storage.from_config(config.storage)
     tokens_ref = prepare_tokens(config, storage)
     plan = plan_ablation(config, storage, ablation, tokens_ref, seeds, size)

@@ -1,17 +1,25 @@
 """The ``skymoe`` command. Heavy modules are imported inside the commands, so ``--help`` is instant.
 
 It lives with the flows because ``run`` composes stages through Prefect; ``show`` needs only the core.
+stdout carries the result alone (a report, or one JSON document with ``--json``); logs go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING, Any
 
 from skymoe import PIPELINE_STAGES as STAGES
+
+if TYPE_CHECKING:
+    from skymoe.config import PipelineConfig
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="input file, folder or glob (repeatable; overrides clean.inputs)")
     run.add_argument("--until", choices=STAGES, default=STAGES[-1], help="last stage to run")
     run.add_argument("--executor", choices=("datatrove", "beam"), help="cleaning executor (overrides the config)")
+    _add_set_and_json(run)
 
     ablate = commands.add_parser("ablate", help="reproduce one of the report's ablations at small scale (Prefect flow)")
     ablate.add_argument("ablation", choices=("gating-norm", "aux-coef", "init"))
@@ -36,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     ablate.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3); more seeds add runs")
     ablate.add_argument("--smoke", action="store_true", help="a handful of steps of a 2-layer model (tests)")
     ablate.add_argument("--preset", choices=("cpu", "gpu"), help="size: cpu (default, ~30 min on 2 cores) or gpu")
+    _add_set_and_json(ablate)
 
     incremental = commands.add_parser("incremental", help="run the pipeline on input files new since the last "
                                       "generation (what the scheduled deployment does)")
@@ -44,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     incremental.add_argument("--input", dest="input_prefix", metavar="URI",
                              help="the input folder or prefix to watch (overrides clean.inputs)")
     incremental.add_argument("--train-tokens", type=int, help="continued-training tokens (overrides the config)")
+    _add_set_and_json(incremental)
 
     show = commands.add_parser("show", help="list every stage output under a root")
     show.add_argument("--root", help="storage root URI (default: the tiny preset's root)")
@@ -57,97 +68,127 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _overrides(args: argparse.Namespace) -> dict:
-    from skymoe.config import run_overrides
+def _add_set_and_json(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--set", action="append", dest="set_items", metavar="KEY=VALUE", default=[],
+                         help="override one config field, value as in YAML (repeatable): --set train.dense.steps=20")
+    command.add_argument("--json", action="store_true", help="print the flow's summary as one JSON object")
 
-    inputs = [os.path.abspath(p) if "://" not in p else p for p in getattr(args, "inputs", None) or []]
-    return run_overrides(getattr(args, "root", None), inputs, getattr(args, "executor", None))
+
+# ---------------------------------------------------------------------------------------- config
+def _local(uri: str) -> str:
+    """A local path made absolute here: a flow may run with another working directory."""
+    return uri if "://" in uri else os.path.abspath(uri)
 
 
+def _set_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The ``--set`` items as nested overrides, or None without any (the flows' default)."""
+    from skymoe.config import parse_set_overrides
+
+    return parse_set_overrides(args.set_items) if args.set_items else None
+
+
+def _load(args: argparse.Namespace, overrides: dict[str, Any] | None, inputs: list[str] | None = None,
+          executor: str | None = None, extra: dict[str, Any] | None = None) -> PipelineConfig:
+    """The config as the flow will load it (flags, then ``--set``), validated before Prefect starts."""
+    from skymoe.config import load_config, merge_overrides, run_overrides
+
+    return load_config(args.config, merge_overrides(run_overrides(args.root, inputs, executor), extra or {},
+                                                    overrides or {}))
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool, text: str | None = None) -> None:
+    """A flow's summary on stdout: the JSON document with ``--json``, else ``text`` (or a line per key)."""
+    from skymoe.report import format_fields
+
+    if as_json:
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+    else:
+        print(text if text is not None else "\n".join(format_fields(summary)))
+
+
+# -------------------------------------------------------------------------------------- commands
 def _cmd_run(args: argparse.Namespace) -> int:
-    from skymoe.pipelines.clean.stage import plan_clean
-    from skymoe.config import load_config
+    from skymoe.pipeline import check_stages, stage_range
+    from skymoe.report import format_run_summary
     from skymoe.storage import Storage
 
-    overrides = _overrides(args)
+    inputs = [_local(p) for p in args.inputs] if args.inputs else None
+    overrides = _set_overrides(args)
     # Fail on a bad config, missing inputs or an unusable root before Prefect starts.
-    config = load_config(args.config, overrides)
+    config = _load(args, overrides, inputs, args.executor)
     storage = Storage.from_config(config.storage)
-    plan_clean(config.clean, storage, config.storage.root)
-    storage.check_writable_root(config.storage.root)
+    check_stages(config, storage, stage_range(until=args.until))
     from skymoe.flows.pipeline import pipeline_flow
 
-    summary = pipeline_flow(config_path=args.config, root=args.root, inputs=overrides.get("clean", {}).get("inputs"),
-                            until=args.until, executor=args.executor)
-    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    with contextlib.redirect_stdout(sys.stderr):  # what a flow prints is log; stdout is the result's
+        summary = pipeline_flow(config_path=args.config, root=args.root, inputs=inputs, until=args.until,
+                                executor=args.executor, overrides=overrides)
+    text = None
+    if not args.json:
+        trained = [result["uri"] for result in summary["results"] if result["stage"] == "train"]
+        text = format_run_summary(summary, {uri: storage.disk_usage(uri) for uri in trained})
+    _print_summary(summary, args.json, text)
     return 0
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from skymoe.ablations.run import check_ablation, size_of
-    from skymoe.pipelines.clean.stage import plan_clean
-    from skymoe.config import load_config
+    from skymoe.pipeline import check_stages
     from skymoe.storage import Storage
 
     # Fail on a bad config, grid, seed count, missing inputs or an unusable root before Prefect starts.
-    config = load_config(args.config, _overrides(args))
+    overrides = _set_overrides(args)
+    config = _load(args, overrides)
     size = size_of(args.smoke, args.preset)
     check_ablation(config, args.ablation, args.seeds, size)
-    storage = Storage.from_config(config.storage)
-    plan_clean(config.clean, storage, config.storage.root)
-    storage.check_writable_root(config.storage.root)
+    check_stages(config, Storage.from_config(config.storage), ("clean", "tokenize"))
     from skymoe.flows.ablate import ablate_flow
 
-    summary = ablate_flow(ablation=args.ablation, config_path=args.config, root=args.root, seeds=args.seeds,
-                          size=size)
-    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    with contextlib.redirect_stdout(sys.stderr):  # what a flow prints is log; stdout is the result's
+        summary = ablate_flow(ablation=args.ablation, config_path=args.config, root=args.root, seeds=args.seeds,
+                              size=size, overrides=overrides)
+    _print_summary(summary, args.json)
     return 0
 
 
 def _cmd_incremental(args: argparse.Namespace) -> int:
     from skymoe.flows.generations import load_ledger, plan_generation
-    from skymoe.config import load_config, run_overrides
     from skymoe.storage import Storage
 
-    prefix = args.input_prefix
-    if prefix and "://" not in prefix:
-        prefix = os.path.abspath(prefix)
-    overrides = run_overrides(args.root, [prefix] if prefix else None)
-    if args.train_tokens is not None:
-        overrides["incremental"] = {"train_tokens": args.train_tokens}
-    config = load_config(args.config, overrides)
+    prefix = _local(args.input_prefix) if args.input_prefix else None
+    budget = {"incremental": {"train_tokens": args.train_tokens}} if args.train_tokens is not None else None
+    overrides = _set_overrides(args)
+    config = _load(args, overrides, [prefix] if prefix else None, extra=budget)
     storage = Storage.from_config(config.storage)
     storage.check_writable_root(config.storage.root)
     ledger = load_ledger(storage, config)
     if plan_generation(config, storage, ledger) is None:  # answered without starting Prefect
-        print(f"no new files under {', '.join(config.clean.inputs)} since generation "
-              f"{ledger.generations[-1].number}: nothing to do")
+        summary = {"generation": None, "new_files": 0, "series": ledger.uri}
+        _print_summary(summary, args.json, f"no new files under {', '.join(config.clean.inputs)} since generation "
+                                           f"{ledger.generations[-1].number}: nothing to do")
         return 0
     from skymoe.flows.incremental import incremental_flow
 
-    summary = incremental_flow(config_path=args.config, root=args.root, input_prefix=prefix,
-                               train_tokens=args.train_tokens)
-    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    with contextlib.redirect_stdout(sys.stderr):  # what a flow prints is log; stdout is the result's
+        summary = incremental_flow(root=config.storage.root, config_path=args.config, input_prefix=prefix,
+                                   train_tokens=args.train_tokens, overrides=overrides)
+    _print_summary(summary, args.json)
     return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from skymoe.catalog import list_stage_outputs
-    from skymoe.config import load_config
+    from skymoe.catalog import list_stage_outputs, other_folders
+    from skymoe.config import load_config, run_overrides
+    from skymoe.report import format_listing
     from skymoe.storage import Storage
 
-    config = load_config(args.config, _overrides(args))
-    listings = list_stage_outputs(Storage.from_config(config.storage), config.storage.root)
+    config = load_config(args.config, run_overrides(args.root))
+    storage, root = Storage.from_config(config.storage), config.storage.root
+    listings = list_stage_outputs(storage, root)
     if args.json:
-        print(json.dumps({"stages": [item.to_dict() for item in listings]}, ensure_ascii=False))
-        return 0
-    if not listings:
-        print(f"no stage outputs under {config.storage.root}")
-        return 0
-    for item in listings:
-        state = "complete" if item.complete else "INCOMPLETE"
-        counts = ", ".join(f"{k}={v}" for k, v in item.counts.items())
-        print(f"{item.name:<10} {item.fingerprint}  {state:<10}  {item.uri}\n{'':<12}{counts}")
+        print(json.dumps({"root": root, "stages": [item.to_dict() for item in listings]}, ensure_ascii=False))
+    else:
+        print(format_listing(listings, root, other_folders(storage, root, listings)))
     return 0
 
 
@@ -166,16 +207,68 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+# --------------------------------------------------------------------------------------- logging
+def is_user_error(err: BaseException | None) -> bool:
+    """skymoe's own errors about what it was given (a config field, an input, a root): the message
+    says what to fix, so it is printed alone. A ValueError from a library is a bug: it keeps its traceback."""
     from skymoe.storage import StorageError
 
+    return isinstance(err, (ValueError, StorageError)) and type(err).__module__.partition(".")[0] == "skymoe"
+
+
+class ConsoleFilter(logging.Filter):
+    """What the terminal shows of Prefect's own logging during a CLI run.
+
+    Warnings, errors and the flow run's link (``View at <UI URL>``, when a Prefect server is set):
+    Prefect's other INFO lines (the temporary server, flow run names, every task's final state)
+    stay in the UI, and the summary says what ran or was cached. Nothing about a user error:
+    Prefect logs it with its traceback from the task, again from the flow, and then both failed
+    states, before re-raising it to :func:`main`, which prints its one line.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.user_error_seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("prefect"):
+            return True
+        if record.exc_info and is_user_error(record.exc_info[1]):
+            self.user_error_seen = True
+            return False
+        message = record.getMessage()
+        if record.levelno < logging.WARNING:
+            return message.startswith("View at ")
+        return not (self.user_error_seen and message.startswith("Finished in state"))
+
+
+def _configure_logging() -> None:
+    """One console handler on stderr, the CLI's, with a fresh :class:`ConsoleFilter` per command.
+    Prefect keeps that handler (it adds its own console handler only to a bare root); where Prefect
+    or a host program (pytest) configured logging first, their handlers stay, and Prefect's console
+    handler is the one filtered."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+        root.handlers[0].addFilter(ConsoleFilter())
+    for handler in root.handlers:
+        stale = [f for f in handler.filters if isinstance(f, ConsoleFilter)]
+        if stale or type(handler).__name__ == "PrefectConsoleHandler":
+            for old in stale:
+                handler.removeFilter(old)
+            handler.addFilter(ConsoleFilter())
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _configure_logging()
     try:
         return {"run": _cmd_run, "ablate": _cmd_ablate, "incremental": _cmd_incremental, "show": _cmd_show,
                 "serve": _cmd_serve}[args.command](args)
-    except (ValueError, StorageError, OSError) as err:  # bad config, inputs or root: found before any work
+    except Exception as err:
+        if not is_user_error(err):
+            raise
         print(f"skymoe: error: {err}", file=sys.stderr)
         return 2
 

@@ -10,7 +10,9 @@ on those inputs, so it is a cache hit when that already ran. Each later generati
 
 The ledger ``<root>/incremental/<series>/ledger.json`` lists finished generations and is written
 last: a run that dies mid-generation leaves no record, so the next run plans the same generation
-again and finds its stages cached or resumable. Nothing here imports Prefect.
+again and finds its stages cached or resumable. A generation runs the same declared pipeline as
+``skymoe run``, with a :class:`~skymoe.stage.Continuation` that each stage reads in its own plan.
+Nothing here imports Prefect.
 """
 
 from __future__ import annotations
@@ -18,16 +20,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from skymoe.pipelines.clean.stage import CleanPlan, plan_clean
-from skymoe.pipelines.tokenize.stage import TokenizePlan, plan_tokenize
 from skymoe.config import PipelineConfig
-from skymoe.stage import StageRef, canonical_json, fingerprint, read_manifest
+from skymoe.pipeline import load_stage
+from skymoe.stage import Continuation, Plan, StageRef, StageResult, canonical_json, fingerprint
 from skymoe.storage import Storage, join
-
-if TYPE_CHECKING:
-    from skymoe.training.stage import TrainPlan
 
 SERIES_DIR = "incremental"
 LEDGER = "ledger.json"
@@ -59,11 +57,16 @@ class Ledger:
 
 @dataclass(frozen=True)
 class GenerationPlan:
-    """The next generation, known before any work: its number, and the files it will clean."""
+    """The next generation, known before any work: its number, the cleaning plan of its new files,
+    and what it continues (None for generation 0, a full run)."""
 
     number: int
-    clean: CleanPlan
-    previous: GenerationRecord | None  # None for generation 0 (a full run)
+    clean: Plan
+    continues: Continuation | None
+
+    @property
+    def new_inputs(self) -> dict[str, str]:
+        return {shard.uri: shard.checksum for shard in self.clean.work.shards}
 
 
 def series_uri(config: PipelineConfig) -> str:
@@ -91,34 +94,37 @@ def record_generation(storage: Storage, ledger: Ledger, record: GenerationRecord
 
 def plan_generation(config: PipelineConfig, storage: Storage, ledger: Ledger) -> GenerationPlan | None:
     """The next generation, or None when no input is new since the last one."""
-    root = config.storage.root
+    clean = load_stage("clean")
     if not ledger.generations:
-        return GenerationPlan(0, plan_clean(config.clean, storage, root), None)
-    clean = plan_clean(config.clean, storage, root, prior=ledger.refs(root, "clean"), seen=ledger.seen())
-    if not clean.shards:
+        return GenerationPlan(0, clean.plan(config, storage, {})[0], None)
+    root = config.storage.root
+    last = ledger.generations[-1]
+    continues = Continuation(previous={stage: StageRef(root, stage, fp) for stage, fp in last.outputs.items()},
+                             prior_clean=ledger.refs(root, "clean"), seen=ledger.seen())
+    plan = clean.plan(config, storage, {}, continues)[0]
+    if not plan.work.shards:
         return None
-    return GenerationPlan(len(ledger.generations), clean, ledger.generations[-1])
+    return GenerationPlan(len(ledger.generations), plan, continues)
 
 
-def plan_appended_tokens(config: PipelineConfig, storage: Storage, generation: GenerationPlan) -> TokenizePlan:
-    """Tokenize the generation's cleaned shards onto the previous generation's shards."""
-    root = config.storage.root
-    base = StageRef(root, "tokenize", generation.previous.outputs["tokenize"])
-    return plan_tokenize(config.tokenize, storage, root, generation.clean.ref, base=base)
+def generation_counts(results: list[StageResult]) -> dict[str, Any]:
+    """What a generation added, from its stage results (the exported model's evaluation only)."""
+    by_stage = {result.stage: result.manifest for result in reversed(results)}  # the first of each stage wins
+    clean, tokens, train = by_stage["clean"].counts, by_stage["tokenize"].counts, by_stage["train"].counts
+    table = by_stage["evaluate"].extra["table"]
+    counts = {"docs_in": clean["docs_in"], "docs_kept": clean["docs_out"],
+              "duplicates_of_earlier": clean["duplicates_of_earlier"],
+              "train_tokens_in_shards": tokens["train_tokens"],
+              "evaluation": {row["suite"]: row["score"] for row in table}}
+    if "continued_steps" in train:
+        counts |= {"train_tokens_appended": tokens["appended_train_tokens"],
+                   "training_steps_added": train["continued_steps"],
+                   "training_tokens_added": train["continued_tokens"],
+                   "evaluation_delta": {row["suite"]: row["delta_vs_previous"] for row in table}}
+    return counts
 
 
-def plan_continued_training(config: PipelineConfig, storage: Storage, generation: GenerationPlan,
-                            tokens_ref: StageRef) -> TrainPlan:
-    """Continue the previous generation's exported MoE on the appended shards."""
-    from skymoe.training.stage import plan_continued_train  # torch loads only when training is planned
-
-    root = config.storage.root
-    seq_len = int(read_manifest(storage, tokens_ref).extra["seq_len"])
-    previous = StageRef(root, "train", generation.previous.outputs["train"])
-    return plan_continued_train(config, storage, root, tokens_ref, previous,
-                                config.incremental.phase(config.train, seq_len))
-
-
-def new_record(generation: GenerationPlan, outputs: dict[str, str], counts: dict[str, Any]) -> GenerationRecord:
-    return GenerationRecord(generation.number, {shard.uri: shard.checksum for shard in generation.clean.shards},
-                            outputs, counts, time.time())
+def new_record(generation: GenerationPlan, results: list[StageResult]) -> GenerationRecord:
+    outputs = {result.stage: result.ref.fingerprint for result in reversed(results)}
+    return GenerationRecord(generation.number, generation.new_inputs, outputs, generation_counts(results),
+                            time.time())

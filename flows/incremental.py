@@ -12,32 +12,33 @@ from skymoe.flows.prefect_env import forward_stage_logs  # offline settings: mus
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from skymoe.flows.pipeline import clean_task, evaluate_task, pipeline_flow, publish, run_stage, tokenize_task, train_task
-from skymoe.flows.generations import (
-    GenerationPlan,
-    load_ledger,
-    new_record,
-    plan_appended_tokens,
-    plan_continued_training,
-    plan_generation,
-    record_generation,
-)
-from skymoe.config import PipelineConfig, load_config, run_overrides
+from skymoe import PIPELINE_STAGES
+from skymoe.config import load_config, merge_overrides, run_overrides
+from skymoe.flows.generations import GenerationRecord, load_ledger, new_record, plan_generation, record_generation
+from skymoe.flows.pipeline import execute_as_task
+from skymoe.pipeline import check_stages, run_pipeline
 from skymoe.storage import Storage
 
 log = logging.getLogger("skymoe.incremental")
 
 
 @flow(name="skymoe-incremental", log_prints=True)
-def incremental_flow(config_path: str | None = None, root: str | None = None, input_prefix: str | None = None,
-                     train_tokens: int | None = None) -> dict[str, Any]:
-    """Run the next generation on the files new under ``input_prefix`` (default: the config's
-    ``clean.inputs``); ``train_tokens`` overrides ``incremental.train_tokens``."""
+def incremental_flow(root: str, config_path: str | None = None, input_prefix: str | None = None,
+                     train_tokens: int | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the next generation on the files new under input_prefix since the last one.
+
+    Args:
+        root: Storage root URI of the series (a folder or s3://bucket/prefix); required, so a schedule
+            never writes into a default folder.
+        config_path: A config file or a preset name; empty = tiny.
+        input_prefix: The folder or prefix new input files land in; empty = the config's clean.inputs.
+        train_tokens: Continued-training tokens per generation; empty = the config's incremental.train_tokens.
+        overrides: Config values that replace the file's, nested as in the YAML (what `--set a.b=c` gives).
+    """
     forward_stage_logs()
-    overrides = run_overrides(root, [input_prefix] if input_prefix else None)
-    if train_tokens is not None:
-        overrides["incremental"] = {"train_tokens": train_tokens}
-    config = load_config(config_path, overrides)
+    extra = {"incremental": {"train_tokens": train_tokens}} if train_tokens is not None else {}
+    config = load_config(config_path, merge_overrides(
+        run_overrides(root, [input_prefix] if input_prefix else None), extra, overrides or {}))
     storage = Storage.from_config(config.storage)
     storage.check_writable_root(config.storage.root)
     ledger = load_ledger(storage, config)
@@ -50,66 +51,24 @@ def incremental_flow(config_path: str | None = None, root: str | None = None, in
                                  description="incremental rerun: nothing new")
         return {"generation": None, "new_files": 0, "series": ledger.uri}
 
-    log.info("incremental: generation %d, %d new input files", generation.number, len(generation.clean.shards))
-    if generation.previous is None:
-        outputs, counts = _first_generation(config_path, root, config.clean.inputs)
-    else:
-        outputs, counts = _next_generation(config, config_path, overrides, storage, generation)
-    record_generation(storage, ledger, new_record(generation, outputs, counts))
-    _publish_report(generation, counts)
-    return {"generation": generation.number, "new_files": len(generation.clean.shards), "series": ledger.uri,
-            "outputs": outputs, "counts": counts}
+    log.info("incremental: generation %d, %d new input files", generation.number, len(generation.new_inputs))
+    check_stages(config, storage, PIPELINE_STAGES)
+    results = run_pipeline(config, storage, execute=execute_as_task, continues=generation.continues)
+    record = new_record(generation, results)
+    record_generation(storage, ledger, record)
+    _publish_report(record)
+    return {"generation": record.number, "new_files": len(record.inputs), "series": ledger.uri,
+            "outputs": record.outputs, "counts": record.counts}
 
 
-def _first_generation(config_path: str | None, root: str | None, inputs: list[str]) -> tuple[dict, dict]:
-    """Generation 0 is the full pipeline on everything (a cache hit where ``skymoe run`` did it)."""
-    summary = pipeline_flow(config_path=config_path, root=root, inputs=inputs)
-    stages = summary["stages"]
-    outputs = {stage: result["fingerprint"] for stage, result in stages.items()}
-    counts = {"docs_in": stages["clean"]["counts"]["docs_in"], "docs_kept": stages["clean"]["counts"]["docs_out"],
-              "train_tokens_in_shards": stages["tokenize"]["counts"]["train_tokens"],
-              "evaluation": {row["suite"]: row["score"] for row in stages["evaluate"]["table"]}}
-    return outputs, counts
-
-
-def _next_generation(config: PipelineConfig, config_path: str | None, overrides: dict, storage: Storage,
-                     generation: GenerationPlan) -> tuple[dict, dict]:
-    """Clean the new files against the history, append their tokens, train on, evaluate."""
-    from skymoe.evaluation.stage import plan_evaluate
-
-    clean = run_stage(clean_task, storage, generation.clean.ref, config_path, overrides, generation.clean)
-    publish("clean", clean, storage)
-    token_plan = plan_appended_tokens(config, storage, generation)
-    tokens = run_stage(tokenize_task, storage, token_plan.ref, config_path, overrides, token_plan,
-                       generation.clean.ref)
-    publish("tokenize", tokens, storage)
-    train_plan = plan_continued_training(config, storage, generation, token_plan.ref)
-    train = run_stage(train_task, storage, train_plan.ref, config_path, overrides, train_plan, token_plan.ref)
-    publish("train", train, storage)
-    target = plan_evaluate(config, storage, config.storage.root, train_plan.ref)[0]  # the continued model
-    evaluation = run_stage(evaluate_task, storage, target.ref, config_path, overrides, target)
-    publish("evaluate", evaluation, storage)
-
-    outputs = {"clean": clean["fingerprint"], "tokenize": tokens["fingerprint"], "train": train["fingerprint"],
-               "evaluate": evaluation["fingerprint"]}
-    counts = {"docs_in": clean["counts"]["docs_in"], "docs_kept": clean["counts"]["docs_out"],
-              "duplicates_of_earlier": clean["counts"]["duplicates_of_earlier"],
-              "train_tokens_appended": tokens["counts"]["appended_train_tokens"],
-              "train_tokens_in_shards": tokens["counts"]["train_tokens"],
-              "training_steps_added": train["counts"]["continued_steps"],
-              "training_tokens_added": train["counts"]["continued_tokens"],
-              "evaluation": {row["suite"]: row["score"] for row in evaluation["table"]},
-              "evaluation_delta": {row["suite"]: row["delta_vs_previous"] for row in evaluation["table"]}}
-    return outputs, counts
-
-
-def _publish_report(generation: GenerationPlan, counts: dict[str, Any]) -> None:
-    lines = [f"# Incremental generation {generation.number}", "",
-             f"{len(generation.clean.shards)} new input files.", "", "| what | value |", "|---|---|"]
+def _publish_report(record: GenerationRecord) -> None:
+    counts = record.counts
+    lines = [f"# Incremental generation {record.number}", "", f"{len(record.inputs)} new input files.", "",
+             "| what | value |", "|---|---|"]
     lines += [f"| {key.replace('_', ' ')} | {value:,} |" for key, value in counts.items() if isinstance(value, int)]
     deltas = counts.get("evaluation_delta", {})
     lines += ["", "| suite | score | change vs previous generation |", "|---|---|---|"]
     lines += [f"| {suite} | {score:.2f} | {'' if deltas.get(suite) is None else f'{deltas[suite]:+.2f}'} |"
               for suite, score in counts["evaluation"].items()]
     create_markdown_artifact(key="incremental-report", markdown="\n".join(lines),
-                             description=f"incremental generation {generation.number}: counts and evaluation deltas")
+                             description=f"incremental generation {record.number}: counts and evaluation deltas")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -42,7 +43,11 @@ class Progress:
     @contextmanager
     def watching(self, count: Callable[[], int]) -> Iterator["Progress"]:
         """Poll ``count()`` in the background and log progress, for work done by other processes
-        (executor workers) that report completion through storage."""
+        (executor workers) that report completion through storage.
+
+        The thread runs in a copy of the caller's context: Prefect finds the flow run it logs to
+        there, and a thread without it has its lines refused by Prefect's API handler with a warning.
+        """
         stop = threading.Event()
 
         def poll() -> None:
@@ -53,7 +58,8 @@ class Progress:
                     continue  # a transient storage error only delays the next progress line
                 self.logger.info(self.line())
 
-        thread = threading.Thread(target=poll, name=f"progress-{self.what}", daemon=True)
+        context = contextvars.copy_context()
+        thread = threading.Thread(target=context.run, args=(poll,), name=f"progress-{self.what}", daemon=True)
         thread.start()
         try:
             yield self

@@ -1,4 +1,5 @@
-"""The stage contract every stage uses: fingerprints, done-records and the manifest.
+"""The stage contract in code: a :class:`Stage` plans its outputs, one runner (:func:`run_plan`)
+does the rest - cache hit, writable root, timing, the manifest written last - for every stage.
 
 A stage's output lives at ``<root>/<stage>/<fingerprint>/``. The fingerprint hashes the stage's
 name and code version, its canonical config and the checksums of its inputs, so an unchanged rerun
@@ -7,36 +8,53 @@ lands in the same place (a cache hit) and any upstream change moves every downst
 Inside a stage, work is split into shards with stable ids. A finished shard leaves a small
 done-record (written after its data), so a rerun after a crash redoes only unfinished shards. The
 manifest is written last: no manifest means not done, and readers consume only what it lists.
+
+A :class:`Plan` is made once, from one loaded config, and carries that config with it: whoever
+runs the plan (this process, a Prefect task, a cluster job) runs exactly what was fingerprinted,
+never a config re-read from a file that may have changed since. The manifest schema is the same
+for every stage (``docs/stage-contract.md``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
+import logging
 import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from skymoe import __version__
+from skymoe.config import PipelineConfig
 from skymoe.storage import Storage, join
 
 MANIFEST = "manifest.json"
 DONE_DIR = "_done"
 
 
-def source_digest(*folders: Path) -> str:
-    """A code version that changes whenever a stage's source changes: a hash of its ``.py`` files.
+log = logging.getLogger("skymoe.stage")
 
-    Hand-bumped version strings go stale; this cannot, so an edited filter never reuses outputs
-    made by the old one.
+
+def code_digest(modules: tuple[str, ...], libraries: tuple[str, ...] = ()) -> str:
+    """A code version from the source of the modules that decide a stage's bytes, and the versions of
+    the libraries that do. Hand-bumped strings go stale; a digest of whole folders would rerun a
+    stage when only its plots changed. Modules are found without importing them.
     """
     digest = hashlib.sha256()
-    for folder in folders:
-        for path in sorted(folder.rglob("*.py")):
-            digest.update(path.relative_to(folder).as_posix().encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
+    for name in sorted(modules):
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ImportError(f"code_digest: no module {name}")
+        digest.update(name.encode())
+        digest.update(Path(spec.origin).read_bytes())
+    versions = ",".join(f"{lib}={importlib.metadata.version(lib)}" for lib in libraries)
+    return f"{digest.hexdigest()[:12]}+{versions}" if versions else digest.hexdigest()[:12]
 
 
 def canonical_json(value: Any) -> str:
@@ -74,13 +92,15 @@ class StageRef:
 
 @dataclass
 class Manifest:
-    """The record that makes a stage output complete."""
+    """The record that makes a stage output complete; one schema for every stage."""
 
     stage: str
     fingerprint: str
     code_version: str
-    config: Any
-    inputs: dict[str, str]
+    config: dict[str, Any]  # the config slice as fingerprinted (resource files by checksum)
+    inputs: dict[str, str]  # what else was fingerprinted: input name -> checksum or upstream fingerprint
+    upstream: dict[str, str] = field(default_factory=dict)  # upstream stage -> the output URI it read
+    label: str = ""  # the output's name in logs and the UI ("clean", "evaluate-final")
     shards: list[dict[str, Any]] = field(default_factory=list)
     counts: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -146,3 +166,122 @@ class DoneRecords:
             if uri.endswith(".json"):
                 records[uri.rsplit("/", 1)[-1][: -len(".json")]] = json.loads(self.storage.read_text(uri))
         return records
+
+
+# ------------------------------------------------------------------------------ stages and the runner
+@dataclass(frozen=True)
+class Continuation:
+    """What an incremental generation builds on: the previous generation's outputs, every earlier
+    cleaning output (new documents are deduplicated against all of them) and the inputs read before."""
+
+    previous: dict[str, StageRef]  # stage -> the last generation's output
+    prior_clean: tuple[StageRef, ...]  # oldest first
+    seen: dict[str, str]  # input URI -> the checksum it had when read
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One stage output before any work: where it goes, what it was fingerprinted from, and the
+    stage's own detail (``work``: shards, units, runs, the model to evaluate)."""
+
+    stage: str
+    ref: StageRef
+    config: PipelineConfig  # the config the fingerprint was made from; the run reads no other
+    settings: dict[str, Any]  # the config slice as fingerprinted
+    inputs: dict[str, str]  # the other fingerprinted inputs (file checksums, upstream fingerprints)
+    upstream: dict[str, StageRef] = field(default_factory=dict)
+    work: Any = None
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.label or self.stage
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What a stage's ``run`` hands the runner; the runner adds everything the contract owns."""
+
+    counts: dict[str, Any]
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """One planned output after the runner: made now, or found complete (``cached``)."""
+
+    stage: str
+    label: str
+    ref: StageRef
+    manifest: Manifest
+    cached: bool
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        """The small, JSON-ready record flows return and the CLI prints (no shard lists or indexes)."""
+        summary = {"stage": self.stage, "label": self.label, "fingerprint": self.ref.fingerprint,
+                   "uri": self.ref.uri, "cached": self.cached, "seconds": self.seconds,
+                   "counts": self.manifest.counts}
+        return summary | self.manifest.extra.get("summary", {})
+
+
+class Stage(ABC):
+    """A pipeline stage declared as data plus two methods, in the manner of Marin's executor steps:
+    ``plan`` is cheap and fails early (bad config, missing inputs); ``run`` does the work, resumable
+    through done-records. Neither knows about Prefect."""
+
+    name: ClassVar[str]
+    upstream: ClassVar[tuple[str, ...]] = ()  # the stages whose outputs ``plan`` reads
+    section: ClassVar[str]  # the config section the stage is configured by
+    code: ClassVar[tuple[str, ...]]  # modules whose source changes the output's bytes (not its plots)
+    libraries: ClassVar[tuple[str, ...]] = ()  # distributions whose versions change them
+
+    @property
+    def code_version(self) -> str:
+        return _code_version(type(self))
+
+    def check(self, config: PipelineConfig, storage: Storage) -> None:
+        """Checks that need no upstream output, run for every wanted stage before any stage works."""
+
+    @abstractmethod
+    def plan(self, config: PipelineConfig, storage: Storage, upstream: Mapping[str, StageRef],
+             continues: Continuation | None = None) -> list[Plan]:
+        """The outputs to make; the first is the one downstream stages read. ``continues`` is set for
+        an incremental generation."""
+
+    @abstractmethod
+    def run(self, plan: Plan, storage: Storage) -> StageOutput:
+        """Make (or resume) the output of ``plan`` under ``plan.ref``; the runner writes the manifest."""
+
+    def make_plan(self, config: PipelineConfig, settings: dict[str, Any], inputs: dict[str, str],
+                  upstream: Mapping[str, StageRef] | None = None, work: Any = None, label: str = "") -> Plan:
+        """A plan whose location is the fingerprint of exactly what it carries."""
+        ref = StageRef(config.storage.root, self.name, fingerprint(self.name, self.code_version, settings, inputs))
+        return Plan(self.name, ref, config, settings, inputs, dict(upstream or {}), work, label)
+
+
+@functools.cache
+def _code_version(stage_type: type[Stage]) -> str:
+    return f"{stage_type.name}-{code_digest(stage_type.code, stage_type.libraries)}"
+
+
+def run_plan(stage: Stage, plan: Plan, storage: Storage) -> StageResult:
+    """The one runner: reuse a complete output, else run the stage and write its manifest last."""
+    existing = read_manifest(storage, plan.ref)
+    if existing is not None:
+        log.info("%s: cache hit at %s", plan.name, plan.ref.uri)
+        return StageResult(plan.stage, plan.name, plan.ref, existing, cached=True, seconds=0.0)
+    storage.check_writable_root(plan.ref.root)
+    started = time.monotonic()
+    output = stage.run(plan, storage)
+    seconds = round(time.monotonic() - started, 3)
+    manifest = Manifest(
+        stage=plan.stage, fingerprint=plan.ref.fingerprint, code_version=stage.code_version,
+        config=json.loads(canonical_json(plan.settings)), inputs=plan.inputs,
+        upstream={name: ref.uri for name, ref in plan.upstream.items()}, label=plan.name, shards=output.shards,
+        counts=output.counts, timings={**output.timings, "total": seconds}, extra=output.extra)
+    write_manifest(storage, plan.ref, manifest)
+    log.info("%s: done in %.1fs, manifest at %s", plan.name, seconds, plan.ref.path(MANIFEST))
+    return StageResult(plan.stage, plan.name, plan.ref, manifest, cached=False, seconds=seconds)

@@ -76,6 +76,16 @@ class Storage:
         fs, path = self.fs(uri)
         return int(self._retry(lambda: fs.size(path)))
 
+    def disk_usage(self, uri: str) -> int:
+        """Total bytes of every file under a folder or prefix (the file's size for a file, 0 when absent).
+
+        One recursive listing with sizes (``find(detail=True)``), not fsspec's ``du``, which asks
+        for each object's info again: on S3 that is a request per object.
+        """
+        fs, path = self.fs(uri)
+        found = self._retry(lambda: fs.find(path, detail=True))
+        return sum(int(info.get("size") or 0) for info in found.values() if info.get("type") != "directory")
+
     def listdir(self, uri: str) -> list[str]:
         """Immediate children of a folder as full URIs, sorted; empty when the folder is absent."""
         fs, path = self.fs(uri)

@@ -30,7 +30,7 @@ def ablate_cli(config: Path, ablation: str, *flags: str) -> dict:
     handler would keep writing to the per-test stream after pytest closed it.)"""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert main(["ablate", ablation, "--config", str(config), "--smoke", *flags]) == 0
+        assert main(["ablate", ablation, "--config", str(config), "--smoke", "--json", *flags]) == 0
     text = out.getvalue()
     return json.loads(text[text.index("{\n"):])
 

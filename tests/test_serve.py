@@ -107,6 +107,11 @@ def test_serve_command_deploys_everything_and_stops_cleanly(tmp_path, config, mo
             deployments = {d.name: d for d in client.read_deployments()}
         assert set(deployments) == {"pipeline", "clean", "tokenize", "train", "evaluate", "incremental"}
         assert [s.schedule.cron for s in deployments["incremental"].schedules] == ["0 * * * *"]
+        assert [s.active for s in deployments["incremental"].schedules] == [False]  # paused until turned on
+        assert "root" in deployments["incremental"].parameter_openapi_schema["required"]
+        form = deployments["pipeline"].parameter_openapi_schema["properties"]  # the Custom run form
+        assert form["until"]["enum"] == form["from_stage"]["enum"] == ["clean", "tokenize", "train", "evaluate"]
+        assert form["until"].get("description") and form["overrides"].get("description")
         assert deployments["train"].parameters["from_stage"] == deployments["train"].parameters["until"] == "train"
 
         run = _trigger(local, "pipeline", {"config_path": str(config[0]), "root": str(tmp_path / "out")})

@@ -1,1 +1,1 @@
-"""SkyPile-style corpus cleaning. The stage function is :func:`skymoe.pipelines.clean.stage.run_clean`."""
+"""SkyPile-style corpus cleaning. The stage function is :class:`skymoe.pipelines.clean.stage.CleanStage`."""

@@ -58,6 +58,19 @@ def detect_format(uri: str) -> str | None:
     return None
 
 
+def expand_input(storage: Storage, pattern: str) -> list[str]:
+    """The files an input pattern names; an error when it names none or cannot be listed."""
+    try:
+        files = storage.expand(pattern)
+    except FileNotFoundError:
+        files = []
+    except Exception as err:  # an unreachable endpoint or a missing bucket
+        raise InputError(f"cannot list input {pattern}: {err}") from None
+    if not files:
+        raise InputError(f"input path does not exist or holds no files: {pattern}")
+    return files
+
+
 def discover_inputs(storage: Storage, patterns: list[str], text_field: str = "text",
                     ) -> tuple[list[InputShard], list[dict[str, str]]]:
     """Expand files, folders and globs into shards, failing early on anything unusable.
@@ -70,14 +83,7 @@ def discover_inputs(storage: Storage, patterns: list[str], text_field: str = "te
     shards: dict[str, InputShard] = {}
     skipped: list[dict[str, str]] = []
     for pattern in patterns:
-        try:
-            files = storage.expand(pattern)
-        except FileNotFoundError:
-            files = []
-        except Exception as err:  # an unreachable endpoint or a missing bucket
-            raise InputError(f"cannot list input {pattern}: {err}") from None
-        if not files:
-            raise InputError(f"input path does not exist or holds no files: {pattern}")
+        files = expand_input(storage, pattern)
         base = pattern.rstrip("/") if "://" in pattern else os.path.abspath(pattern)
         for uri in files:
             if uri in shards:

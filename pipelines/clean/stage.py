@@ -13,7 +13,6 @@ Phases, each resumable:
 
 from __future__ import annotations
 
-import importlib.metadata
 import io
 import json
 import logging
@@ -21,7 +20,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -43,22 +41,14 @@ from skymoe.pipelines.clean.history import (
     write_parquet,
 )
 from skymoe.pipelines.clean.langid import LanguageId
-from skymoe.pipelines.clean.readers import InputError, InputShard, ShardReader, discover_inputs
+from skymoe.pipelines.clean.readers import InputError, InputShard, ShardReader, discover_inputs, expand_input
 from skymoe.pipelines.clean.steps import ORIGINAL, REJECT
-from skymoe.config import CleanConfig, ConfigError, bucket_names
+from skymoe.config import CleanConfig, ConfigError, PipelineConfig, bucket_names, describe_path
 from skymoe.plots import bar_chart_png
 from skymoe.progress import Progress
-from skymoe.stage import DoneRecords, Manifest, StageRef, canonical_json, fingerprint, read_manifest, \
-    shard_entry, source_digest, write_manifest
+from skymoe.stage import Continuation, DoneRecords, Plan, Stage, StageOutput, StageRef, shard_entry
 from skymoe.storage import Storage
 
-STAGE = "clean"
-# Output depends on this package's source and on the libraries that make decisions in it.
-CODE_VERSION = "clean-{}+{}".format(
-    source_digest(Path(__file__).resolve().parent),
-    ",".join(f"{name}={importlib.metadata.version(name)}" for name in
-             ("datatrove", "trafilatura", "lingua-language-detector", "scikit-learn", "warcio", "pyarrow")),
-)
 log = logging.getLogger("skymoe.clean")
 
 DOC_SCHEMA = pa.schema([
@@ -76,40 +66,75 @@ INDEX_SCHEMA = pa.schema([
 
 
 @dataclass(frozen=True)
-class CleanPlan:
-    """What a run will do, known before any work: where it writes, what it reads, what it skips,
-    and which earlier outputs (``prior``, oldest first) its documents are deduplicated against."""
+class CleanWork:
+    """What a run will read, what it skips, and which earlier outputs (``prior``, oldest first) its
+    documents are deduplicated against."""
 
-    ref: StageRef
     shards: list[InputShard]
     skipped: list[dict[str, str]]
     prior: tuple[StageRef, ...] = ()
 
 
-@dataclass(frozen=True)
-class CleanResult:
-    ref: StageRef
-    manifest: Manifest
-    cached: bool
+class CleanStage(Stage):
+    """Raw inputs -> cleaned, deduplicated Parquet shards, rejects with reasons, and the dedup index."""
 
+    name = "clean"
+    section = "clean"
+    # The executor module is left out on purpose: datatrove and Beam write the same bytes.
+    code = tuple(f"skymoe.pipelines.clean.{module}" for module in (
+        "stage", "classifier", "dedup", "extract", "heuristics", "history", "langid", "readers", "steps", "text"))
+    libraries = ("datatrove", "trafilatura", "lingua-language-detector", "scikit-learn", "warcio", "pyarrow")
 
-# ------------------------------------------------------------------------------ planning
-def plan_clean(config: CleanConfig, storage: Storage, root: str, prior: tuple[StageRef, ...] = (),
-               seen: Mapping[str, str] | None = None) -> CleanPlan:
-    """Check inputs and resource files, then fingerprint; raises before any work is done.
+    def check(self, config: PipelineConfig, storage: Storage) -> None:
+        """Resource files exist and every input names something (checksums wait for the plan)."""
+        _fingerprinted_config(config.clean, storage)
+        if not config.clean.inputs:
+            raise InputError("no inputs given (clean.inputs in the config, or --input)")
+        for pattern in config.clean.inputs:
+            try:
+                expand_input(storage, pattern)
+            except InputError as err:
+                raise InputError(f"clean.inputs: {err}; written as {describe_path(config, 'clean.inputs')}") from None
 
-    An incremental run names the earlier outputs in ``prior`` and the inputs they already read in
-    ``seen`` (URI -> checksum): inputs are still discovered from the same patterns (so shard ids
-    and sources match a full run), and only unseen or changed files become shards (a changed
-    file's unchanged documents then go as duplicates of the earlier ones).
-    """
-    shards, skipped = discover_inputs(storage, config.inputs, config.reader.text_field)
-    shards = [shard for shard in shards if (seen or {}).get(shard.uri) != shard.checksum]
-    for item in skipped:
-        log.info("clean: not reading %s (%s)", item["uri"], item["why"])
-    inputs = {shard.uri: shard.checksum for shard in shards} | {f"prior:{ref.uri}": ref.fingerprint for ref in prior}
-    fp = fingerprint(STAGE, CODE_VERSION, _fingerprinted_config(config, storage), inputs)
-    return CleanPlan(StageRef(root, STAGE, fp), shards, skipped, tuple(prior))
+    def plan(self, config: PipelineConfig, storage: Storage, upstream: Mapping[str, StageRef],
+             continues: Continuation | None = None) -> list[Plan]:
+        """Check inputs and resource files, then fingerprint; raises before any work is done.
+
+        A continuing run deduplicates against every earlier cleaning output and reads only inputs
+        unseen (or changed) since: inputs are still discovered from the same patterns, so shard
+        ids and sources match a full run, and a changed file's unchanged documents go as
+        duplicates of the earlier ones.
+        """
+        clean = config.clean
+        prior, seen = (continues.prior_clean, continues.seen) if continues else ((), {})
+        shards, skipped = discover_inputs(storage, clean.inputs, clean.reader.text_field)
+        shards = [shard for shard in shards if seen.get(shard.uri) != shard.checksum]
+        inputs = {shard.uri: shard.checksum for shard in shards} | {f"prior:{ref.uri}": ref.fingerprint
+                                                                    for ref in prior}
+        return [self.make_plan(config, _fingerprinted_config(clean, storage), inputs,
+                               work=CleanWork(shards, skipped, tuple(prior)))]
+
+    def run(self, plan: Plan, storage: Storage) -> StageOutput:
+        config, ref, work = plan.config.clean, plan.ref, plan.work
+        for item in work.skipped:
+            log.info("clean: not reading %s (%s)", item["uri"], item["why"])
+        log.info("clean: %d input shards -> %s", len(work.shards), ref.uri)
+        timings: dict[str, float] = {}
+        model = _classifier(config, storage, ref, work.prior, timings)
+        shards = work.shards
+        _run_phase("filter", FilterShard(config, storage, ref, shards, model), config, storage, ref, shards, timings)
+        _run_phase("index", IndexShard(config, storage, ref, shards), config, storage, ref, shards, timings)
+        decide_started = time.monotonic()
+        decisions = DoneRecords(storage, ref, "decide")
+        if decisions.get("all") is None:
+            mh = config.dedup.minhash
+            history = load_history(storage, work.prior, mh.num_bands * mh.rows_per_band)
+            decisions.mark("all", decide(config, storage, ref, shards, history))
+        timings["decide"] = round(time.monotonic() - decide_started, 3)
+        _run_phase("apply", ApplyShard(config, storage, ref, shards), config, storage, ref, shards, timings)
+        output = _output(storage, ref, work, model, timings)
+        log.info("clean: %d -> %d documents", output.counts["docs_in"], output.counts["docs_out"])
+        return output
 
 
 def _fingerprinted_config(config: CleanConfig, storage: Storage) -> dict:
@@ -132,45 +157,6 @@ def _fingerprinted_config(config: CleanConfig, storage: Storage) -> dict:
             for lang, path in config.heuristics.blocklist.files.items()
         }
     return settings
-
-
-def run_clean(config: CleanConfig, storage: Storage, root: str, plan: CleanPlan | None = None) -> CleanResult:
-    """Run (or resume, or reuse) the cleaning stage and return its manifest.
-
-    ``plan`` is the result of :func:`plan_clean` when the caller planned already (the Prefect
-    flow keys its cache on it); the stage then writes exactly where that plan said.
-    """
-    plan = plan or plan_clean(config, storage, root)
-    ref, shards = plan.ref, plan.shards
-    storage.check_writable_root(root)
-    existing = read_manifest(storage, ref)
-    if existing is not None:
-        log.info("clean: cache hit at %s", ref.uri)
-        return CleanResult(ref, existing, cached=True)
-    log.info("clean: %d input shards -> %s", len(shards), ref.uri)
-    timings: dict[str, float] = {}
-    started = time.monotonic()
-
-    model = _classifier(config, storage, ref, plan.prior, timings)
-    _run_phase("filter", FilterShard(config, storage, ref, shards, model), config, storage, ref, shards, timings)
-    _run_phase("index", IndexShard(config, storage, ref, shards), config, storage, ref, shards, timings)
-    decide_started = time.monotonic()
-    decisions = DoneRecords(storage, ref, "decide")
-    if decisions.get("all") is None:
-        mh = config.dedup.minhash
-        history = load_history(storage, plan.prior, mh.num_bands * mh.rows_per_band)
-        decisions.mark("all", decide(config, storage, ref, shards, history))
-    timings["decide"] = round(time.monotonic() - decide_started, 3)
-    _run_phase("apply", ApplyShard(config, storage, ref, shards), config, storage, ref, shards, timings)
-    timings["total"] = round(time.monotonic() - started, 3)
-
-    manifest = _manifest(config, storage, ref, shards, plan.prior, model, timings)
-    manifest.extra["skipped_inputs"] = plan.skipped
-    manifest.extra["plots"] = _plots(storage, ref, manifest.counts)
-    write_manifest(storage, ref, manifest)
-    log.info("clean: %d -> %d documents, manifest at %s", manifest.counts["docs_in"], manifest.counts["docs_out"],
-             ref.path("manifest.json"))
-    return CleanResult(ref, manifest, cached=False)
 
 
 def _classifier(config: CleanConfig, storage: Storage, ref: StageRef, prior: tuple[StageRef, ...],
@@ -225,7 +211,7 @@ def _read_table(storage: Storage, uri: str) -> pa.Table:
 
 
 def _reject_row(doc_id: str, shard: InputShard, source: str, step: str, reason: str, original: str) -> dict:
-    return {"id": doc_id, "shard": shard.shard_id, "source": source, "stage": STAGE, "step": step,
+    return {"id": doc_id, "shard": shard.shard_id, "source": source, "stage": "clean", "step": step,
             "reason": reason, "original": original}
 
 
@@ -456,8 +442,9 @@ def _plots(storage: Storage, ref: StageRef, counts: dict) -> list[str]:
     return ["report/documents.png"]
 
 
-def _manifest(config: CleanConfig, storage: Storage, ref: StageRef, shards: list[InputShard],
-              prior: tuple[StageRef, ...], model: QualityModel | None, timings: dict) -> Manifest:
+def _output(storage: Storage, ref: StageRef, work: CleanWork, model: QualityModel | None,
+            timings: dict) -> StageOutput:
+    shards = work.shards
     filtered = DoneRecords(storage, ref, "filter").all()
     applied = DoneRecords(storage, ref, "apply").all()
     rejects: Counter = Counter()
@@ -489,14 +476,14 @@ def _manifest(config: CleanConfig, storage: Storage, ref: StageRef, shards: list
         "dedup_index": [shard_entry(storage, ref.path("dedup_index", f"{s.shard_id}.parquet"), ref) for s in shards],
         "quality_buckets": decide_record.get("bucket_edges", {}),
         "classifier": model.metrics if model is not None else None,
-        "inputs": [{"uri": s.uri, "shard_id": s.shard_id, "source": s.source, "format": s.format} for s in shards],
-        "prior": [ref.uri for ref in prior],
+        "input_files": [{"uri": s.uri, "shard_id": s.shard_id, "source": s.source, "format": s.format}
+                        for s in shards],
+        "skipped_inputs": work.skipped,
+        "prior": [prior.uri for prior in work.prior],
         "kept_index": KEPT_INDEX,
+        "plots": _plots(storage, ref, counts),
     }
-    return Manifest(stage=STAGE, fingerprint=ref.fingerprint, code_version=CODE_VERSION,
-                    config=json.loads(canonical_json(config.model_dump(mode="json"))),
-                    inputs={s.uri: s.checksum for s in shards}, shards=entries, counts=counts,
-                    timings=timings, extra=extra)
+    return StageOutput(counts=counts, shards=entries, timings=timings, extra=extra)
 
 
-__all__ = ["run_clean", "plan_clean", "CleanResult", "InputError", "STAGE"]
+STAGE = CleanStage()

@@ -16,12 +16,12 @@ entry names its folder in ``output``), followed by the new ones, so training rea
 
 from __future__ import annotations
 
-import importlib.metadata
 import io
 import logging
 import time
 import zlib
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,26 +41,12 @@ from skymoe.pipelines.tokenize.tokenizer import (
     smallest_token_dtype,
     train_tokenizer,
 )
-from skymoe.config import TokenizeConfig
+from skymoe.config import PipelineConfig, TokenizeConfig, describe_path
 from skymoe.plots import bar_chart_png
 from skymoe.progress import Progress
-from skymoe.stage import (
-    DoneRecords,
-    Manifest,
-    StageRef,
-    canonical_json,
-    fingerprint,
-    read_manifest,
-    source_digest,
-    write_manifest,
-)
+from skymoe.stage import Continuation, DoneRecords, Plan, Stage, StageOutput, StageRef, read_manifest
 from skymoe.storage import Storage, join
 
-STAGE = "tokenize"
-CODE_VERSION = "tokenize-{}+{}".format(
-    source_digest(Path(__file__).resolve().parent),
-    ",".join(f"{name}={importlib.metadata.version(name)}" for name in ("tokenizers", "pyarrow")),
-)
 SPLITS = ("train", "validation")
 log = logging.getLogger("skymoe.tokenize")
 
@@ -79,41 +65,63 @@ class TokenizeUnit:
 
 
 @dataclass(frozen=True)
-class TokenizePlan:
-    ref: StageRef
+class TokenizeWork:
     units: list[TokenizeUnit]
     base: StageRef | None = None  # the output this one appends to
 
 
-@dataclass(frozen=True)
-class TokenizeResult:
-    ref: StageRef
-    manifest: Manifest
-    cached: bool
+class TokenizeStage(Stage):
+    """Cleaned shards -> a tokenizer and packed Arrow shards with their index and mixture plan."""
+
+    name = "tokenize"
+    upstream = ("clean",)
+    section = "tokenize"
+    code = tuple(f"skymoe.pipelines.tokenize.{module}" for module in ("stage", "tokenizer", "packing", "mixture"))
+    libraries = ("tokenizers", "pyarrow")
+
+    def check(self, config: PipelineConfig, storage: Storage) -> None:
+        try:
+            _settings(config.tokenize, storage)
+        except TokenizeError as err:
+            where = describe_path(config, "tokenize.tokenizer.path") if config.tokenize.tokenizer.path else ""
+            raise TokenizeError(f"{err}; written as {where}" if where else str(err)) from None
+
+    def plan(self, config: PipelineConfig, storage: Storage, upstream: Mapping[str, StageRef],
+             continues: Continuation | None = None) -> list[Plan]:
+        """The units to encode and the fingerprint; fails before any work when cleaning (or the
+        output a continuing run appends to) is incomplete."""
+        clean_ref = upstream["clean"]
+        clean = read_manifest(storage, clean_ref)
+        if clean is None:
+            raise TokenizeError(f"no complete cleaning output at {clean_ref.uri} (manifest.json missing)")
+        units = [TokenizeUnit(Path(entry["path"]).stem, clean_ref.path(entry["path"]),
+                              _source_of(clean.extra["input_files"], entry["input"]))
+                 for entry in clean.shards if entry["docs"] > 0]
+        inputs = {"clean": clean_ref.fingerprint}
+        base = continues.previous["tokenize"] if continues else None
+        if base is not None:
+            if read_manifest(storage, base) is None:
+                raise TokenizeError(f"cannot append to {base.uri}: it has no manifest.json")
+            inputs["base"] = base.fingerprint  # its tokenizer wins over the tokenizer settings
+        return [self.make_plan(config, _settings(config.tokenize, storage), inputs, upstream={"clean": clean_ref},
+                               work=TokenizeWork(units, base))]
+
+    def run(self, plan: Plan, storage: Storage) -> StageOutput:
+        return _run(plan.config.tokenize, storage, plan.ref, plan.work)
 
 
-def plan_tokenize(config: TokenizeConfig, storage: Storage, root: str, clean_ref: StageRef,
-                  base: StageRef | None = None) -> TokenizePlan:
-    """The units to encode and the fingerprint; fails before any work when cleaning (or the base
-    this run appends to) is incomplete."""
-    clean = read_manifest(storage, clean_ref)
-    if clean is None:
-        raise TokenizeError(f"no complete cleaning output at {clean_ref.uri} (manifest.json missing)")
-    units = [TokenizeUnit(Path(entry["path"]).stem, clean_ref.path(entry["path"]),
-                          _source_of(clean.extra["inputs"], entry["input"]))
-             for entry in clean.shards if entry["docs"] > 0]
+def _settings(config: TokenizeConfig, storage: Storage) -> dict:
+    """The config as it changes the shards: a given tokenizer by content; a token dtype too narrow
+    for the vocabulary fails here, before a tokenizer is trained."""
     if config.token_dtype and not config.tokenizer.path:
-        check_token_dtype(config.token_dtype, config.tokenizer.vocab_size)  # before training, not after
+        check_token_dtype(config.token_dtype, config.tokenizer.vocab_size)
     settings = config.model_dump(mode="json", exclude={"encode_batch"})
     if config.tokenizer.path:
-        settings["tokenizer"]["path"] = storage.checksum(_tokenizer_file(config.tokenizer.path))
-    inputs = {"clean": clean_ref.fingerprint}
-    if base is not None:
-        if read_manifest(storage, base) is None:
-            raise TokenizeError(f"cannot append to {base.uri}: it has no manifest.json")
-        inputs["base"] = base.fingerprint  # its tokenizer wins over the tokenizer settings
-    fp = fingerprint(STAGE, CODE_VERSION, settings, inputs)
-    return TokenizePlan(StageRef(root, STAGE, fp), units, base)
+        tokenizer_file = _tokenizer_file(config.tokenizer.path)
+        if not storage.exists(tokenizer_file):
+            raise TokenizeError(f"tokenize.tokenizer.path: no tokenizer at {tokenizer_file}")
+        settings["tokenizer"]["path"] = storage.checksum(tokenizer_file)
+    return settings
 
 
 def _source_of(inputs: list[dict], input_uri: str) -> str:
@@ -124,25 +132,17 @@ def _tokenizer_file(path: str) -> str:
     return path if path.endswith(".json") else join(path, "tokenizer.json")
 
 
-def run_tokenize(config: TokenizeConfig, storage: Storage, root: str, clean_ref: StageRef,
-                 plan: TokenizePlan | None = None) -> TokenizeResult:
-    """Run (or resume, or reuse) the tokenize stage and return its manifest."""
-    plan = plan or plan_tokenize(config, storage, root, clean_ref)
-    ref = plan.ref
-    existing = read_manifest(storage, ref)
-    if existing is not None:
-        log.info("tokenize: cache hit at %s", ref.uri)
-        return TokenizeResult(ref, existing, cached=True)
+def _run(config: TokenizeConfig, storage: Storage, ref: StageRef, work: TokenizeWork) -> StageOutput:
     started = time.monotonic()
     tokenizer_uri = ref.path("tokenizer")
     done = DoneRecords(storage, ref, "tokenizer")
     if done.get("tokenizer") is None:
-        if plan.base is not None:  # appended ids must mean what the base's ids mean
-            tokenizer = load_tokenizer(storage, plan.base.path("tokenizer"))
+        if work.base is not None:  # appended ids must mean what the base's ids mean
+            tokenizer = load_tokenizer(storage, work.base.path("tokenizer"))
         elif config.tokenizer.path:
             tokenizer = load_tokenizer(storage, config.tokenizer.path)
         else:
-            tokenizer = train_tokenizer(_training_texts(storage, plan.units, config), config.tokenizer.vocab_size,
+            tokenizer = train_tokenizer(_training_texts(storage, work.units, config), config.tokenizer.vocab_size,
                                         config.tokenizer.min_frequency)
         save_tokenizer(tokenizer, storage, tokenizer_uri)
         done.mark("tokenizer", {"vocab_size": tokenizer.get_vocab_size()})
@@ -154,20 +154,17 @@ def run_tokenize(config: TokenizeConfig, storage: Storage, root: str, clean_ref:
 
     encoded = DoneRecords(storage, ref, "encode")
     finished = encoded.ids()
-    progress = Progress("tokenize/encode", len(plan.units), "shards", log)
-    for unit in plan.units:
+    progress = Progress("tokenize/encode", len(work.units), "shards", log)
+    for unit in work.units:
         if unit.unit_id not in finished:
             encoded.mark(unit.unit_id, _encode_unit(unit, config, storage, ref, tokenizer, dtype))
         progress.update()
     progress.close()
     timings["encode"] = round(time.monotonic() - started - timings["tokenizer"], 3)
 
-    manifest = _manifest(config, storage, ref, clean_ref, plan, encoded.all(), vocab_size, dtype, timings)
-    manifest.extra["plots"] = _plots(storage, ref, manifest.extra["mixture"])
-    write_manifest(storage, ref, manifest)
-    log.info("tokenize: %d training sequences, manifest at %s", manifest.counts["train_sequences"],
-             ref.path("manifest.json"))
-    return TokenizeResult(ref, manifest, cached=False)
+    output = _output(config, storage, ref, work, encoded.all(), vocab_size, dtype, timings)
+    log.info("tokenize: %d training sequences", output.counts["train_sequences"])
+    return output
 
 
 def _plots(storage: Storage, ref: StageRef, mixture: dict[str, dict]) -> list[str]:
@@ -260,10 +257,10 @@ def _inherited(storage: Storage, base: StageRef | None, dtype: np.dtype) -> tupl
     return located, shards, manifest.counts
 
 
-def _manifest(config: TokenizeConfig, storage: Storage, ref: StageRef, clean_ref: StageRef, plan: TokenizePlan,
-              records: dict[str, dict], vocab_size: int, dtype: np.dtype, timings: dict) -> Manifest:
-    inherited_index, inherited_shards, inherited_counts = _inherited(storage, plan.base, dtype)
-    new_index = [entry for unit in plan.units for entry in records[unit.unit_id]["files"]]
+def _output(config: TokenizeConfig, storage: Storage, ref: StageRef, work: TokenizeWork, records: dict[str, dict],
+            vocab_size: int, dtype: np.dtype, timings: dict) -> StageOutput:
+    inherited_index, inherited_shards, inherited_counts = _inherited(storage, work.base, dtype)
+    new_index = [entry for unit in work.units for entry in records[unit.unit_id]["files"]]
     index = inherited_index + new_index
     train_tokens: dict[str, int] = defaultdict(int)
     for entry in index:
@@ -277,20 +274,21 @@ def _manifest(config: TokenizeConfig, storage: Storage, ref: StageRef, clean_ref
     for key, value in inherited_counts.items():
         if not key.startswith("appended_"):
             counts[key] += value
-    for unit in plan.units:
+    for unit in work.units:
         for key, value in records[unit.unit_id]["counts"].items():
             counts[key] += value
     for entry in new_index:
-        for prefix in ("", "appended_") if plan.base else ("",):
+        for prefix in ("", "appended_") if work.base else ("",):
             counts[f"{prefix}{entry['split']}_sequences"] += entry["sequences"]
             counts[f"{prefix}{entry['split']}_tokens"] += entry["tokens"]
     shards = inherited_shards + [{**entry, "bytes": storage.size(ref.path(entry["path"])),
                                   "checksum": storage.checksum(ref.path(entry["path"]))} for entry in new_index]
-    return Manifest(
-        stage=STAGE, fingerprint=ref.fingerprint, code_version=CODE_VERSION,
-        config=canonical_json(config.model_dump(mode="json")),
-        inputs={"clean": clean_ref.uri, **({"base": plan.base.uri} if plan.base else {})},
-        shards=shards, counts=dict(counts), timings=timings,
+    return StageOutput(
+        counts=dict(counts), shards=shards, timings=timings,
         extra={"index": index, "mixture": mixture, "seq_len": config.seq_len, "token_dtype": str(dtype),
-               "vocab_size": vocab_size, "tokenizer": "tokenizer"},
+               "vocab_size": vocab_size, "tokenizer": "tokenizer", "base": work.base and work.base.uri,
+               "plots": _plots(storage, ref, mixture)},
     )
+
+
+STAGE = TokenizeStage()
