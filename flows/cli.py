@@ -122,7 +122,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     with contextlib.redirect_stdout(sys.stderr):  # what a flow prints is log; stdout is the result's
         summary = pipeline_flow(config_path=args.config, root=args.root, inputs=inputs, until=args.until,
-                                executor=args.executor, overrides=overrides)
+                                executor=args.executor or "config", overrides=overrides)
     text = None
     if not args.json:
         trained = [result["uri"] for result in summary["results"] if result["stage"] == "train"]

@@ -49,7 +49,7 @@ def execute_as_task(stage: Stage, plan: Plan, storage: Storage) -> StageResult:
 
 @flow(name="skymoe-pipeline", log_prints=True)
 def pipeline_flow(config_path: str | None = None, root: str | None = None, inputs: list[str] | None = None,
-                  until: StageName = "evaluate", executor: Literal["datatrove", "beam"] | None = None,
+                  until: StageName = "evaluate", executor: Literal["config", "datatrove", "beam"] = "config",
                   from_stage: StageName = "clean", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the stages from_stage .. until; a stage whose output exists is reused.
 
@@ -58,13 +58,14 @@ def pipeline_flow(config_path: str | None = None, root: str | None = None, input
         root: Storage root URI for every stage output (a folder or s3://bucket/prefix); empty = the config's.
         inputs: Input files, folders or globs to clean; empty = the config's clean.inputs.
         until: The last stage to run.
-        executor: The cleaning executor; empty = the config's (datatrove and beam write the same output).
+        executor: The cleaning executor; config = the config's clean.executor (every executor writes the same output).
         from_stage: The first stage to run; the stages before it must be complete under the same config and root.
         overrides: Config values that replace the file's, nested as in the YAML (what `--set a.b=c` gives).
     """
     forward_stage_logs()
     wanted = stage_range(from_stage, until)
-    config = load_config(config_path, merge_overrides(run_overrides(root, inputs, executor), overrides or {}))
+    chosen = None if executor == "config" else executor
+    config = load_config(config_path, merge_overrides(run_overrides(root, inputs, chosen), overrides or {}))
     storage = Storage.from_config(config.storage)
     check_stages(config, storage, wanted)
     results = run_pipeline(config, storage, wanted, execute=execute_as_task)

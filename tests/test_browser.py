@@ -46,7 +46,10 @@ def test_custom_run_from_the_ui_shows_stage_artifacts(tmp_path, small_corpus):
             for name, value in (("config_path", str(config)), ("root", str(root))):
                 parameter(name).get_by_role("button", name="str", exact=True).click()  # None -> a string
                 parameter(name).locator("input, textarea").fill(value)
-            parameter("until").locator("input, textarea").fill("tokenize")
+            parameter("until").locator(".p-select-button__control").focus()  # a dropdown of the stages
+            page.keyboard.press("ArrowDown")  # opens it (a synthetic click opens and closes it at once)
+            page.get_by_role("option", name="tokenize", exact=True).click()
+            expect(parameter("until").locator(".p-select-button__value")).to_have_text("tokenize")
             page.screenshot(path=SHOTS / "2-custom-run-parameters.png", full_page=True)
             page.get_by_role("button", name="Submit").click()
             expect(page.get_by_text("scheduled to start").first).to_be_visible()
