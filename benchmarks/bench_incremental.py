@@ -5,10 +5,11 @@ data file (c4, cmrc2018, zhwiki by lines; the dolma WARC and its small JSONL who
 all. Held back: part 9 of each of c4, cmrc2018 and zhwiki (3 files, ~10% of the data).
 
 Timed, each as the real command in a fresh process (wall clock, Prefect start included):
-1. full:  ``skymoe incremental --config tiny --root R --input landing`` on the 29 files: generation
-   0, i.e. the whole tiny pipeline (clean, tokenize, train dense + upcycled + scratch, evaluate);
-2. no-op: the same command again (nothing new: answered before Prefect starts), and the same
-   through the Prefect flow itself (``incremental_flow``, as the scheduled deployment runs it);
+1. full:  ``skymoe incremental --config tiny --root R --input landing --json`` on the 29 files:
+   generation 0, i.e. the whole tiny pipeline (clean, tokenize, train dense + upcycled + scratch, evaluate);
+2. no-op: the same command again without ``--json`` (nothing new: answered before Prefect starts,
+   "nothing to do"), and the same through the Prefect flow itself (``incremental_flow``, as the
+   scheduled deployment runs it);
 3. +10%:  the held-back files land, the same command: generation 1 (clean the 3 new files against
    the history, append their tokens, 50 steps of continued training, evaluate).
 Targets (issue 6): the no-op under 5% of the full run; the new data's stages (clean + tokenize,
@@ -78,12 +79,13 @@ def main() -> None:
     make_landing(landing, held_back)
     cli = [sys.executable, "-m", "skymoe.flows.cli", "incremental", "--config", "tiny", "--root", str(root),
            "--input", str(landing)]
+    cli_json = [*cli, "--json"]  # stdout is then the flow's summary alone, one JSON object
     files = sum(1 for p in landing.rglob("*") if p.is_file())
     print(f"{git_state(('pipelines', 'flows', 'training', 'evaluation', 'skymoe'))}; {files} files landed, "
           f"{sum(1 for p in held_back.rglob('*') if p.is_file())} held back")
 
-    full_s, out = timed(cli)
-    first = json.loads(out[out.index("{"):])
+    full_s, out = timed(cli_json)
+    first = json.loads(out)
     noop_cli_s, out = timed(cli)
     assert "nothing to do" in out, out
     noop_flow_s, out = timed([sys.executable, "-c", _FLOW, str(root), str(landing)])
@@ -93,8 +95,8 @@ def main() -> None:
             target = landing / path.relative_to(held_back)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, target)
-    increment_s, out = timed(cli)
-    second = json.loads(out[out.index("{"):])
+    increment_s, out = timed(cli_json)
+    second = json.loads(out)
 
     full_clean, full_tokenize = data_stage_seconds(root, first["outputs"])
     new_clean, new_tokenize = data_stage_seconds(root, second["outputs"])

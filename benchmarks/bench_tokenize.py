@@ -5,7 +5,7 @@ the real texts in ``examples/corpus``: c4/c4_demo.jsonl (300 English docs), zhwi
 (1500 Chinese articles, one a line) and cmrc2018/cmrc2018_contexts.jsonl (600 Chinese passages),
 one shard per source file, in the clean stage's ``DOC_SCHEMA`` (zstd, as the clean stage writes
 them) under ``<tmp>/clean/<fake fingerprint>/data/`` with a fake clean manifest (shards entries
-``{"path","docs","input"}``, ``extra["inputs"]`` ``[{"uri","source",...}]``). 1x = those 3 shards
+``{"path","docs","input"}``, ``extra["input_files"]`` ``[{"uri","source",...}]``). 1x = those 3 shards
 (~2.9 MB of UTF-8 text); Nx = the same 3 shards written N times (3N shards, same document ids, so
 every copy splits and packs identically).
 
@@ -15,8 +15,9 @@ timing, saved with ``save_tokenizer``, and given to every run as a local path:
 datatrove never looks at the hub).
 
 What is timed, each run in a fresh subprocess (interleaved, ``--repeats`` times; medians):
-(a) skymoe: ``run_tokenize`` end to end into a fresh root (plan, tokenizer copy, read Parquet,
-    split/shuffle, ``encode_batch`` in batches of ``encode_batch``, pack, write Arrow IPC, manifest),
+(a) skymoe: the tokenize stage end to end into a fresh root (``STAGE.plan`` + ``run_plan``: plan,
+    tokenizer copy, read Parquet, split/shuffle, ``encode_batch_fast`` in batches of ``encode_batch``,
+    pack, write Arrow IPC, manifest),
     ``skymoe.config.load_config()`` defaults (seq_len 256, encode_batch 512);
 (b) raw ``tokenizers``: ``Tokenizer.encode_batch`` over the same texts (already in memory, shard by
     shard, file order) in batches of the same size, reading ``len(e.ids)``; the practical limit;
@@ -77,10 +78,10 @@ CORPUS = ROOT / "examples" / "corpus"
 # (source folder = the clean stage's source name, file, language, how to read it)
 INPUTS = (("c4", "c4_demo.jsonl", "en", "jsonl"), ("zhwiki", "zhwiki_part1.txt", "zh", "lines"),
           ("cmrc2018", "cmrc2018_contexts.jsonl", "zh", "jsonl"))
-STAGE_DIR = "pipelines/tokenize"  # digested as the stage's own CODE_VERSION does (every .py file below it)
+STAGE_DIR = "pipelines/tokenize"  # the folder of the modules the stage's code version digests (git state)
 TOOLS = ("skymoe", "raw", "raw_fast", "datatrove")
 PATCHED = "skymoe_fast"
-LABELS = {"skymoe": "(a) skymoe run_tokenize (end to end)",
+LABELS = {"skymoe": "(a) skymoe tokenize stage (end to end)",
           PATCHED: "(a') skymoe, encode_batch_fast patched in",
           "raw": "(b) raw tokenizers encode_batch",
           "raw_fast": "(b') raw tokenizers encode_batch_fast",
@@ -88,14 +89,18 @@ LABELS = {"skymoe": "(a) skymoe run_tokenize (end to end)",
 
 
 def sources_digest() -> str:
-    from skymoe.stage import source_digest
+    """The tokenize stage's code version (``STAGE.code_version``: its modules' source and library
+    versions), computed afresh on every call: ``code_version`` is cached per process, and the end
+    of a run compares against the start to notice an edit made meanwhile."""
+    from skymoe.pipelines.tokenize.stage import STAGE
+    from skymoe.stage import code_digest
 
-    return source_digest(ROOT / STAGE_DIR)
+    return f"{STAGE.name}-{code_digest(STAGE.code, STAGE.libraries)}"
 
 
 def code_version() -> str:
-    """git HEAD, uncommitted changes below pipelines/tokenize, and the digest of those sources as read."""
-    return f"{git_state((STAGE_DIR,))}; {STAGE_DIR} sources digest {sources_digest()} (as in the stage's CODE_VERSION)"
+    """git HEAD, uncommitted changes below pipelines/tokenize, and the stage's code version as read."""
+    return f"{git_state((STAGE_DIR,))}; stage code version {sources_digest()}"
 
 
 def _version(package: str) -> str:
@@ -149,7 +154,8 @@ def write_clean_input(folder: Path, scale: int, documents) -> tuple[str, str, in
             entries.append({"path": path, "docs": len(rows), "input": input_uri})
             inputs.append({"uri": input_uri, "shard_id": shard_id, "source": source, "format": "jsonl"})
     write_manifest(storage, ref, Manifest(stage="clean", fingerprint=ref.fingerprint, code_version="bench",
-                                          config={}, inputs={}, shards=entries, extra={"inputs": inputs}))
+                                          config={}, inputs={}, label="clean", shards=entries,
+                                          extra={"input_files": inputs}))
     return str(folder), ref.fingerprint, len(entries)
 
 
@@ -171,8 +177,9 @@ def worker(args) -> dict:
     """One timed run in this (fresh) process; returns seconds, tokens, docs and memory."""
     from skymoe.config import load_config
 
-    config = load_config().tokenize
-    config = config.model_copy(update={"tokenizer": config.tokenizer.model_copy(update={"path": args.tokenizer})})
+    # The whole config the stage plans from: defaults, the given tokenizer, the fresh root to write into.
+    pipeline = load_config(None, {"storage": {"root": args.out}, "tokenize": {"tokenizer": {"path": args.tokenizer}}})
+    config = pipeline.tokenize
     # pq.read_table imports pyarrow.dataset (and pandas with it) lazily on first use, ~0.2-0.3 s once per
     # process; every worker pays that here, before its clock, and reports what it cost.
     start = time.perf_counter()
@@ -184,7 +191,7 @@ def worker(args) -> dict:
     result: dict = {}
     if args.worker in ("skymoe", PATCHED):
         from skymoe.pipelines.tokenize import stage
-        from skymoe.stage import StageRef
+        from skymoe.stage import StageRef, run_plan
         from skymoe.storage import Storage
 
         if args.worker == PATCHED:  # the proposed fix, without editing the stage: same ids, no offsets
@@ -203,7 +210,8 @@ def worker(args) -> dict:
         clean_ref = StageRef(clean_root, "clean", clean_fp)
         base, cpu = _hwm_kb(), _cpu_s()
         start = time.perf_counter()
-        res = stage.run_tokenize(config, Storage(), args.out, clean_ref)
+        (plan,) = stage.STAGE.plan(pipeline, Storage(), {"clean": clean_ref})
+        res = run_plan(stage.STAGE, plan, Storage())
         seconds = time.perf_counter() - start
         c = res.manifest.counts
         tokens = sum(c.get(f"{s}_{k}", 0) for s in ("train", "validation") for k in ("tokens", "dropped_tokens"))

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 
-from skymoe.pipelines.clean.stage import run_clean
-from skymoe.pipelines.tokenize.stage import run_tokenize
 from skymoe.config import load_config
+from skymoe.pipeline import run_pipeline
 from skymoe.storage import Storage
 from skymoe.training.launch import launch
 from skymoe.training.model import parameter_counts, training_flops_per_token
@@ -63,7 +62,7 @@ def main() -> None:
             "parallel": {"precision": options.precision}, "checkpoint_every": 10**6, "eval_every": 10**6,
             "similarity_every": 10**6}})
         storage = Storage.from_config(config.storage)
-        tokens = run_tokenize(config.tokenize, storage, root, run_clean(config.clean, storage, root).ref)
+        _, tokens = run_pipeline(config, storage, ("clean", "tokenize"))
         seq_len, vocab = tokens.manifest.extra["seq_len"], tokens.manifest.extra["vocab_size"]
         args = with_moe(dense_shape(config.train, seq_len, vocab), config.train.moe)
         phase = config.train.scratch.model_copy(update={"steps": options.steps})

@@ -85,6 +85,23 @@ def write_config(path: Path, root: str, inputs: list[str], train: dict | None = 
     return path
 
 
+def run_stage(name: str, config, storage=None, upstream: dict | None = None, continues=None) -> list:
+    """Plan one stage and run every plan with the one runner, as ``run_pipeline`` does for each stage:
+    a list of ``StageResult``, the output downstream stages read first."""
+    from skymoe.pipeline import load_stage
+    from skymoe.stage import run_plan
+    from skymoe.storage import Storage
+
+    storage = storage if storage is not None else Storage.from_config(config.storage)
+    stage = load_stage(name)
+    return [run_plan(stage, plan, storage) for plan in stage.plan(config, storage, upstream or {}, continues)]
+
+
+def with_root(config, root):
+    """``config`` with another storage root (stages read the root from the config alone)."""
+    return config.model_copy(update={"storage": config.storage.model_copy(update={"root": str(root)})})
+
+
 def kill_after_done_records(code: str, done_dir: Path, count: int = 2) -> set[str]:
     """Run ``code`` in a fresh Python process, SIGKILL its whole process group as soon as
     ``done_dir`` holds ``count`` done-records, and return the records that existed at the kill."""

@@ -9,8 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import kill_after_done_records, write_config
-from skymoe.pipelines.clean.stage import run_clean
+from conftest import kill_after_done_records, run_stage, write_config
 from skymoe.catalog import list_stage_outputs
 from skymoe.config import load_config
 from skymoe.storage import Storage
@@ -18,7 +17,8 @@ from skymoe.storage import Storage
 
 def _run(config_path: Path, **overrides):
     config = load_config(config_path, overrides or None)
-    return run_clean(config.clean, Storage.from_config(config.storage), config.storage.root)
+    (result,) = run_stage("clean", config, Storage.from_config(config.storage))
+    return result
 
 
 def _data_bytes(stage_uri: str) -> dict[str, bytes]:
@@ -42,7 +42,9 @@ def test_outputs_counts_and_nothing_lost(reference_run):
     assert set(counts["docs_out_by_lang"]) == {"en", "zh"}
     assert counts["rejects_by_reason"]["exact_dedup:duplicate_of"] >= 1  # the planted copy
     assert counts["rejects_by_reason"]["near_dedup:near_duplicate_of"] >= 1  # the planted near copy
-    assert any(s["format"] == "warc" for s in result.manifest.extra["inputs"])
+    assert any(s["format"] == "warc" for s in result.manifest.extra["input_files"])
+    assert result.stage == result.label == result.manifest.label == "clean"
+    assert result.manifest.upstream == {} and result.manifest.fingerprint == result.ref.fingerprint
     manifest_rows = sum(entry["docs"] for entry in result.manifest.shards)
     table_rows = sum(pq.read_table(Path(result.ref.uri) / e["path"]).num_rows for e in result.manifest.shards)
     assert manifest_rows == table_rows == counts["docs_out"]
@@ -96,6 +98,11 @@ def test_manifest_lists_checksums_and_no_credentials(reference_run):
     text = (Path(result.ref.uri) / "manifest.json").read_text()
     manifest = json.loads(text)
     assert all(entry["checksum"].startswith("xxh3:") for entry in manifest["shards"])
+    # One schema for every stage (docs/stage-contract.md); the config slice is a mapping.
+    assert set(manifest) == {"stage", "label", "fingerprint", "code_version", "config", "inputs", "upstream",
+                             "shards", "counts", "timings", "extra", "created_at"}
+    assert manifest["code_version"].startswith("clean-") and isinstance(manifest["config"], dict)
+    assert set(manifest["inputs"]) == {entry["uri"] for entry in manifest["extra"]["input_files"]}
     assert "secret" not in text.lower()
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import write_config
 from skymoe.pipelines.clean.readers import InputError
-from skymoe.pipelines.clean.stage import plan_clean
+from skymoe.pipelines.clean.stage import STAGE as CLEAN
 from skymoe.config import ConfigError, load_config
 from skymoe.storage import Storage
 
@@ -48,34 +48,42 @@ def test_missing_config_file_and_invalid_yaml(tmp_path):
         load_config(broken)
 
 
+def _clean_plan(config, storage):
+    (plan,) = CLEAN.plan(config, storage, {})
+    return plan
+
+
 def test_fingerprint_stable_and_sensitive(tmp_path, small_corpus):
     storage = Storage()
     config_path = write_config(tmp_path / "c.yaml", str(tmp_path / "out"), [str(small_corpus)])
     config = load_config(config_path)
-    plan = plan_clean(config.clean, storage, config.storage.root)
+    plan = _clean_plan(config, storage)
     ref = plan.ref
-    assert plan_clean(load_config(config_path).clean, storage, config.storage.root).ref == ref
-    assert len(plan.shards) == 7
+    assert ref.root == config.storage.root and ref.stage == "clean"
+    assert _clean_plan(load_config(config_path), storage).ref == ref
+    assert len(plan.work.shards) == 7
 
     changed = load_config(config_path, {"clean": {"language": {"min_confidence": 0.9}}})
-    assert plan_clean(changed.clean, storage, config.storage.root).ref.fingerprint != ref.fingerprint
+    assert _clean_plan(changed, storage).ref.fingerprint != ref.fingerprint
 
     executor_only = load_config(config_path, {"clean": {"executor": {"kind": "beam"}}})
-    assert plan_clean(executor_only.clean, storage, config.storage.root).ref.fingerprint == ref.fingerprint
+    assert _clean_plan(executor_only, storage).ref.fingerprint == ref.fingerprint
 
     copy = tmp_path / "corpus-copy"
     subprocess.run(["cp", "-r", str(small_corpus), str(copy)], check=True)
     moved = load_config(config_path, {"clean": {"inputs": [str(copy)]}})
-    base_fp = plan_clean(moved.clean, storage, config.storage.root).ref.fingerprint
+    base_fp = _clean_plan(moved, storage).ref.fingerprint
     with open(copy / "c4" / "part0.jsonl", "a", encoding="utf-8") as handle:
         handle.write('{"text": "one more line of input"}\n')
-    assert plan_clean(moved.clean, storage, config.storage.root).ref.fingerprint != base_fp
+    assert _clean_plan(moved, storage).ref.fingerprint != base_fp
 
 
 def test_missing_input_fails_before_work(tmp_path):
     config = load_config(write_config(tmp_path / "c.yaml", str(tmp_path / "out"), [str(tmp_path / "absent")]))
     with pytest.raises(InputError, match="absent"):
-        plan_clean(config.clean, Storage(), config.storage.root)
+        CLEAN.check(config, Storage())
+    with pytest.raises(InputError, match="absent"):
+        CLEAN.plan(config, Storage(), {})
     assert not (tmp_path / "out").exists()
 
 

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, SMALL_EVALUATE, SMALL_TRAIN, write_config
-from skymoe.evaluation.stage import EvaluateError, check_inputs, plan_evaluate, run_evaluate
-from skymoe.pipelines.clean.stage import run_clean
-from skymoe.pipelines.tokenize.stage import run_tokenize
+from conftest import CORPUS, SMALL_EVALUATE, SMALL_TRAIN, run_stage, write_config
 from skymoe.config import ConfigError, load_config
+from skymoe.evaluation.stage import STAGE as EVALUATE
+from skymoe.evaluation.stage import EvaluateError, check_inputs
+from skymoe.stage import run_plan
 from skymoe.storage import Storage
-from skymoe.training.stage import run_train
 
 TRAIN = {**SMALL_TRAIN, "dense": {"steps": 6, "warmup_steps": 1},
          "upcycled": {"steps": 9, "lr": 2e-3, "warmup_steps": 1}, "checkpoint_every": 3, "eval_every": 100}
@@ -36,20 +35,32 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval-root")
     config = config_for(root)
     storage = Storage.from_config(config.storage)
-    clean = run_clean(config.clean, storage, str(root))
-    tokens = run_tokenize(config.tokenize, storage, str(root), clean.ref)
-    return root, run_train(config, storage, str(root), tokens.ref).ref
+    (clean,) = run_stage("clean", config, storage)
+    (tokens,) = run_stage("tokenize", config, storage, {"clean": clean.ref})
+    (train,) = run_stage("train", config, storage, {"tokenize": tokens.ref})
+    return root, train.ref
+
+
+def plan_evaluate(config, storage: Storage, train_ref):
+    """One plan per evaluated model: the export first, then the evaluated checkpoints."""
+    return EVALUATE.plan(config, storage, {"train": train_ref})
 
 
 def test_final_model_and_checkpoints_are_evaluated_and_cached(trained):
     root, train_ref = trained
     config = config_for(root)
     storage = Storage.from_config(config.storage)
-    targets = plan_evaluate(config, storage, str(root), train_ref)
+    plans = plan_evaluate(config, storage, train_ref)
+    targets = [plan.work for plan in plans]
     assert [t.label for t in targets] == ["final", "step-0000003", "step-0000006"]  # step 9 is the final model
+    assert [p.label for p in plans] == ["evaluate-final", "evaluate-step-0000003", "evaluate-step-0000006"]
     assert targets[1].tokens < targets[2].tokens < targets[0].tokens
-    results = [run_evaluate(config, storage, target) for target in targets]
+    assert len({p.ref for p in plans}) == 3 and all(p.ref.root == str(root) for p in plans)
+    results = [run_plan(EVALUATE, plan, storage) for plan in plans]
+    assert [r.label for r in results] == [r.manifest.label for r in results] == [p.label for p in plans]
+    assert all(r.manifest.upstream == {"train": train_ref.uri} for r in results)
     final = results[0].manifest
+    assert results[0].summary()["scores"] == final.extra["table"]  # what the run summary shows
     assert set(final.extra["scores"]) == {"mmlu", "hellaswag", "gsm8k"}
     for row in final.extra["table"]:
         assert 0 <= row["score"] <= 100 and row["chance"] is not None
@@ -71,7 +82,8 @@ def test_final_model_and_checkpoints_are_evaluated_and_cached(trained):
         return [json.loads(row)["filtered_resps"] for row in rows]
     assert hellaswag_scores(results[0]) != hellaswag_scores(results[1]) != hellaswag_scores(results[2])
     # A second call is a cache hit for every model.
-    assert all(run_evaluate(config, storage, target).cached for target in targets)
+    assert all(run_plan(EVALUATE, plan, storage).cached for plan in plans)
+    assert [p.ref for p in plan_evaluate(config, storage, train_ref)] == [p.ref for p in plans]
 
 
 def test_hf_model_class_gives_the_same_multiple_choice_scores(trained):
@@ -82,8 +94,8 @@ def test_hf_model_class_gives_the_same_multiple_choice_scores(trained):
     for model in ("skymoe", "hf"):
         config = config_for(root, model=model, suites=suites, checkpoint_every=None)
         storage = Storage.from_config(config.storage)
-        (target,) = plan_evaluate(config, storage, str(root), train_ref)
-        scores[model] = run_evaluate(config, storage, target).manifest.extra["scores"]
+        (plan,) = plan_evaluate(config, storage, train_ref)
+        scores[model] = run_plan(EVALUATE, plan, storage).manifest.extra["scores"]
     assert scores["skymoe"] == scores["hf"]
 
 
@@ -91,19 +103,21 @@ def test_bad_inputs_fail_clearly(trained, tmp_path):
     root, train_ref = trained
     storage = Storage.from_config(config_for(root).storage)
     with pytest.raises(EvaluateError, match="evaluate.data_dir: no gsm8k files at .*nowhere"):
-        plan_evaluate(config_for(root, data_dir=str(tmp_path / "nowhere")), storage, str(root), train_ref)
+        plan_evaluate(config_for(root, data_dir=str(tmp_path / "nowhere")), storage, train_ref)
     with pytest.raises(ConfigError, match="evaluate.suites.*unknown suites \\['arc'\\]"):
         config_for(root, suites={"arc": {}})
     with pytest.raises(ConfigError, match="run_code"):
         config_for(root, suites={"humaneval": {}})
     missing = type(train_ref)(str(tmp_path), "train", "nothing")
     with pytest.raises(EvaluateError, match="manifest.json missing"):
-        plan_evaluate(config_for(root), storage, str(root), missing)
+        plan_evaluate(config_for(root), storage, missing)
     with pytest.raises(EvaluateError, match="math: num_fewshot 9"):
         check_inputs(config_for(root, suites={"math": {"num_fewshot": 9}}))
     # A checkpoint whose weights are gone is named in the error (this runs last: it breaks the fixture).
     config = config_for(root, suites={"mmlu": {"limit": 1}})
-    target = plan_evaluate(config, storage, str(root), train_ref)[1]
+    plan = plan_evaluate(config, storage, train_ref)[1]
+    target = plan.work
     shutil.rmtree(target.weights_uri)
     with pytest.raises(ValueError, match=target.weights_uri):
-        run_evaluate(config, storage, target)
+        run_plan(EVALUATE, plan, storage)
+    assert not Path(plan.ref.uri, "manifest.json").exists()

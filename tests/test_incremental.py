@@ -11,16 +11,20 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import yaml
 
 from conftest import CORPUS, REPO, write_config
 from skymoe.training.data import TokenReader
 from skymoe.storage import Storage
 
-_RUN = "import json, sys; from skymoe.flows.incremental import incremental_flow; print('RESULT ' + json.dumps(incremental_flow(config_path=sys.argv[1])))"
+_RUN = ("import json, sys; from skymoe.flows.incremental import incremental_flow; "
+        "print('RESULT ' + json.dumps(incremental_flow(root=sys.argv[2], config_path=sys.argv[1])))")
 
 
 def _incremental(config: Path, env: dict) -> dict:
-    done = subprocess.run([sys.executable, "-c", _RUN, str(config)], capture_output=True, text=True, env=env,
+    """One run of the flow, with the config's own storage root (the flow requires a root)."""
+    root = yaml.safe_load(config.read_text(encoding="utf-8"))["storage"]["root"]
+    done = subprocess.run([sys.executable, "-c", _RUN, str(config), root], capture_output=True, text=True, env=env,
                           timeout=900, cwd=REPO)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
@@ -81,10 +85,18 @@ def test_new_files_are_cleaned_against_history_appended_and_trained_on(tmp_path,
     old_reader = TokenReader(Storage(), str(old_tokens), "train")
     assert reader.num_sequences > old_reader.num_sequences
     assert reader.sequence(0).tolist() == old_reader.sequence(0).tolist()
+    tokens_manifest = json.loads(Path(new_tokens, "manifest.json").read_text())
+    assert tokens_manifest["inputs"] == {"clean": second["outputs"]["clean"], "base": first["outputs"]["tokenize"]}
+    clean_manifest = json.loads((clean_dir / "manifest.json").read_text())
+    assert clean_manifest["inputs"][f"prior:{first_clean}"] == first["outputs"]["clean"]
+    assert [item["uri"] for item in clean_manifest["extra"]["input_files"]] == [str(landing / "web" / "c4-3.jsonl")]
 
     # Training continued from the first generation's exported model.
     train = json.loads((tmp_path / "out" / "train" / second["outputs"]["train"] / "manifest.json").read_text())
     assert list(train["extra"]["runs"]) == ["continued"]
+    assert train["inputs"]["previous"] == first["outputs"]["train"]
+    assert train["upstream"] == {"tokenize": new_tokens, "previous": str(tmp_path / "out" / "train" /
+                                                                         first["outputs"]["train"])}
     assert train["extra"]["runs"]["continued"]["steps"] == counts["training_steps_added"]
 
     ledger = json.loads(Path(second["series"]).read_text())

@@ -8,9 +8,8 @@ import sys
 
 import pytest
 
-from conftest import upload_folder, write_config
+from conftest import run_stage, upload_folder, write_config
 from skymoe.pipelines.clean.readers import InputError
-from skymoe.pipelines.clean.stage import run_clean
 from skymoe.catalog import list_stage_outputs
 from skymoe.config import load_config
 from skymoe.storage import Storage, StorageError
@@ -23,7 +22,7 @@ def test_clean_reads_and_writes_s3(tmp_path, small_corpus, bucket):
                                executor={"kind": "datatrove", "workers": 2})  # done-records come from other processes
     config = load_config(config_path)
     storage = Storage.from_config(config.storage)
-    result = run_clean(config.clean, storage, config.storage.root)
+    (result,) = run_stage("clean", config, storage)
 
     assert result.ref.uri == f"s3://{name}/runs/clean/{result.ref.fingerprint}"
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=name, Prefix="runs/")["Contents"]}
@@ -34,7 +33,7 @@ def test_clean_reads_and_writes_s3(tmp_path, small_corpus, bucket):
     assert "testing" not in manifest_text  # the access key never reaches an artifact
     assert all(e["checksum"].startswith("etag:") for e in json.loads(manifest_text)["shards"])
 
-    again = run_clean(config.clean, storage, config.storage.root)
+    (again,) = run_stage("clean", config, storage)
     assert again.cached
 
     # Resume on S3: drop the manifest and half of the last phase's done-records, as a crash would.
@@ -44,7 +43,7 @@ def test_clean_reads_and_writes_s3(tmp_path, small_corpus, bucket):
     done = sorted(k for k in keys if k.startswith(prefix + "_done/apply/"))
     for key in done[: len(done) // 2]:
         client.delete_object(Bucket=name, Key=key)
-    resumed = run_clean(config.clean, storage, config.storage.root)
+    (resumed,) = run_stage("clean", config, storage)
     assert not resumed.cached and resumed.manifest.counts == result.manifest.counts
     assert data_before == {key: client.get_object(Bucket=name, Key=key)["Body"].read() for key in data_before}
 
@@ -62,7 +61,7 @@ def test_missing_bucket_fails_before_work(tmp_path, small_corpus, s3_server):
     config = load_config(write_config(tmp_path / "c.yaml", "s3://no-such-bucket/x", [str(small_corpus)]))
     storage = Storage.from_config(config.storage)
     with pytest.raises(StorageError, match="no-such-bucket"):
-        run_clean(config.clean, storage, config.storage.root)
+        run_stage("clean", config, storage)
     missing_input = load_config(write_config(tmp_path / "d.yaml", str(tmp_path / "out"), ["s3://no-such-bucket/raw/"]))
     with pytest.raises(InputError, match="no-such-bucket"):
-        run_clean(missing_input.clean, storage, missing_input.storage.root)
+        run_stage("clean", missing_input, storage)

@@ -13,8 +13,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-from conftest import REPO, SMALL_TRAIN, upload_folder, write_config
-from skymoe.pipelines.clean.stage import run_clean
+from conftest import REPO, SMALL_TRAIN, run_stage, upload_folder, write_config
 from skymoe.config import load_config
 from skymoe.storage import Storage
 
@@ -52,16 +51,25 @@ def test_whole_pipeline_on_s3_with_presigned_links(tmp_path, small_corpus, bucke
                           train={**SMALL_TRAIN, "dense": short, "upcycled": short, "eval_every": 10},
                           evaluate={"suites": {"hellaswag": {"limit": 20}}, "max_gen_tokens": 16})
     env = dict(os.environ)
-    run = subprocess.run([sys.executable, "-m", "skymoe.flows.cli", "run", "--config", str(config)], capture_output=True,
-                         text=True, env=env, timeout=900, cwd=REPO)
+    run = subprocess.run([sys.executable, "-m", "skymoe.flows.cli", "run", "--config", str(config), "--json"],
+                         capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
     assert run.returncode == 0, run.stderr[-4000:]
-    stages = json.loads(run.stdout[run.stdout.index("{"):])["stages"]
+    summary = json.loads(run.stdout)
+    assert summary["root"] == root
+    results = summary["results"]
+    # The export and every checkpoint the evaluate config asks for (SMALL_EVALUATE: every one; the
+    # exported run saves at step 10, its last: the export itself).
+    assert [(r["stage"], r["label"]) for r in results] == [
+        ("clean", "clean"), ("tokenize", "tokenize"), ("train", "train"), ("evaluate", "evaluate-final")]
 
     keys = _keys(client, name, "skymoe/")
-    for stage in ("clean", "tokenize", "train", "evaluate"):
-        assert stages[stage]["uri"].startswith(f"{root}/{stage}/")
-        assert stages[stage]["uri"][len(f"s3://{name}/"):] + "/manifest.json" in keys
+    for result in results:
+        stage = result["stage"]
+        assert result["uri"] == f"{root}/{stage}/{result['fingerprint']}" and not result["cached"]
+        assert result["uri"][len(f"s3://{name}/"):] + "/manifest.json" in keys
     assert any(key.startswith("skymoe/train/") and key.endswith("/hf/config.json") for key in keys)
+    assert summary["export"] == f"{results[2]['uri']}/hf"
+    assert results[2]["export"][len(f"s3://{name}/"):] + "/config.json" in keys
 
     shown = subprocess.run([sys.executable, "-m", "skymoe.flows.cli", "show", "--root", root, "--json"],
                            capture_output=True, text=True, env=env, check=True, cwd=REPO)
@@ -154,14 +162,14 @@ def test_transient_store_errors_are_retried_and_leave_no_partial_output(tmp_path
         config = load_config(write_config(tmp_path / "c.yaml", f"s3://{name}/flaky", [f"s3://{name}/flaky-in"]),
                              {"storage": {"s3": {"endpoint_url": endpoint}}})
         storage = Storage.from_config(config.storage)
-        result = run_clean(config.clean, storage, config.storage.root)
+        (result,) = run_stage("clean", config, storage)
     finally:
         proxy.shutdown()
         proxy.server_close()
     assert proxy.failed > 3 and proxy.dropped > 1  # the faults did happen
 
     direct = load_config(write_config(tmp_path / "d.yaml", f"s3://{name}/direct", [f"s3://{name}/flaky-in"]))
-    reference = run_clean(direct.clean, Storage.from_config(direct.storage), direct.storage.root)
+    (reference,) = run_stage("clean", direct, Storage.from_config(direct.storage))
     assert result.ref.fingerprint == reference.ref.fingerprint
     assert result.manifest.counts == reference.manifest.counts
     # Every object the manifest lists is whole: its stored checksum matches, and so do its bytes.

@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import kill_after_done_records, write_config
-from skymoe.pipelines.clean.stage import run_clean
-from skymoe.pipelines.tokenize.stage import TokenizeError, is_validation, plan_tokenize, run_tokenize
+from conftest import kill_after_done_records, run_stage, with_root, write_config
+from skymoe.pipelines.tokenize.stage import STAGE as TOKENIZE_STAGE
+from skymoe.pipelines.tokenize.stage import TokenizeError, is_validation
 from skymoe.pipelines.tokenize.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from skymoe.config import load_config
 from skymoe.stage import StageRef
@@ -25,12 +25,24 @@ def cleaned(tmp_path_factory, small_corpus):
     tmp = tmp_path_factory.mktemp("tokenize")
     config_path = write_config(tmp / "c.yaml", str(tmp / "out"), [str(small_corpus)])
     config = load_config(config_path, {"tokenize": TOKENIZE})
-    return config, run_clean(config.clean, Storage(), config.storage.root).ref
+    (clean,) = run_stage("clean", config, Storage())
+    return config, clean.ref
+
+
+def _with_tokenize(config, root: str | None = None, **overrides):
+    """The whole config with its tokenize section changed (and its root, when given)."""
+    config = config.model_copy(update={"tokenize": config.tokenize.model_copy(update=overrides)})
+    return with_root(config, root) if root else config
+
+
+def _plan(config, clean_ref: StageRef, root: str | None = None, **overrides):
+    (plan,) = TOKENIZE_STAGE.plan(_with_tokenize(config, root, **overrides), Storage(), {"clean": clean_ref})
+    return plan
 
 
 def _tokenize(config, clean_ref: StageRef, root: str | None = None, **overrides):
-    settings = config.tokenize.model_copy(update=overrides)
-    return run_tokenize(settings, Storage(), root or config.storage.root, clean_ref)
+    (result,) = run_stage("tokenize", _with_tokenize(config, root, **overrides), Storage(), {"clean": clean_ref})
+    return result
 
 
 def _arrow_rows(path: Path) -> list[dict]:
@@ -64,6 +76,7 @@ def test_rows_splits_and_mixture(cleaned):
     assert counts["validation_sequences"] > 0 and counts["train_sequences"] > counts["validation_sequences"]
     assert {e["split"] for e in manifest.extra["index"]} == {"train", "validation"}
     assert manifest.extra["token_dtype"] == "uint16"
+    assert manifest.upstream == {"clean": clean_ref.uri} and manifest.inputs == {"clean": clean_ref.fingerprint}
 
     # Mixture: en is upsampled toward 70% of training tokens, zh subsampled, repeats capped at 5.
     mixture = manifest.extra["mixture"]
@@ -111,18 +124,17 @@ def test_rerun_is_cached_and_resume_is_byte_identical(cleaned, tmp_path):
 
 def test_config_change_moves_the_output(cleaned):
     config, clean_ref = cleaned
-    base = plan_tokenize(config.tokenize, Storage(), config.storage.root, clean_ref).ref
-    other = config.tokenize.model_copy(update={"seq_len": 32})
-    assert plan_tokenize(other, Storage(), config.storage.root, clean_ref).ref != base
+    base = _plan(config, clean_ref).ref
+    assert _plan(config, clean_ref, seq_len=32).ref != base
+    assert _plan(config, clean_ref, encode_batch=1).ref == base  # batching changes no bytes
 
 
 def test_given_tokenizer_is_used(cleaned, tmp_path):
     config, clean_ref = cleaned
     given = train_tokenizer(["a small given tokenizer", "with its own vocabulary 123"] * 50, 300)
     save_tokenizer(given, Storage(), str(tmp_path / "given"))
-    settings = config.tokenize.model_copy(
-        update={"tokenizer": config.tokenize.tokenizer.model_copy(update={"path": str(tmp_path / "given")})})
-    result = run_tokenize(settings, Storage(), str(tmp_path / "out"), clean_ref)
+    result = _tokenize(config, clean_ref, str(tmp_path / "out"),
+                       tokenizer=config.tokenize.tokenizer.model_copy(update={"path": str(tmp_path / "given")}))
     assert result.manifest.extra["vocab_size"] == given.get_vocab_size()
     assert (Path(result.ref.uri) / "tokenizer" / "tokenizer.json").read_text() == given.to_str()
 
@@ -132,7 +144,7 @@ def test_corpus_smaller_than_one_sequence_and_missing_clean_output(cleaned, tmp_
     with pytest.raises(TokenizeError, match="smaller than one training sequence"):
         _tokenize(config, clean_ref, str(tmp_path / "tiny"), seq_len=10_000_000)
     with pytest.raises(TokenizeError, match="no complete cleaning output"):
-        plan_tokenize(config.tokenize, Storage(), str(tmp_path), StageRef(str(tmp_path), "clean", "0" * 16))
+        _plan(config, StageRef(str(tmp_path), "clean", "0" * 16), str(tmp_path))
 
 
 def test_training_reader_and_datasets_read_the_stage_output(cleaned, tmp_path, monkeypatch):
@@ -164,10 +176,12 @@ def test_id_type_too_small_for_the_vocabulary_fails_before_work(cleaned, tmp_pat
     from skymoe.pipelines.tokenize.tokenizer import TokenizerError
 
     config, clean_ref = cleaned
-    settings = config.tokenize.model_copy(update={
-        "token_dtype": "uint16", "tokenizer": config.tokenize.tokenizer.model_copy(update={"vocab_size": 100_000})})
+    narrow = _with_tokenize(config, str(tmp_path), token_dtype="uint16",
+                            tokenizer=config.tokenize.tokenizer.model_copy(update={"vocab_size": 100_000}))
     with pytest.raises(TokenizerError, match="use uint32"):
-        plan_tokenize(settings, Storage(), str(tmp_path), clean_ref)
+        TOKENIZE_STAGE.check(narrow, Storage())
+    with pytest.raises(TokenizerError, match="use uint32"):
+        TOKENIZE_STAGE.plan(narrow, Storage(), {"clean": clean_ref})
     assert not (tmp_path / "tokenize").exists()
 
 
@@ -189,14 +203,15 @@ def test_kill_9_mid_encode_resumes_byte_identical(cleaned, tmp_path):
         "from skymoe.config import load_config\n"
         "from skymoe.stage import StageRef\n"
         "from skymoe.storage import Storage\n"
-        "from skymoe.pipelines.tokenize.stage import run_tokenize\n"
-        "config = load_config(Path(%r), {'tokenize': %r})\n"
-        "settings = config.tokenize.model_copy(update={'encode_batch': 1})\n"
-        "run_tokenize(settings, Storage(), %r, StageRef(%r, 'clean', %r))\n"
+        "from skymoe.pipelines.tokenize.stage import STAGE\n"
+        "from skymoe.stage import run_plan\n"
+        "config = load_config(Path(%r), {'tokenize': {**%r, 'encode_batch': 1}, 'storage': {'root': %r}})\n"
+        "(plan,) = STAGE.plan(config, Storage(), {'clean': StageRef(%r, 'clean', %r)})\n"
+        "run_plan(STAGE, plan, Storage())\n"
     ) % (str(Path(__file__).parent), str(Path(clean_ref.root).parent / "c.yaml"), TOKENIZE, str(root),
          clean_ref.root, clean_ref.fingerprint)
     finished = kill_after_done_records(code, root / "tokenize" / reference.ref.fingerprint / "_done" / "encode")
-    units = plan_tokenize(config.tokenize, Storage(), str(root), clean_ref).units
+    units = _plan(config, clean_ref, str(root)).work.units
     assert 2 <= len(finished) < len(units)
     resumed = _tokenize(config, clean_ref, str(root))
     assert not resumed.cached

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from skymoe.pipelines.clean.stage import run_clean
-from skymoe.pipelines.tokenize.stage import run_tokenize
-from conftest import SMALL_TRAIN
+from conftest import SMALL_TRAIN, run_stage, with_root
 from skymoe.config import load_config
+from skymoe.stage import StageRef
 from skymoe.storage import Storage
-from skymoe.training.stage import TrainError, plan_train, run_train
+from skymoe.training.stage import STAGE as TRAIN_STAGE
+from skymoe.training.stage import TrainError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,9 +36,20 @@ def demo_tokens(tmp_path_factory):
     root = tmp_path_factory.mktemp("train-root")
     config = config_for(root)
     storage = Storage.from_config(config.storage)
-    clean = run_clean(config.clean, storage, str(root))
-    tokens = run_tokenize(config.tokenize, storage, str(root), clean.ref)
+    (clean,) = run_stage("clean", config, storage)
+    (tokens,) = run_stage("tokenize", config, storage, {"clean": clean.ref})
     return root, tokens.ref
+
+
+def run_train(config, storage: Storage, tokens_ref: StageRef):
+    """The train stage's one output for ``config`` (its root is the config's) on ``tokens_ref``."""
+    (result,) = run_stage("train", config, storage, {"tokenize": tokens_ref})
+    return result
+
+
+def plan_train(config, storage: Storage, tokens_ref: StageRef):
+    (plan,) = TRAIN_STAGE.plan(config, storage, {"tokenize": tokens_ref})
+    return plan
 
 
 def metrics(uri: str) -> list[dict]:
@@ -49,8 +60,11 @@ def test_expert_parallel_training_lowers_loss_and_exports(demo_tokens):
     root, tokens_ref = demo_tokens
     config = config_for(root)
     storage = Storage.from_config(config.storage)
-    result = run_train(config, storage, str(root), tokens_ref)
+    result = run_train(config, storage, tokens_ref)
     assert not result.cached
+    assert result.ref.root == str(root) and result.manifest.upstream == {"tokenize": tokens_ref.uri}
+    assert result.manifest.inputs == {"tokenize": tokens_ref.fingerprint}
+    assert result.summary()["export"] == f"{result.ref.uri}/hf"  # what the run summary shows
     # Dense from random weights falls fast; the upcycled MoE continues from the dense loss and falls further.
     for name, margin in (("dense", 0.3), ("upcycled", 0.05)):
         rows = [row for row in metrics(f"{result.ref.uri}/runs/{name}") if "loss" in row]
@@ -78,7 +92,7 @@ def test_expert_parallel_training_lowers_loss_and_exports(demo_tokens):
     for plot in result.manifest.extra["plots"]:
         assert Path(result.ref.uri, plot).stat().st_size > 1000
     assert Path(result.ref.uri, "hf", "config.json").exists()
-    assert run_train(config, storage, str(root), tokens_ref).cached
+    assert run_train(config, storage, tokens_ref).cached
 
 
 def test_alpha_follows_the_adaptive_rule(demo_tokens):
@@ -86,7 +100,7 @@ def test_alpha_follows_the_adaptive_rule(demo_tokens):
     root, tokens_ref = demo_tokens
     aux = {"mode": "adaptive", "alpha": 0.0, "xi": 0.2, "alpha_max": 0.05, "beta": 0.9}
     config = config_for(root, aux_loss=aux, upcycled={"steps": 8, "lr": 2e-3, "warmup_steps": 1})
-    result = run_train(config, Storage.from_config(config.storage), str(root), tokens_ref)
+    result = run_train(config, Storage.from_config(config.storage), tokens_ref)
     steps = [row for row in metrics(f"{result.ref.uri}/runs/upcycled") if "loss" in row]
     for before, after in zip(steps, steps[1:]):
         for layer, alpha in enumerate(after["alpha"]):
@@ -101,17 +115,18 @@ def _run_in_subprocess(root: Path, train: dict) -> subprocess.Popen:
         f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
         "from test_train_stage import config_for, resume_tokens\n"
         "from skymoe.storage import Storage\n"
-        "from skymoe.training.stage import run_train\n"
+        "from skymoe.stage import run_plan\n"
+        "from skymoe.training.stage import STAGE\n"
         f"config = config_for({str(root)!r}, **json.loads({json.dumps(json.dumps(train))}))\n"
-        "run_train(config, Storage.from_config(config.storage), config.storage.root, resume_tokens(config))\n"
+        "storage = Storage.from_config(config.storage)\n"
+        "(plan,) = STAGE.plan(config, storage, {'tokenize': resume_tokens(config)})\n"
+        "run_plan(STAGE, plan, storage)\n"
     )
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
 
 
 def resume_tokens(config):
-    from skymoe.stage import StageRef
-
     folder = next(Path(config.storage.root, "tokenize").iterdir())
     return StageRef(config.storage.root, "tokenize", folder.name)
 
@@ -124,7 +139,7 @@ def test_kill_mid_training_resumes_with_identical_losses(demo_tokens):
              "checkpoint_every": 8, "eval_every": 100, "seed": 7}
     config = config_for(root, **train)
     storage = Storage.from_config(config.storage)
-    plan = plan_train(config, storage, str(root), tokens_ref)
+    plan = plan_train(config, storage, tokens_ref)
     run_uri = Path(plan.ref.uri, "runs", "upcycled")
 
     proc = _run_in_subprocess(root, train)
@@ -135,14 +150,14 @@ def test_kill_mid_training_resumes_with_identical_losses(demo_tokens):
     assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    resumed = run_train(config, storage, str(root), tokens_ref)
+    resumed = run_train(config, storage, tokens_ref)
     resumed_losses = [row["loss"] for row in metrics(str(run_uri)) if "loss" in row]
 
     fresh_root = root / "uninterrupted"
     fresh_config = config_for(fresh_root, **train)
     (fresh_root / "tokenize").mkdir(parents=True)
     os.symlink(tokens_ref.uri, fresh_root / "tokenize" / tokens_ref.fingerprint)
-    fresh = run_train(fresh_config, storage, str(fresh_root), resume_tokens(fresh_config))
+    fresh = run_train(fresh_config, storage, resume_tokens(fresh_config))
     fresh_losses = [row["loss"] for row in metrics(f"{fresh.ref.uri}/runs/upcycled") if "loss" in row]
     assert len(resumed_losses) == len(fresh_losses) == 20
     assert resumed_losses == fresh_losses
@@ -153,12 +168,14 @@ def test_bad_config_fails_before_training(demo_tokens, tmp_path):
     root, tokens_ref = demo_tokens
     storage = Storage.from_config(config_for(root).storage)
     with pytest.raises(TrainError, match="train.dense_source"):
-        plan_train(config_for(root, dense_source=str(tmp_path / "nowhere")), storage, str(root), tokens_ref)
+        TRAIN_STAGE.check(config_for(root, dense_source=str(tmp_path / "nowhere")), storage)
+    with pytest.raises(TrainError, match="train.dense_source"):
+        plan_train(config_for(root, dense_source=str(tmp_path / "nowhere")), storage, tokens_ref)
     with pytest.raises(TrainError, match="vocab_size"):
-        plan_train(config_for(root, model={**TRAIN["model"], "vocab_size": 300}), storage, str(root), tokens_ref)
+        plan_train(config_for(root, model={**TRAIN["model"], "vocab_size": 300}), storage, tokens_ref)
     missing = type(tokens_ref)(str(tmp_path), "tokenize", "nothing")
     with pytest.raises(TrainError, match="manifest.json missing"):
-        plan_train(config_for(root), storage, str(root), missing)
+        plan_train(config_for(root), storage, missing)
 
 
 def test_checkpoints_on_s3_and_resume_from_them(demo_tokens, s3_server, tmp_path):
@@ -171,9 +188,10 @@ def test_checkpoints_on_s3_and_resume_from_them(demo_tokens, s3_server, tmp_path
     root = "s3://train/out"
     config = config_for(tmp_path, dense={"steps": 3, "warmup_steps": 1},
                         upcycled={"steps": 6, "lr": 2e-3, "warmup_steps": 1}, checkpoint_every=3, eval_every=100)
-    config = config.model_copy(update={"storage": config.storage.model_copy(update={"root": root})})
+    config = with_root(config, root)
     storage = Storage.from_config(config.storage)
-    first = run_train(config, storage, root, tokens_ref)
+    first = run_train(config, storage, tokens_ref)
+    assert first.ref.uri.startswith(f"{root}/train/")
     run = f"{first.ref.uri}/runs/upcycled"
     listed = {uri.rsplit("/", 1)[1] for uri in storage.listdir(f"{run}/checkpoints/step-0000003")}
     assert {"COMPLETE", "mp_rank_00_model_states.pt", "rng-rank0.pt", "rng-rank1.pt", "weights"} <= listed
@@ -187,7 +205,7 @@ def test_checkpoints_on_s3_and_resume_from_them(demo_tokens, s3_server, tmp_path
     for uri in (f"{first.ref.uri}/manifest.json", f"{first.ref.uri}/_done/runs/upcycled.json",
                 f"{run}/checkpoints/step-0000006/COMPLETE"):
         fs.rm(uri)
-    second = run_train(config, storage, root, tokens_ref)
+    second = run_train(config, storage, tokens_ref)
     assert not second.cached
     resumed = [json.loads(line)["loss"] for line in storage.read_text(f"{run}/metrics.jsonl").splitlines()
                if "loss" in json.loads(line)]
@@ -207,7 +225,7 @@ def test_dense_source_imports_a_llama_checkpoint(demo_tokens, tmp_path):
     llama.save_pretrained(tmp_path / "llama")
     config = config_for(root, dense_source=str(tmp_path / "llama"), dense={"steps": 0},
                         upcycled={"steps": 4, "lr": 1e-3, "warmup_steps": 1}, eval_every=100)
-    result = run_train(config, Storage.from_config(config.storage), str(root), tokens_ref)
+    result = run_train(config, Storage.from_config(config.storage), tokens_ref)
     dense = load_file(Path(result.ref.uri, "runs", "dense", "final", "weights", "shared.safetensors"))
     for name, tensor in llama.state_dict().items():
         assert torch.equal(dense[name.removeprefix("model.")], tensor), name
