@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--input", action="append", dest="inputs", metavar="URI",
                      help="input file, folder or glob (repeatable; overrides clean.inputs)")
     run.add_argument("--until", choices=STAGES, default=STAGES[-1], help="last stage to run")
-    run.add_argument("--executor", choices=("datatrove", "beam"), help="cleaning executor (overrides the config)")
+    run.add_argument("--executor", choices=("datatrove", "beam", "ray"),
+                     help="cleaning executor (overrides the config)")
     _add_set_and_json(run)
 
     ablate = commands.add_parser("ablate", help="reproduce one of the report's ablations at small scale (Prefect flow)")

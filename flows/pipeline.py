@@ -49,7 +49,7 @@ def execute_as_task(stage: Stage, plan: Plan, storage: Storage) -> StageResult:
 
 @flow(name="skymoe-pipeline", log_prints=True)
 def pipeline_flow(config_path: str | None = None, root: str | None = None, inputs: list[str] | None = None,
-                  until: StageName = "evaluate", executor: Literal["config", "datatrove", "beam"] = "config",
+                  until: StageName = "evaluate", executor: Literal["config", "datatrove", "beam", "ray"] = "config",
                   from_stage: StageName = "clean", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the stages from_stage .. until; a stage whose output exists is reused.
 

@@ -48,14 +48,19 @@ class StorageConfig(_Strict):
 
 # ------------------------------------------------------------------------------------------- clean
 class ExecutorConfig(_Strict):
-    kind: Literal["datatrove", "beam"] = "datatrove"
-    workers: int = Field(1, ge=1, description="parallel shard workers (datatrove processes)")
+    kind: Literal["datatrove", "beam", "ray"] = "datatrove"
+    workers: int = Field(1, ge=1, description="most shard tasks at once (datatrove processes, Ray tasks in flight)")
     min_shards_per_worker: int = Field(
         2, ge=1, description="a worker process takes seconds to start (imports, language models): fewer pending "
                              "shards per worker than this and a phase runs in fewer workers, or in this process")
     beam_options: list[str] = Field(
         default_factory=list,
         description="Beam pipeline options passed through, e.g. --runner=FlinkRunner",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="kind ray: the cluster to join (host:port of its GCS, as `ray start --head` prints); "
+                    "null = the RAY_ADDRESS environment variable, or else a local Ray started for each phase",
     )
 
 

@@ -80,7 +80,7 @@ class CleanStage(Stage):
 
     name = "clean"
     section = "clean"
-    # The executor module is left out on purpose: datatrove and Beam write the same bytes.
+    # The executor module is left out on purpose: datatrove, Beam and Ray write the same bytes.
     code = tuple(f"skymoe.pipelines.clean.{module}" for module in (
         "stage", "classifier", "dedup", "extract", "heuristics", "history", "langid", "readers", "steps", "text"))
     libraries = ("datatrove", "trafilatura", "lingua-language-detector", "scikit-learn", "warcio", "pyarrow")
