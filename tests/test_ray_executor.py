@@ -27,7 +27,7 @@ from ray._private import ray_constants  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from conftest import free_port, run_stage, write_config  # noqa: E402
-from skymoe.config import ExecutorConfig, load_config  # noqa: E402
+from skymoe.config import ConfigError, ExecutorConfig, load_config  # noqa: E402
 from skymoe.pipelines.clean.executors import map_shards  # noqa: E402
 
 NODE = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
@@ -142,10 +142,10 @@ def test_local_ray_is_started_and_shut_down(monkeypatch):
 def test_address_that_does_not_answer_fails_fast_naming_the_setting(monkeypatch):
     address = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
-    with pytest.raises(RuntimeError, match=rf"clean\.executor\.ray_address='{address}'"):
+    with pytest.raises(ConfigError, match=rf"clean\.executor\.ray_address='{address}'"):
         map_shards(ExecutorConfig(kind="ray", ray_address=address), partial(operator.truediv, 1), [1], "dead")
     monkeypatch.setenv("RAY_ADDRESS", address)
-    with pytest.raises(RuntimeError, match=rf"RAY_ADDRESS='{address}'"):
+    with pytest.raises(ConfigError, match=rf"RAY_ADDRESS='{address}'"):
         map_shards(ExecutorConfig(kind="ray"), partial(operator.truediv, 1), [1], "dead")
     assert time.monotonic() - started < 5
     assert not ray.is_initialized()

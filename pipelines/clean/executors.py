@@ -22,7 +22,7 @@ from types import ModuleType
 
 from datatrove.pipeline.base import PipelineStep
 
-from skymoe.config import ExecutorConfig
+from skymoe.config import ConfigError, ExecutorConfig
 
 ShardTask = Callable[[int], None]
 
@@ -159,7 +159,7 @@ def _check_answers(host_port: tuple[str, int], address: str, source: str) -> Non
         with socket.create_connection(host_port, timeout=RAY_CONNECT_TIMEOUT_S):
             pass
     except OSError as err:
-        raise RuntimeError(
+        raise ConfigError(
             f"no Ray cluster answers at {source}={address!r} ({err}): start one (`ray start --head`) or fix {source}"
         ) from None
 
