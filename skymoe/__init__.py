@@ -1,7 +1,10 @@
 """skymoe: a data-centric pipeline from a raw web corpus to an evaluated MoE language model.
 
-This package is the core every stage shares: configuration, storage, the stage contract
-(fingerprints, done-records, manifests) and progress reporting. It imports nothing heavy.
+This folder is the core every stage shares: configuration, storage, the stage contract (Stage,
+Plan, the runner, manifests, done-records), the declared pipeline and progress reporting; it
+imports nothing heavy. The stages and flows live in the repository's top-level folders and install
+under this namespace (``skymoe.pipelines``, ``skymoe.training``, ``skymoe.evaluation``,
+``skymoe.flows``, ``skymoe.ablations``).
 """
 
 __version__ = "0.1.0"
