@@ -38,10 +38,11 @@ def stage_task(stage: str, plan: Plan) -> dict[str, Any]:
 def execute_as_task(stage: Stage, plan: Plan, storage: Storage) -> StageResult:
     """One plan through Prefect, then its artifacts. Prefect's cache is refreshed when the output's
     manifest is gone (someone deleted the folder since the cached run)."""
-    cached = read_manifest(storage, plan.ref) is not None
+    existing = read_manifest(storage, plan.ref)
     started = time.monotonic()
-    stage_task.with_options(refresh_cache=not cached)(stage.name, plan)
-    result = StageResult(stage.name, plan.name, plan.ref, read_manifest(storage, plan.ref), cached,
+    stage_task.with_options(refresh_cache=existing is None)(stage.name, plan)
+    manifest = existing or read_manifest(storage, plan.ref)  # a cached output's manifest is read once
+    result = StageResult(stage.name, plan.name, plan.ref, manifest, existing is not None,
                          round(time.monotonic() - started, 3))
     publish(result, storage)
     return result
