@@ -10,10 +10,11 @@ from __future__ import annotations
 import glob as globlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -71,6 +72,12 @@ class Storage:
 
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode("utf-8")
+
+    def open_read(self, uri: str) -> IO[bytes]:
+        """A seekable binary file for streaming reads: large inputs are never held whole, and
+        Parquet readers fetch only the row groups they ask for (ranged requests on S3)."""
+        fs, path = self.fs(uri)
+        return self._retry(lambda: fs.open(path, "rb"))
 
     def size(self, uri: str) -> int:
         fs, path = self.fs(uri)
@@ -153,6 +160,34 @@ class Storage:
 
     def write_text(self, uri: str, text: str) -> None:
         self.write_bytes(uri, text.encode("utf-8"))
+
+    @contextmanager
+    def open_write(self, uri: str) -> Iterator[IO[bytes]]:
+        """A binary file for streaming writes that appears whole or not at all, like ``write_bytes``:
+        a local file is written under a temporary name and renamed on success; an S3 object is a
+        multipart upload that only becomes visible when completed (and is aborted on error)."""
+        fs, path = self.fs(uri)
+        if _protocol(uri):
+            handle = self._retry(lambda: fs.open(path, "wb"))
+            try:
+                yield handle
+            except BaseException:
+                handle.discard()  # abort the multipart upload: closing would publish a partial object
+                raise
+            handle.close()
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        os.replace(tmp, path)
 
     def check_writable_root(self, uri: str) -> None:
         """Fail early with a clear message when a root cannot be used (e.g. missing bucket)."""
