@@ -223,6 +223,11 @@ class RecurringTextConfig(_Strict):
 
 class DedupConfig(_Strict):
     exact: bool = True
+    partitions: int = Field(
+        16, ge=1, le=4096,
+        description="hash partitions of the global dedup phases (exact groups, MinHash buckets, line counts): "
+                    "one task each, so a task holds about 1/partitions of the corpus's keys; kept fixed across "
+                    "the generations of an incremental run (their dedup history is partitioned the same way)")
     minhash: MinHashConfig = MinHashConfig()
     recurring: RecurringTextConfig = RecurringTextConfig()
 
