@@ -10,12 +10,17 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import random
 import shutil
+import struct
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import pytest
 from datatrove.data import Document
 
+from skymoe.pipelines.clean import readers
 from skymoe.pipelines.clean.readers import InputError, ShardReader, detect_format, discover_inputs
 from skymoe.pipelines.clean.steps import ORIGINAL, REJECT
 from skymoe.config import ReaderConfig
@@ -195,6 +200,86 @@ def test_truncated_multi_member_gzip_loses_nothing(tmp_path):
     assert rejected[0].metadata[ORIGINAL] and C4_LINES[len(kept)].startswith(rejected[0].metadata[ORIGINAL])
 
 
+def _whole_file_gunzip(raw: bytes) -> tuple[bytes, bytes, str | None]:
+    """The reader's gzip decoding before it streamed (the whole file at once): the oracle that the
+    streaming decoder must match, record for record. (whole lines, partial tail, problem)"""
+    try:
+        return gzip.decompress(raw), b"", None
+    except (EOFError, zlib.error, OSError, gzip.BadGzipFile) as err:
+        parts, rest = [], raw
+        while rest:
+            decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            try:
+                parts.append(decompressor.decompress(rest))
+            except zlib.error:
+                break
+            rest = decompressor.unused_data if decompressor.eof else b""
+        data = b"".join(parts)
+        cut = data.rfind(b"\n") + 1
+        return data[:cut], data[cut:], f"truncated_gzip: {type(err).__name__}: {err}"
+
+
+def _gzip_member(data: bytes, name: bytes = b"", extra: bytes = b"", comment: bytes = b"", header_crc: bool = False) -> bytes:
+    """One gzip member with the optional header fields that gzip.compress never writes."""
+    flags = (4 if extra else 0) | (8 if name else 0) | (16 if comment else 0) | (2 if header_crc else 0)
+    header = b"\x1f\x8b\x08" + bytes([flags]) + b"\0\0\0\0\0\xff"
+    header += (struct.pack("<H", len(extra)) + extra if extra else b"") + (name + b"\0" if name else b"")
+    header += comment + b"\0" if comment else b""
+    header += struct.pack("<H", zlib.crc32(header) & 0xFFFF) if header_crc else b""
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return header + deflate.compress(data) + deflate.flush() + struct.pack("<II", zlib.crc32(data), len(data))
+
+
+def test_streamed_gzip_reads_exactly_what_whole_file_decompression_read(tmp_path):
+    """Cut anywhere (in a header, the deflate data, a trailer, between members), padded with NULs,
+    followed by garbage, with file names, comments and extra fields in the headers: every line and
+    the rejected tail and its reason are what decompressing the whole file gave."""
+    text = ("\n".join(ZHWIKI[:400]) + "\n").encode("utf-8")
+    whole = gzip.compress(text)
+    first, second = gzip.compress(text[:60_000]), gzip.compress(text[60_000:])
+    fancy = (_gzip_member(text[:50_000], name=b"n" * 1_500_000, extra=b"e" * 60_000, comment=b"c", header_crc=True)
+             + _gzip_member(text[50_000:], name=b"part-2.txt"))
+    rng = random.Random(13)
+    cases = {"whole": whole, "members": first + second, "padded": first + b"\0" * 5000 + second + b"\0" * 3,
+             "garbage": whole + b"garbage", "nul+garbage": whole + b"\0\0xy", "leading nul": b"\0" + whole,
+             "not gzip": text[:500], "one byte": whole[:1], "empty": b"", "empty member": gzip.compress(b""),
+             "fancy": fancy, "bad method": first + b"\x1f\x8b\x07" + second[3:]}
+    for cut in [2, 9, 10, 11, len(whole) - 8, len(whole) - 1, *rng.sample(range(12, len(whole) - 8), 12)]:
+        cases[f"cut {cut}"] = whole[:cut]
+    for cut in [len(first) + 1, len(first) + 5, len(first) + 10, len(first) + 300, len(first) + len(second) - 4]:
+        cases[f"members cut {cut}"] = (first + second)[:cut]
+    for cut in [5, 30_000, 1_000_000, len(fancy) // 2, len(fancy) - 3]:
+        cases[f"fancy cut {cut}"] = fancy[:cut]
+    for name, raw in cases.items():
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.txt.gz"
+        path.write_bytes(raw)
+        data, tail, problem = _whole_file_gunzip(raw)
+        expected = [(line, None) for line in data.decode("utf-8").split("\n")]
+        if expected[-1][0] == "":
+            expected.pop()
+        if problem:
+            expected.append((tail.decode("utf-8", errors="backslashreplace"), problem))
+        docs = read([path])
+        got = [(d.metadata[ORIGINAL], d.metadata[REJECT]["reason"] if d.metadata[REJECT]["step"] == "read"
+                and d.metadata[REJECT]["reason"].startswith("truncated_gzip") else None)
+               if REJECT in d.metadata else (d.text, None) for d in docs]
+        assert got == expected, name
+        assert [d.id.rsplit(":", 1)[1] for d in docs] == [str(i) for i in range(len(docs))], name
+
+
+def test_a_gzip_member_that_fails_its_crc_keeps_its_records_and_says_so(tmp_path):
+    """Streaming cannot take back what a member gave before its CRC is checked at its end: its records
+    are read, and the failed check is a rejected record (decompressing the whole file lost them all)."""
+    whole = bytearray(gzip.compress(("\n".join(C4_LINES[:50]) + "\n").encode("utf-8")))
+    whole[-8] ^= 1
+    path = tmp_path / "crc.jsonl.gz"
+    path.write_bytes(bytes(whole))
+    docs = read([path])
+    kept, rejected = split(docs)
+    assert [d.text for d in kept] == C4_TEXTS[:50]
+    assert reasons(docs) == ["truncated_gzip: BadGzipFile: CRC check failed"] and rejected[0].metadata[ORIGINAL] == ""
+
+
 # --------------------------------------------------------------------------- WARC
 def _first_html_response() -> tuple[str, bytes]:
     from warcio.archiveiterator import ArchiveIterator
@@ -307,6 +392,130 @@ def test_plain_text_is_one_document_per_line():
     assert [d.text for d in docs] == ZHWIKI
     shard = discover_inputs(STORAGE, [str(CORPUS / "zhwiki" / "zhwiki_part1.txt")])[0][0]
     assert [d.id for d in docs[:2]] == [f"{shard.shard_id}:0", f"{shard.shard_id}:1"]
+
+
+# --------------------------------------------------------------------------- streaming
+def _peak_python_bytes(action) -> int:
+    tracemalloc.start()
+    try:
+        action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_file_is_read_as_a_stream_not_whole(tmp_path):
+    """24 MB of real records: the reader holds a buffer and a record at a time, not the file."""
+    lines = [line.encode("utf-8") for line in C4_LINES]
+    plain = write_lines(tmp_path / "big.jsonl", lines * 32)
+    packed = tmp_path / "big.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes(), compresslevel=1))
+    for path in (plain, packed):
+        shards, _ = discover_inputs(STORAGE, [str(path)])
+        reader = ShardReader(shards, ReaderConfig(), STORAGE)
+        counted = []
+        peak = _peak_python_bytes(lambda: counted.append(sum(1 for _ in reader.run(rank=0))))
+        assert counted == [len(lines) * 32]
+        assert plain.stat().st_size > 20_000_000 and peak < 8_000_000, (path.name, peak)
+
+
+def test_a_line_over_the_read_limit_is_rejected_without_being_read_whole(tmp_path, monkeypatch):
+    """A line longer than the read limit (8x max_doc_bytes, at least MIN_READ_LIMIT) is never held:
+    it is rejected as too large with its first bytes as the original, and the next lines read on."""
+    monkeypatch.setattr(readers, "MIN_READ_LIMIT", 1 << 18)
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 1 << 16)
+    config = ReaderConfig(max_doc_bytes=10_000)  # read limit: 256 KiB
+    huge = json.dumps({"text": "\n".join(C4_TEXTS * 15)}).encode("utf-8")  # 11 MB in one line
+    lines = [c4_record(0), huge, c4_record(1), huge[:-1]]  # the last one also has no newline
+    plain = tmp_path / "huge.jsonl"
+    plain.write_bytes(b"\n".join(lines))
+    packed = tmp_path / "huge.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    text = tmp_path / "huge.txt"
+    text.write_bytes(b"\n".join([ZHWIKI[0].encode(), huge, ZHWIKI[1].encode()]) + b"\n")
+    for path in (plain, packed, text):
+        shards, _ = discover_inputs(STORAGE, [str(path)])
+        reader, docs = ShardReader(shards, config, STORAGE), []
+        peak = _peak_python_bytes(lambda: docs.extend(reader.run(rank=0)))
+        assert peak < 2_000_000, (path.name, peak)  # the line is 11 MB
+        kept, rejected = split(docs)
+        oversized = [d for d in rejected if d.metadata[REJECT]["reason"].startswith("too_large")]
+        assert len(docs) == (4 if path != text else 3) and len(oversized) == len(docs) - 2
+        assert kept[1].id.endswith(":2") and oversized[0].id.endswith(":1")
+        assert oversized[0].metadata[REJECT]["reason"] == f"too_large: {len(huge)} bytes > read limit {1 << 18}, not read"
+        assert oversized[0].metadata[ORIGINAL] == huge[: readers.OVERSIZED_ORIGINAL_BYTES].decode("utf-8")
+        if path != text:
+            assert oversized[1].metadata[REJECT]["reason"].startswith(f"too_large: {len(huge) - 1} bytes")
+    # The partial last record of a truncated gzip is cut the same way, and still carries the gzip's problem.
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(b"\n".join([c4_record(0), huge]))[:-100])
+    docs = read([cut], config)
+    assert [d.text for d in docs[:1]] == [C4_TEXTS[0]] and len(docs) == 2
+    assert reasons(docs) == ["truncated_gzip: EOFError: Compressed file ended before the end-of-stream marker was reached"]
+    assert docs[1].metadata[ORIGINAL] == huge[: readers.OVERSIZED_ORIGINAL_BYTES].decode("utf-8")
+
+
+def test_a_warc_payload_over_the_read_limit_is_not_extracted(monkeypatch):
+    monkeypatch.setattr(readers, "MIN_READ_LIMIT", 0)
+    config = ReaderConfig(max_doc_bytes=5_000)  # read limit: 40,000 bytes of payload
+    from warcio.archiveiterator import ArchiveIterator
+
+    with open(WARC, "rb") as handle:
+        payloads = {r.rec_headers.get_header("WARC-Record-ID"): r.content_stream().read()
+                    for r in ArchiveIterator(handle) if r.rec_type == "response"}
+    docs = read([WARC], config)
+    assert [d.id for d in docs] == list(payloads)
+    big = {i for i, p in payloads.items() if len(p) > 40_000}
+    assert 0 < len(big) < len(payloads)
+    for doc in docs:
+        reason = doc.metadata.get(REJECT, {}).get("reason", "")
+        original = json.loads(doc.metadata[ORIGINAL])["payload"]
+        if doc.id in big:
+            size = len(payloads[doc.id])
+            assert reason == f"too_large: {size} bytes > read limit 40000, not read" and doc.text == ""
+            assert original == payloads[doc.id][: readers.OVERSIZED_ORIGINAL_BYTES].decode("utf-8", "backslashreplace")
+        else:
+            assert "read limit" not in reason
+            assert original == payloads[doc.id].decode("utf-8", "backslashreplace")
+
+
+def test_parquet_is_read_in_batches_in_row_order(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(readers, "PARQUET_BATCH_ROWS", 50)
+    texts = C4_TEXTS + ZHWIKI[:200]
+    table = pa.table({"text": texts, "id": [f"r{i}" if i % 7 else None for i in range(len(texts))],
+                      "n": list(range(len(texts)))})
+    path = tmp_path / "groups.parquet"
+    pq.write_table(table, path, row_group_size=77)  # batches never span row groups: 77 = 50 + 27
+    docs = read([path])
+    assert [d.text for d in docs] == texts
+    assert [json.loads(d.metadata[ORIGINAL]) for d in docs] == table.to_pylist()
+    assert [d.id for d in docs[:8]] == [docs[0].id, "r1", "r2", "r3", "r4", "r5", "r6", docs[7].id]
+    assert docs[0].id.endswith(":0") and docs[7].id.endswith(":7")
+
+
+def test_an_input_changed_after_planning_fails_the_shard(tmp_path):
+    """The checksum taken when the stage was planned is checked against the bytes read (hashed as
+    they stream; Parquet, read out of order, is hashed before its records are read)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = [write_lines(tmp_path / "a.jsonl", [c4_record(0), c4_record(1)]),
+             tmp_path / "b.txt.gz", tmp_path / "c.parquet", tmp_path / "d.warc.gz"]
+    paths[1].write_bytes(gzip.compress("\n".join(ZHWIKI[:5]).encode()))
+    pq.write_table(pa.table({"text": C4_TEXTS[:3]}), paths[2])
+    shutil.copy(WARC, paths[3])
+    for path in paths:
+        shards, _ = discover_inputs(STORAGE, [str(path)])
+        reader = ShardReader(shards, ReaderConfig(), STORAGE)
+        assert list(reader.run(rank=0))  # unchanged: reads
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 1  # one bit, in the last byte (the stream readers hash to the end of the file)
+        path.write_bytes(bytes(raw))
+        with pytest.raises(InputError, match="changed after the stage was planned"):
+            list(reader.run(rank=0))
 
 
 # --------------------------------------------------------------------------- discovery

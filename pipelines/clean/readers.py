@@ -5,6 +5,12 @@ to the same shard ids. Readers turn records into datatrove ``Document``s; a reco
 read (malformed JSON, invalid UTF-8, a missing text field, an oversized record, a WARC payload that
 is not HTML, the readable part of a truncated gzip) becomes a rejected document that carries its
 original bytes and reason, so nothing read is lost.
+
+Readers stream: a file is never held whole. JSONL and text are read line by line (gzip decompressed
+as it is read), Parquet a record batch at a time, WARC a record at a time, so a worker's memory is
+bounded by a record or a batch, not by the file. A line or WARC payload longer than the read limit
+(:func:`read_limit`, 8x ``max_doc_bytes`` and at least 64 MiB) is not read whole: it is rejected as
+``too_large`` with its first bytes as the original, and the rest is skipped.
 """
 
 from __future__ import annotations
@@ -14,9 +20,12 @@ import hashlib
 import io
 import json
 import os
+import struct
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import IO
 
 import xxhash
 from datatrove.data import Document
@@ -33,6 +42,12 @@ FORMATS = {
     ".txt": "text", ".txt.gz": "text",
 }
 READ_STEP = "read"
+# Streaming: records longer than the read limit are not read whole (see read_limit).
+READ_LIMIT_FACTOR = 8
+MIN_READ_LIMIT = 64 << 20
+OVERSIZED_ORIGINAL_BYTES = 1 << 16  # what an over-limit record keeps of itself as its original
+CHUNK_BYTES = 1 << 20  # read, decompression-output and skip size
+PARQUET_BATCH_ROWS = 1024
 # Files that travel with data but are not data: licenses and attributions stay beside the corpus.
 _NOT_DATA = frozenset({"license", "licence", "copying", "notice", "readme", "source", "attribution"})
 
@@ -150,6 +165,13 @@ def _source_name(uri: str, base: str) -> str:
     return parts[0] if len(parts) > 1 else parts[0].split(".", 1)[0]
 
 
+def read_limit(max_doc_bytes: int) -> int:
+    """The longest line or WARC payload read whole: well above ``max_doc_bytes``, so that every record
+    whose text could be within it (JSON escapes, other fields) is parsed and judged as before; a longer
+    one is rejected as too large without being held in memory."""
+    return max(READ_LIMIT_FACTOR * max_doc_bytes, MIN_READ_LIMIT)
+
+
 class ShardReader(PipelineStep):
     """Reads shard ``rank`` of a fixed shard list (datatrove's task = one input file)."""
 
@@ -166,11 +188,8 @@ class ShardReader(PipelineStep):
 
     def run(self, data=None, rank: int = 0, world_size: int = 1) -> Iterator[Document]:
         shard = self.shards[rank]
-        raw = self.storage.read_bytes(shard.uri)
-        if shard.checksum.startswith("xxh3:") and f"xxh3:{xxhash.xxh3_128_hexdigest(raw)}" != shard.checksum:
-            raise InputError(f"{shard.uri} changed after the stage was planned; rerun to pick up the new content")
         records = {"jsonl": self._jsonl, "text": self._text, "parquet": self._parquet, "warc": self._warc}
-        for doc in records[shard.format](shard, raw):
+        for doc in records[shard.format](shard):
             doc.metadata.setdefault("source", shard.source)
             doc.metadata["shard"] = shard.shard_id
             if shard.source in self.code_sources and "_reject" not in doc.metadata:
@@ -178,25 +197,47 @@ class ShardReader(PipelineStep):
             self.stat_update("read")
             yield doc
 
+    # ---------------------------------------------------------------------------- input bytes
+    @contextmanager
+    def _stream(self, shard: InputShard) -> Iterator["_CheckedStream"]:
+        """The shard's bytes in order, hashed as they are read; once every record is read, the rest of the
+        file is hashed too and checked against the checksum taken when the stage was planned."""
+        with self.storage.open_read(shard.uri) as handle:
+            source = _CheckedStream(handle, shard.checksum)
+            yield source
+            source.verify(shard.uri)
+
+    def _check_unchanged(self, shard: InputShard) -> None:
+        """For a file read out of order (Parquet): its checksum again, before any record is read."""
+        if shard.checksum.startswith("xxh3:") and self.storage.checksum(shard.uri) != shard.checksum:
+            raise InputError(_CHANGED.format(uri=shard.uri))
+
     # ---------------------------------------------------------------------------- formats
-    def _decoded_lines(self, shard: InputShard, raw: bytes) -> Iterator[tuple[int, str | Document]]:
-        """(line number, text) per line - or a rejected document for a line that cannot be decoded
-        and, last, for the partial record of a truncated gzip."""
-        problem, tail = None, b""
-        if shard.uri.endswith(".gz"):
-            raw, tail, problem = _gunzip_prefix(raw)
-        lines = raw.split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()
-        for number, line in enumerate(lines):
-            try:
-                yield number, line.decode("utf-8").rstrip("\r")
-            except UnicodeDecodeError as err:
-                yield number, self._rejected(shard, number, f"invalid_utf8: {err.reason} at byte {err.start}",
+    def _decoded_lines(self, shard: InputShard, source: "_CheckedStream") -> Iterator[tuple[int, str | Document]]:
+        """(line number, text) per line - or a rejected document for a line that cannot be decoded or is
+        longer than the read limit and, last, for the partial record of a truncated gzip."""
+        limit = read_limit(self.config.max_doc_bytes)
+        gunzip = _GunzipStream(source) if shard.uri.endswith(".gz") else None
+        lines = io.BufferedReader(source if gunzip is None else gunzip, CHUNK_BYTES)
+        number, line = 0, b""
+        for line, size, whole in _bounded_lines(lines, limit):
+            if not whole and gunzip is not None and gunzip.problem is not None:
+                break  # the partial record before the problem: rejected below
+            if size > limit:
+                yield number, self._rejected(shard, number, f"too_large: {size} bytes > read limit {limit}, not read",
                                              line.decode("utf-8", errors="backslashreplace"))
-        if problem:
-            yield len(lines), self._rejected(shard, len(lines), problem,
-                                             tail.decode("utf-8", errors="backslashreplace"))
+            else:
+                try:
+                    yield number, line.decode("utf-8").rstrip("\r")
+                except UnicodeDecodeError as err:
+                    yield number, self._rejected(shard, number, f"invalid_utf8: {err.reason} at byte {err.start}",
+                                                 line.decode("utf-8", errors="backslashreplace"))
+            number += 1
+            line = b""
+        if gunzip is not None and gunzip.problem is not None:
+            err = gunzip.problem
+            yield number, self._rejected(shard, number, f"truncated_gzip: {type(err).__name__}: {err}",
+                                         line.decode("utf-8", errors="backslashreplace"))
 
     def _rejected(self, shard: InputShard, number: int, reason: str, original: str) -> Document:
         doc = Document(text="", id=f"{shard.shard_id}:{number}", metadata={ORIGINAL: original})
@@ -220,15 +261,16 @@ class ShardReader(PipelineStep):
             reject(doc, READ_STEP, "empty")
         return doc
 
-    def _jsonl(self, shard: InputShard, raw: bytes) -> Iterator[Document]:
+    def _jsonl(self, shard: InputShard) -> Iterator[Document]:
         field = self.config.text_field
-        for number, line in self._decoded_lines(shard, raw):
-            if isinstance(line, Document):
-                yield line
-            elif not line.strip():
-                continue  # a blank line between records is not a record
-            else:
-                yield self._json_record(shard, number, line, field)
+        with self._stream(shard) as source:
+            for number, line in self._decoded_lines(shard, source):
+                if isinstance(line, Document):
+                    yield line
+                elif not line.strip():
+                    continue  # a blank line between records is not a record
+                else:
+                    yield self._json_record(shard, number, line, field)
 
     def _json_record(self, shard: InputShard, number: int, line: str, field: str) -> Document:
         try:
@@ -242,77 +284,285 @@ class ShardReader(PipelineStep):
             return self._rejected(shard, number, f"missing_text_field: '{field}'", line)
         return self._checked_text(shard, number, text, line, record)
 
-    def _text(self, shard: InputShard, raw: bytes) -> Iterator[Document]:
-        for number, line in self._decoded_lines(shard, raw):
-            yield line if isinstance(line, Document) else self._checked_text(shard, number, line, line, {})
+    def _text(self, shard: InputShard) -> Iterator[Document]:
+        with self._stream(shard) as source:
+            for number, line in self._decoded_lines(shard, source):
+                yield line if isinstance(line, Document) else self._checked_text(shard, number, line, line, {})
 
-    def _parquet(self, shard: InputShard, raw: bytes) -> Iterator[Document]:
+    def _parquet(self, shard: InputShard) -> Iterator[Document]:
+        """A record batch at a time (a row group's column chunks are read as they are needed). Every
+        column is read: a record's original, kept for the rejects, is the whole row."""
         import pyarrow.parquet as pq
 
         field = self.config.text_field  # its presence was checked when the inputs were discovered
-        table = pq.read_table(io.BytesIO(raw))
-        for number, record in enumerate(table.to_pylist()):
-            original = json.dumps(record, ensure_ascii=False, default=str)
-            text = record.get(field)
-            if not isinstance(text, str):
-                yield self._rejected(shard, number, f"missing_text_field: '{field}'", original)
-                continue
-            yield self._checked_text(shard, number, text, original, record)
+        self._check_unchanged(shard)
+        number = 0
+        with self.storage.open_read(shard.uri) as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+                for record in batch.to_pylist():
+                    original = json.dumps(record, ensure_ascii=False, default=str)
+                    text = record.get(field)
+                    if not isinstance(text, str):
+                        yield self._rejected(shard, number, f"missing_text_field: '{field}'", original)
+                    else:
+                        yield self._checked_text(shard, number, text, original, record)
+                    number += 1
 
-    def _warc(self, shard: InputShard, raw: bytes) -> Iterator[Document]:
+    def _warc(self, shard: InputShard) -> Iterator[Document]:
         from warcio.archiveiterator import ArchiveIterator
         from warcio.exceptions import ArchiveLoadFailed
 
         from skymoe.pipelines.clean.extract import extract_main_text
 
+        limit = read_limit(self.config.max_doc_bytes)
         number = 0
-        try:
-            for record in ArchiveIterator(io.BytesIO(raw), check_digests=True):
-                if record.rec_type != "response":
-                    continue
-                number += 1
-                url = record.rec_headers.get_header("WARC-Target-URI") or ""
-                record_id = record.rec_headers.get_header("WARC-Record-ID") or f"{shard.shard_id}:{number}"
-                content_type = (record.http_headers.get_header("Content-Type") or "") if record.http_headers else ""
-                payload = record.content_stream().read()
-                original = json.dumps({"url": url, "content_type": content_type,
-                                       "payload": payload.decode("utf-8", errors="backslashreplace")},
-                                      ensure_ascii=False)
-                missing = getattr(record.raw_stream, "limit", 0)  # bytes the header promised but the file lacks
-                if missing or record.digest_checker.passed is False:
-                    problems = f"{missing} bytes missing" if missing else "; ".join(record.digest_checker.problems)
-                    doc = self._rejected(shard, number, f"truncated_or_corrupt_warc: {problems}", original)
-                    doc.id = record_id
-                    yield doc
-                    continue
-                if "html" not in content_type.lower():
-                    doc = self._rejected(shard, number, f"not_html: {content_type or 'no content type'}", original)
-                    doc.id = record_id
-                    yield doc
-                    continue
-                text = extract_main_text(payload)
-                doc = self._checked_text(shard, number, text, original, {"url": url})
-                doc.id = record_id
-                if not text.strip():
-                    reject(doc, "extract", "no_main_text")
-                yield doc
-        except (ArchiveLoadFailed, EOFError, zlib.error, OSError) as err:
-            yield self._rejected(shard, number + 1, f"truncated_or_corrupt_warc: {err}", "")
-
-
-def _gunzip_prefix(raw: bytes) -> tuple[bytes, bytes, str | None]:
-    """Decompress as much of a gzip stream as is readable: (whole lines, partial tail, problem)."""
-    try:
-        return gzip.decompress(raw), b"", None
-    except (EOFError, zlib.error, OSError, gzip.BadGzipFile) as err:
-        parts, rest = [], raw
-        while rest:  # a gzip file may hold several members: read on into each of them
-            decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        with self._stream(shard) as source:
             try:
-                parts.append(decompressor.decompress(rest))
-            except zlib.error:
+                for record in ArchiveIterator(io.BufferedReader(source, CHUNK_BYTES), check_digests=True):
+                    if record.rec_type != "response":
+                        continue
+                    number += 1
+                    url = record.rec_headers.get_header("WARC-Target-URI") or ""
+                    record_id = record.rec_headers.get_header("WARC-Record-ID") or f"{shard.shard_id}:{number}"
+                    content_type = (record.http_headers.get_header("Content-Type") or "") if record.http_headers else ""
+                    payload, size = _bounded_read(record.content_stream(), limit)
+                    original = json.dumps({"url": url, "content_type": content_type,
+                                           "payload": payload.decode("utf-8", errors="backslashreplace")},
+                                          ensure_ascii=False)
+                    missing = getattr(record.raw_stream, "limit", 0)  # bytes the header promised but the file lacks
+                    if missing or record.digest_checker.passed is False:
+                        problems = f"{missing} bytes missing" if missing else "; ".join(record.digest_checker.problems)
+                        doc = self._rejected(shard, number, f"truncated_or_corrupt_warc: {problems}", original)
+                    elif "html" not in content_type.lower():
+                        doc = self._rejected(shard, number, f"not_html: {content_type or 'no content type'}", original)
+                    elif size > limit:
+                        doc = self._rejected(shard, number, f"too_large: {size} bytes > read limit {limit}, not read",
+                                             original)
+                    else:
+                        text = extract_main_text(payload)
+                        doc = self._checked_text(shard, number, text, original, {"url": url})
+                        if not text.strip():
+                            reject(doc, "extract", "no_main_text")
+                    doc.id = record_id
+                    yield doc
+            except (ArchiveLoadFailed, EOFError, zlib.error, OSError) as err:
+                yield self._rejected(shard, number + 1, f"truncated_or_corrupt_warc: {err}", "")
+
+
+_CHANGED = "{uri} changed after the stage was planned; rerun to pick up the new content"
+
+
+def _bounded_lines(lines: IO[bytes], limit: int) -> Iterator[tuple[bytes, int, bool]]:
+    """(line, size, whole) per line of a stream, without its newline: ``whole`` is false for a last line
+    with no newline. A line longer than ``limit`` bytes is not held: its first
+    ``OVERSIZED_ORIGINAL_BYTES`` come with its full ``size``, and the rest is skipped."""
+    while line := lines.readline(limit + 1):
+        whole = line.endswith(b"\n")
+        if whole or len(line) <= limit:
+            yield (line[:-1] if whole else line), len(line) - whole, whole
+            continue
+        size, head = len(line), line[:OVERSIZED_ORIGINAL_BYTES]
+        del line
+        while not whole and (rest := lines.readline(CHUNK_BYTES)):
+            whole = rest.endswith(b"\n")
+            size += len(rest) - whole
+        yield head, size, whole
+
+
+def _bounded_read(stream, limit: int) -> tuple[bytes, int]:
+    """(payload, size) of a WARC record's content: the whole payload up to ``limit`` bytes; past it,
+    only its first ``OVERSIZED_ORIGINAL_BYTES`` and the size, the rest read and dropped (so that the
+    record's digest and truncation are still checked)."""
+    parts, size = [], 0
+    while size <= limit and (part := stream.read(CHUNK_BYTES)):
+        parts.append(part)
+        size += len(part)
+    if size <= limit:
+        return b"".join(parts), size
+    head = b"".join(parts)[:OVERSIZED_ORIGINAL_BYTES]
+    parts.clear()
+    while part := stream.read(CHUNK_BYTES):
+        size += len(part)
+    return head, size
+
+
+class _CheckedStream(io.RawIOBase):
+    """A file's bytes, in order, with the xxh3 checksum of everything read so far (for an ``xxh3:``
+    checksum; an object store's ETag is not recomputed)."""
+
+    def __init__(self, handle: IO[bytes], checksum: str):
+        super().__init__()
+        self._handle = handle
+        self._checksum = checksum
+        self._digest = xxhash.xxh3_128() if checksum.startswith("xxh3:") else None
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._handle.read(size)
+        if self._digest is not None:
+            self._digest.update(data)
+        self._position += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def tell(self) -> int:
+        return self._position
+
+    def verify(self, uri: str) -> None:
+        """Hash what the readers left unread and compare with the checksum."""
+        if self._digest is None:
+            return
+        while data := self._handle.read(CHUNK_BYTES):
+            self._digest.update(data)
+        if f"xxh3:{self._digest.hexdigest()}" != self._checksum:
+            raise InputError(_CHANGED.format(uri=uri))
+
+
+_GZIP_EOF = "Compressed file ended before the end-of-stream marker was reached"
+
+
+class _NeedMore(Exception):
+    """A gzip header runs past the bytes buffered so far."""
+
+
+class _GunzipStream(io.RawIOBase):
+    """The decompressed bytes of a gzip file as a stream, member after member, as far as they are readable.
+
+    It reads as ``gzip.decompress`` does and stops where that fails, with the same exception (kept in
+    ``problem``; the stream then ends): a member cut short or corrupt, a bad CRC or length, a header
+    that is not gzip. NUL padding between members is skipped. Unlike decompressing the whole file,
+    what a member gave before its problem was found has already been read.
+    """
+
+    def __init__(self, raw: IO[bytes]):
+        super().__init__()
+        self._raw = raw
+        self._input = b""  # compressed bytes read but not yet given to zlib
+        self._raw_eof = False
+        self._inflate = None  # the current member's raw-deflate decompressor; None between members
+        self._crc = self._size = self._members = 0
+        self._out = memoryview(b"")
+        self._ended = False
+        self.problem: Exception | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._out and not self._ended:
+            try:
+                self._advance()
+            except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+                self.problem, self._ended = err, True
+        size = min(len(buffer), len(self._out))
+        buffer[:size] = self._out[:size]
+        self._out = self._out[size:]
+        return size
+
+    def _fill(self, size: int) -> None:
+        """At least ``size`` compressed bytes buffered, unless the file ends first."""
+        while len(self._input) < size and not self._raw_eof:
+            data = self._raw.read(max(CHUNK_BYTES, size - len(self._input)))
+            if data:
+                self._input += data
+            else:
+                self._raw_eof = True
+
+    def _advance(self) -> None:
+        if self._inflate is None:
+            self._start_member()
+            return
+        data = self._inflate.unconsumed_tail or self._input
+        self._input = b""
+        if not data and not self._raw_eof:
+            data = self._raw.read(CHUNK_BYTES)
+            self._raw_eof = not data
+        out = self._inflate.decompress(data, CHUNK_BYTES)  # bounded output: no bomb fills memory
+        self._crc = zlib.crc32(out, self._crc)
+        self._size += len(out)
+        self._out = memoryview(out)
+        if self._inflate.eof:
+            self._input = self._inflate.unused_data
+            self._end_member()
+        elif not data and not out:
+            raise EOFError(_GZIP_EOF)
+
+    def _start_member(self) -> None:
+        while True:
+            if self._members:
+                self._input = self._input.lstrip(b"\x00")
+            if self._input or self._raw_eof:
                 break
-            rest = decompressor.unused_data if decompressor.eof else b""
-        data = b"".join(parts)
-        cut = data.rfind(b"\n") + 1  # the last partial line is not a whole record
-        return data[:cut], data[cut:], f"truncated_gzip: {type(err).__name__}: {err}"
+            self._fill(1)
+        if not self._input:
+            self._ended = True  # a clean end after the last member (or an empty file)
+            return
+        wanted = CHUNK_BYTES
+        while True:
+            self._fill(wanted)
+            try:
+                header = _gzip_header_length(self._input, complete=self._raw_eof)
+                break
+            except _NeedMore:
+                wanted = len(self._input) + CHUNK_BYTES
+        self._input = self._input[header:]
+        self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._crc = self._size = 0
+        self._members += 1
+
+    def _end_member(self) -> None:
+        self._fill(8)
+        if len(self._input) < 8:
+            raise EOFError(_GZIP_EOF)
+        crc, length = struct.unpack("<II", self._input[:8])
+        if crc != self._crc:
+            raise gzip.BadGzipFile("CRC check failed")
+        if length != self._size & 0xFFFFFFFF:
+            raise gzip.BadGzipFile("Incorrect length of data produced")
+        self._input = self._input[8:]
+        self._inflate = None
+
+
+def _gzip_header_length(data: bytes, complete: bool) -> int:
+    """The length of the gzip member header at the start of ``data``, read as ``gzip._read_gzip_header``
+    reads it (same checks, same errors); ``_NeedMore`` when ``data`` ends inside it and is not
+    ``complete``."""
+    handle = io.BytesIO(data)
+
+    def exact(size: int) -> bytes:
+        got = handle.read(size)
+        if len(got) < size:
+            if not complete:
+                raise _NeedMore
+            raise EOFError(_GZIP_EOF)
+        return got
+
+    magic = handle.read(2)
+    if len(magic) < 2 and not complete:
+        raise _NeedMore
+    if magic != b"\037\213":
+        raise gzip.BadGzipFile("Not a gzipped file (%r)" % magic)
+    method, flag, _mtime = struct.unpack("<BBIxx", exact(8))
+    if method != 8:
+        raise gzip.BadGzipFile("Unknown compression method")
+    if flag & gzip.FEXTRA:
+        extra, = struct.unpack("<H", exact(2))
+        exact(extra)
+    for present in (flag & gzip.FNAME, flag & gzip.FCOMMENT):
+        if present:  # a NUL-terminated file name / comment
+            while True:
+                byte = handle.read(1)
+                if not byte and not complete:
+                    raise _NeedMore
+                if not byte or byte == b"\0":
+                    break
+    if flag & gzip.FHCRC:
+        exact(2)
+    return handle.tell()
