@@ -360,6 +360,23 @@ def test_a_truncated_warc_keeps_its_whole_records_and_rejects_the_cut_one(tmp_pa
     assert rejected[0].metadata[REJECT]["reason"].startswith("truncated_or_corrupt_warc")
 
 
+
+def test_a_warc_cut_inside_a_record_header_is_a_rejected_record_not_a_crash(tmp_path):
+    """Cut where warcio reads a header block without its target URI: the records before are read and
+    the cut one is rejected (warcio's AttributeError used to escape the reader)."""
+    raw = WARC.read_bytes()
+    for cut in range(500, len(raw), 20_000):
+        path = tmp_path / f"cut{cut}.warc.gz"
+        path.write_bytes(raw[:cut])
+        read([path])  # no exception, wherever the cut falls
+    for cut, whole_records in [(30707, 3), (153899, 21)]:  # cuts that fall in a response's header block
+        path = tmp_path / f"cut{cut}.warc.gz"
+        path.write_bytes(raw[:cut])
+        docs = read([path])
+        assert len(docs) == whole_records + 1 and not reasons(docs[:-1])
+        assert reasons(docs[-1:]) == ["truncated_or_corrupt_warc: unreadable record headers (AttributeError: "
+                                      "'NoneType' object has no attribute 'startswith')"]
+
 # --------------------------------------------------------------------------- parquet and text
 def test_parquet_with_a_configurable_text_field(tmp_path):
     import pyarrow as pa

@@ -318,7 +318,8 @@ class ShardReader(PipelineStep):
         number = 0
         with self._stream(shard) as source:
             try:
-                for record in ArchiveIterator(io.BufferedReader(source, CHUNK_BYTES), check_digests=True):
+                for record in _warc_records(ArchiveIterator(io.BufferedReader(source, CHUNK_BYTES),
+                                                            check_digests=True)):
                     if record.rec_type != "response":
                         continue
                     number += 1
@@ -350,6 +351,21 @@ class ShardReader(PipelineStep):
 
 
 _CHANGED = "{uri} changed after the stage was planned; rerun to pick up the new content"
+
+
+def _warc_records(records: Iterator) -> Iterator:
+    """warcio's records, with a header block cut short (warcio fails on it with AttributeError or
+    ValueError, e.g. a response without its target URI) raised as ``ArchiveLoadFailed``."""
+    from warcio.exceptions import ArchiveLoadFailed
+
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except (AttributeError, ValueError, IndexError, KeyError) as err:
+            raise ArchiveLoadFailed(f"unreadable record headers ({type(err).__name__}: {err})") from err
+        yield record
 
 
 def _bounded_lines(lines: IO[bytes], limit: int) -> Iterator[tuple[bytes, int, bool]]:
