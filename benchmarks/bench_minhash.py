@@ -255,7 +255,7 @@ def run_skymoe(texts: list[str], langs: list[str], procs: int) -> dict:
         step = -(-len(docs) // (procs * 8))
         with multiprocessing.get_context("fork").Pool(procs) as pool:
             signatures = np.concatenate(pool.map(_signatures, [docs[i:i + step] for i in range(0, len(docs), step)]))
-    root = near_duplicate_clusters(signatures, BANDS, ROWS, np.ones(len(texts), dtype=bool))
+    root = near_duplicate_clusters(signatures, BANDS, ROWS)
     seconds = time.perf_counter() - start
     return {"flagged": root != np.arange(len(texts)), "root": root, "seconds": seconds, "stages": {}}
 

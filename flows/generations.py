@@ -72,7 +72,8 @@ class GenerationPlan:
 def series_uri(config: PipelineConfig) -> str:
     """One series per inputs and data/model settings: changing them starts a new series (a new
     full run), because the earlier outputs would no longer be what this config makes."""
-    settings = config.model_dump(mode="json", include={"clean", "tokenize", "train"}, exclude={"clean": {"executor"}})
+    settings = config.model_dump(mode="json", include={"clean", "tokenize", "train"},
+                                 exclude={"clean": {"executor"}, "tokenize": {"executor"}})
     key = fingerprint(SERIES_DIR, "1", settings, {})
     return join(config.storage.root, SERIES_DIR, f"{config.name}-{key[:12]}")
 

@@ -2,7 +2,8 @@
 
 - exact: a hash of the normalized text (NFKC, lower case, whitespace removed);
 - near-duplicate: MinHash over word 5-grams (Latin) or character 5-grams (Chinese), banded LSH,
-  clusters by union-find; the first document of a cluster (in input order) is kept;
+  candidate pairs per bucket, connected components over the pairs; the first document of a
+  cluster (in input order) is kept;
 - recurring text: lines that occur in many documents are boilerplate and are cut out.
 
 Shingles are hashed without building n-gram strings: each token is hashed once, and n-gram hashes
@@ -132,28 +133,60 @@ class MinHasher:
         return block.min(axis=0)
 
 
-def near_duplicate_clusters(signatures: np.ndarray, bands: int, rows: int, alive: np.ndarray) -> np.ndarray:
-    """For each document, the index of its cluster's first member (itself when unique).
+def band_records(signatures: np.ndarray, bands: int, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The LSH buckets of each document: for every document and band, the band index, the band's
+    ``rows`` values as one ``4 * rows``-byte key, and a 64-bit hash of both that spreads buckets over
+    partitions. Two documents share a bucket when band and key are equal (all rows agree)."""
+    n = len(signatures)
+    block = np.ascontiguousarray(signatures, dtype=np.uint32).reshape(n * bands, rows)
+    band = np.tile(np.arange(bands, dtype=np.uint16), n)
+    spread = band.astype(np.uint64) + np.uint64(1)
+    with np.errstate(over="ignore"):
+        for r in range(rows):
+            spread = (spread ^ block[:, r].astype(np.uint64)) * _ROLL
+    return band, block, spread ^ (spread >> np.uint64(29))
 
-    ``signatures`` is (docs, bands*rows); only documents with ``alive`` set take part. Two
-    documents are linked when all rows of any band agree; links are closed transitively.
-    """
-    parent = np.arange(len(signatures))
 
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+def bucket_pairs(band: np.ndarray, keys: np.ndarray, orders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs from bucket members: each member is paired with its bucket's first document
+    (smallest order). Star edges keep every bucket connected, so the clusters they give are the
+    clusters of "shares any bucket", with memory growing with duplicates, not with documents."""
+    if not len(orders):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    width = keys.shape[1] * keys.dtype.itemsize
+    composite = np.concatenate([band.astype(">u2").view(np.uint8).reshape(-1, 2),
+                                np.ascontiguousarray(keys).view(np.uint8).reshape(-1, width)], axis=1)
+    _, bucket = np.unique(np.ascontiguousarray(composite).view(np.dtype((np.void, width + 2))).ravel(),
+                          return_inverse=True)
+    order = np.lexsort((orders, bucket))
+    bucket, members = bucket[order], orders[order]
+    starts = np.r_[True, bucket[1:] != bucket[:-1]]
+    first = members[np.maximum.accumulate(np.where(starts, np.arange(len(members)), 0))]
+    pairs = np.unique(np.stack([first[~starts], members[~starts]], axis=1), axis=0)
+    return pairs[:, 0], pairs[:, 1]
 
-    members = np.flatnonzero(alive)
-    for band in range(bands):
-        block = np.ascontiguousarray(signatures[members, band * rows : (band + 1) * rows])
-        keys = block.view(np.dtype((np.void, block.dtype.itemsize * rows))).ravel()
-        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        duplicated = np.flatnonzero(first[inverse] != np.arange(len(members)))
-        for position in duplicated:
-            a, b = find(members[first[inverse[position]]]), find(members[position])
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-    return np.array([find(i) for i in range(len(signatures))])
+
+def cluster_roots(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Connected components over the pairs alone: every document that appears in a pair, and the
+    smallest document of its component (its root; a document is kept when it is its own root)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    nodes, index = np.unique(np.concatenate([a, b]), return_inverse=True)
+    if not len(nodes):
+        return nodes, nodes
+    graph = coo_matrix((np.ones(len(a), np.int8), (index[: len(a)], index[len(a) :])), shape=(len(nodes),) * 2)
+    _, label = connected_components(graph, directed=False)
+    # nodes are sorted, so a label's first position holds its smallest document
+    _, first = np.unique(label, return_index=True)
+    return nodes, nodes[first][label]
+
+
+def near_duplicate_clusters(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """For each document (in order), the index of its cluster's first member (itself when unique):
+    the partitioned phases' functions composed in one process (benchmarks and tests)."""
+    band, keys, _ = band_records(signatures, bands, rows)
+    nodes, roots = cluster_roots(*bucket_pairs(band, keys, np.repeat(np.arange(len(signatures)), bands)))
+    root = np.arange(len(signatures))
+    root[nodes] = roots
+    return root
