@@ -31,6 +31,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import xxhash
 
+from skymoe.pipelines.tokenize.chart import bar_chart_png
 from skymoe.pipelines.tokenize.mixture import repeat_factors
 from skymoe.pipelines.tokenize.packing import PackedRows, pack, rows_table
 from skymoe.pipelines.tokenize.tokenizer import (
@@ -42,7 +43,6 @@ from skymoe.pipelines.tokenize.tokenizer import (
     train_tokenizer,
 )
 from skymoe.config import PipelineConfig, TokenizeConfig, describe_path
-from skymoe.plots import bar_chart_png
 from skymoe.progress import Progress
 from skymoe.stage import Continuation, DoneRecords, Plan, Stage, StageOutput, StageRef, read_manifest
 from skymoe.storage import Storage, join
