@@ -16,7 +16,6 @@ entry names its folder in ``output``), followed by the new ones, so training rea
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 import zlib
@@ -26,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import xxhash
@@ -48,6 +46,9 @@ from skymoe.stage import Continuation, DoneRecords, Plan, Stage, StageOutput, St
 from skymoe.storage import Storage, join
 
 SPLITS = ("train", "validation")
+# Rows per Parquet record batch read: a cleaned shard becomes Python strings a batch at a time, so
+# neither its file's bytes nor its whole Arrow table is ever held beside them.
+READ_ROWS = 1024
 log = logging.getLogger("skymoe.tokenize")
 
 
@@ -175,20 +176,26 @@ def _plots(storage: Storage, ref: StageRef, mixture: dict[str, dict]) -> list[st
     return ["report/mixture.png"]
 
 
-def _read_docs(storage: Storage, unit: TokenizeUnit) -> pa.Table:
-    # ParquetFile, not read_table: read_table imports pyarrow.dataset and pandas (~0.25 s per process).
-    return pq.ParquetFile(io.BytesIO(storage.read_bytes(unit.uri))).read(columns=["id", "text", "lang"])
+def _record_batches(storage: Storage, unit: TokenizeUnit, columns: list[str]):
+    """A cleaned shard's columns a record batch at a time, streamed from storage.
+
+    ``ParquetFile``, not ``pq.read_table``: read_table imports pyarrow.dataset and pandas (~0.25 s per process).
+    """
+    with storage.open_read(unit.uri) as handle:
+        yield from pq.ParquetFile(handle).iter_batches(batch_size=READ_ROWS, columns=columns)
 
 
 def _training_texts(storage: Storage, units: list[TokenizeUnit], config: TokenizeConfig):
-    """Cleaned texts in shard order, up to ``train_docs`` (the tokenizer's training data)."""
+    """Cleaned texts in shard order, up to ``train_docs`` (the tokenizer's training data), read a
+    record batch at a time: no more of a shard is read than is used."""
     remaining = config.tokenizer.train_docs
     for unit in units:
-        for text in _read_docs(storage, unit)["text"].to_pylist()[:remaining]:
-            yield text
-            remaining -= 1
-        if remaining <= 0:
-            return
+        for batch in _record_batches(storage, unit, ["text"]):
+            for text in batch.column("text").to_pylist()[:remaining]:
+                yield text
+                remaining -= 1
+            if remaining <= 0:
+                return
 
 
 def is_validation(doc_id: str, text: str, permille: int) -> bool:
@@ -196,11 +203,25 @@ def is_validation(doc_id: str, text: str, permille: int) -> bool:
     return xxhash.xxh64_intdigest(f"{doc_id}\x00{text}".encode("utf-8")) % 1000 < permille
 
 
+def _read_unit(storage: Storage, unit: TokenizeUnit, permille: int) -> tuple[list[str], list[str], list[bool]]:
+    """A cleaned shard's texts, languages and held-out flags, read a record batch at a time (document
+    ids are needed only for the held-out hash, and are not kept)."""
+    texts: list[str] = []
+    langs: list[str] = []
+    held_out: list[bool] = []
+    for batch in _record_batches(storage, unit, ["id", "text", "lang"]):
+        batch_texts = batch.column("text").to_pylist()
+        held_out += [is_validation(doc_id, text, permille)
+                     for doc_id, text in zip(batch.column("id").to_pylist(), batch_texts)]
+        texts += batch_texts
+        langs += batch.column("lang").to_pylist()
+    return texts, langs, held_out
+
+
 def _encode_unit(unit: TokenizeUnit, config: TokenizeConfig, storage: Storage, ref: StageRef, tokenizer,
                  dtype: np.dtype) -> dict:
     """Encode one cleaned shard and write its Arrow files; returns the unit's done-record."""
-    table = _read_docs(storage, unit)
-    ids, texts, langs = table["id"].to_pylist(), table["text"].to_pylist(), table["lang"].to_pylist()
+    texts, langs, held_out = _read_unit(storage, unit, config.validation_permille)
     # Training documents in a seeded order (the seed and the unit id, never Python's hash()).
     order = np.random.default_rng([config.seed, zlib.crc32(unit.unit_id.encode())]).permutation(len(texts))
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
@@ -209,8 +230,7 @@ def _encode_unit(unit: TokenizeUnit, config: TokenizeConfig, storage: Storage, r
         if not texts[i]:
             counts["empty_docs"] += 1  # nothing to learn from; an EOS alone would only add noise
             continue
-        split = "validation" if is_validation(ids[i], texts[i], config.validation_permille) else "train"
-        groups[(split, langs[i])].append(int(i))
+        groups[("validation" if held_out[i] else "train", langs[i])].append(int(i))
     eos = tokenizer.token_to_id(EOS)
     files = []
     for (split, lang), members in sorted(groups.items()):
@@ -234,11 +254,9 @@ def _write_rows(storage: Storage, ref: StageRef, unit: TokenizeUnit, split: str,
     for part, start in enumerate(range(0, len(rows.ids), per_file)):
         stop = min(start + per_file, len(rows.ids))
         table = rows_table(rows, lang, unit.source, start, stop)
-        sink = pa.BufferOutputStream()
-        with ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
         path = f"{split}/{unit.unit_id}-{lang}-{part:04d}.arrow"
-        storage.write_bytes(ref.path(path), sink.getvalue().to_pybytes())
+        with storage.open_write(ref.path(path)) as handle, ipc.new_file(handle, table.schema) as writer:
+            writer.write_table(table)
         written.append({"path": path, "split": split, "lang": lang, "source": unit.source,
                         "sequences": stop - start, "tokens": (stop - start) * rows.ids.shape[1]})
     return written
