@@ -284,6 +284,11 @@ class TokenizeConfig(_Strict):
     mixture: MixtureConfig = MixtureConfig()
     sequences_per_file: int = Field(8192, ge=1)
     encode_batch: int = Field(512, ge=1, description="documents per tokenizers encode_batch call")
+    executor: ExecutorConfig = Field(
+        default_factory=ExecutorConfig,
+        description="where the per-shard encode phase runs (datatrove, beam or ray, as clean.executor); the "
+                    "default runs it in this process, where the encoder already uses every core. Not fingerprinted: "
+                    "every executor writes the same bytes")
 
 
 # ------------------------------------------------------------------------------------------- train

@@ -3,6 +3,7 @@ killed with SIGKILL mid-phase, task errors, a local Ray, and an address where no
 
 from __future__ import annotations
 
+import logging
 import operator
 import os
 import secrets
@@ -75,6 +76,26 @@ def test_ray_cluster_writes_the_same_bytes_as_datatrove(cluster, reference, tmp_
     result = _clean(config_path, **_on_ray(cluster, tmp_path / "ray"))
     assert not result.cached
     assert _outputs(result) == _outputs(expected)
+
+
+def test_tokenize_on_the_ray_cluster_writes_the_in_process_bytes(cluster, reference, tmp_path, caplog):
+    """The tokenize stage's encode phase as Ray tasks on the cluster (tokenize.executor): the bytes of the
+    encode phase run in the stage's own process, in the same fingerprint."""
+    config_path, clean = reference
+    small = {"tokenizer": {"vocab_size": 600}, "seq_len": 64, "sequences_per_file": 20}
+
+    def tokenize(root: Path, executor: dict | None = None):
+        overrides = {"storage": {"root": str(root)}, "tokenize": {**small, **({"executor": executor} if executor else {})}}
+        (result,) = run_stage("tokenize", load_config(config_path, overrides), upstream={"clean": clean.ref})
+        return result
+
+    expected = tokenize(tmp_path / "in-process")
+    caplog.set_level(logging.INFO, logger="skymoe.tokenize")
+    result = tokenize(tmp_path / "ray", {"kind": "ray", "ray_address": cluster.address, "workers": 2})
+    assert not result.cached and "shards to do (ray executor)" in caplog.text
+    assert result.manifest.fingerprint == expected.manifest.fingerprint
+    assert result.manifest.shards == expected.manifest.shards and result.manifest.counts == expected.manifest.counts
+    assert not ray.is_initialized()
 
 
 def _shard_tasks_running_on(node) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pyarrow as pa
@@ -217,3 +218,68 @@ def test_kill_9_mid_encode_resumes_byte_identical(cleaned, tmp_path):
     assert not resumed.cached
     assert _files(resumed.ref.uri) == _files(reference.ref.uri)
     assert resumed.manifest.counts == reference.manifest.counts
+
+
+# ------------------------------------------------------------------------------ executors
+def _stored(result) -> tuple:
+    """What must match byte for byte across executors: every file's path, size and checksum, the index and counts."""
+    manifest = result.manifest
+    return manifest.fingerprint, manifest.shards, manifest.extra["index"], manifest.counts
+
+
+@pytest.mark.parametrize("executor", [
+    pytest.param({"kind": "datatrove", "workers": 2, "min_shards_per_worker": 1}, id="datatrove-2-workers"),
+    pytest.param({"kind": "beam"}, id="beam"),
+])
+def test_executors_write_the_same_bytes_as_in_process(cleaned, tmp_path, executor, caplog):
+    """The encode phase on datatrove's spawned workers and on Beam: the in-process run's bytes, in the
+    same fingerprint (the executor is not fingerprinted)."""
+    from skymoe.config import ExecutorConfig
+
+    config, clean_ref = cleaned
+    reference = _tokenize(config, clean_ref)
+    caplog.set_level(logging.INFO, logger="skymoe.tokenize")
+    result = _tokenize(config, clean_ref, str(tmp_path / executor["kind"]), executor=ExecutorConfig(**executor))
+    assert not result.cached and f"shards to do ({executor['kind']} executor)" in caplog.text
+    assert _stored(result) == _stored(reference)
+    assert _files(result.ref.uri) == _files(reference.ref.uri)
+
+
+def test_a_small_run_stays_in_this_process(cleaned, tmp_path, monkeypatch, caplog):
+    """Fewer pending shards than min_shards_per_worker per worker: no worker process, no datatrove executor."""
+    import skymoe.pipelines.clean.executors as executors
+    from skymoe.config import ExecutorConfig
+
+    def no_executor(*args, **kwargs):
+        raise AssertionError("map_shards called for a run one local worker does")
+
+    monkeypatch.setattr(executors, "map_shards", no_executor)
+    config, clean_ref = cleaned
+    units = len(_plan(config, clean_ref).work.units)
+    crowded = ExecutorConfig(workers=4, min_shards_per_worker=units + 1)
+    caplog.set_level(logging.INFO, logger="skymoe.tokenize")
+    result = _tokenize(config, clean_ref, str(tmp_path), executor=crowded)
+    assert f"{units} of {units} shards to do, in this process" in caplog.text
+    assert _stored(result) == _stored(_tokenize(config, clean_ref))
+
+
+def test_encode_task_pickles_without_its_tokenizer(cleaned, tmp_path):
+    """A Tokenizer pickles (and deep-copies) as its JSON, losing encode_special_tokens: the task leaves it
+    behind and the receiving process loads it again, so a literal "</s>" in a page stays text."""
+    import copy
+    import pickle
+
+    import numpy as np
+
+    from skymoe.pipelines.tokenize.stage import EncodeShard
+
+    config, clean_ref = cleaned
+    result = _tokenize(config, clean_ref)
+    tokenizer = load_tokenizer(Storage(), result.ref.path("tokenizer"))
+    task = EncodeShard(config.tokenize, Storage(), result.ref, _plan(config, clean_ref).work.units, np.dtype(np.uint16),
+                       tokenizer)
+    expected = tokenizer.encode("a </s> b").ids
+    assert tokenizer.token_to_id("</s>") not in expected
+    for copied in (pickle.loads(pickle.dumps(task)), copy.deepcopy(task)):
+        assert copied.units == task.units and copied.tokenizer is not tokenizer
+        assert copied.tokenizer.encode("a </s> b").ids == expected

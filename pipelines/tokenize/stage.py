@@ -3,9 +3,11 @@ the stage contract (``<root>/tokenize/<fingerprint>/``, done-records per unit, m
 
 Phases, each resumable:
 1. ``tokenizer`` - train a byte-level BPE on the cleaned documents, or copy the given one;
-2. ``encode`` (per cleaned shard) - split documents into train / validation by a hash of the
-   document, shuffle the training documents under the seed, encode, pack per language, and write
-   Arrow IPC files (``train/`` and ``validation/``);
+2. ``encode`` (per cleaned shard, a picklable :class:`EncodeShard` task) - split documents into
+   train / validation by a hash of the document, shuffle the training documents under the seed,
+   encode, pack per language, and write Arrow IPC files (``train/`` and ``validation/``). It runs
+   on ``tokenize.executor`` (datatrove, Beam or Ray, as the clean stage's per-shard phases; the
+   same bytes every way), in this process when that would be a single local worker;
 3. the manifest: the file index (sequences and tokens per file, split, language, source) and the
    mixture plan (repeat factor and realised tokens per language and source).
 
@@ -28,6 +30,7 @@ import numpy as np
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import xxhash
+from tokenizers import Tokenizer
 
 from skymoe.pipelines.tokenize.chart import bar_chart_png
 from skymoe.pipelines.tokenize.mixture import repeat_factors
@@ -40,7 +43,7 @@ from skymoe.pipelines.tokenize.tokenizer import (
     smallest_token_dtype,
     train_tokenizer,
 )
-from skymoe.config import PipelineConfig, TokenizeConfig, describe_path
+from skymoe.config import ExecutorConfig, PipelineConfig, TokenizeConfig, describe_path
 from skymoe.progress import Progress
 from skymoe.stage import Continuation, DoneRecords, Plan, Stage, StageOutput, StageRef, read_manifest
 from skymoe.storage import Storage, join
@@ -116,7 +119,7 @@ def _settings(config: TokenizeConfig, storage: Storage) -> dict:
     for the vocabulary fails here, before a tokenizer is trained."""
     if config.token_dtype and not config.tokenizer.path:
         check_token_dtype(config.token_dtype, config.tokenizer.vocab_size)
-    settings = config.model_dump(mode="json", exclude={"encode_batch"})
+    settings = config.model_dump(mode="json", exclude={"encode_batch", "executor"})  # the same bytes either way
     if config.tokenizer.path:
         tokenizer_file = _tokenizer_file(config.tokenizer.path)
         if not storage.exists(tokenizer_file):
@@ -153,19 +156,53 @@ def _run(config: TokenizeConfig, storage: Storage, ref: StageRef, work: Tokenize
     dtype = check_token_dtype(config.token_dtype, vocab_size) if config.token_dtype else smallest_token_dtype(vocab_size)
     timings = {"tokenizer": round(time.monotonic() - started, 3)}
 
-    encoded = DoneRecords(storage, ref, "encode")
-    finished = encoded.ids()
-    progress = Progress("tokenize/encode", len(work.units), "shards", log)
-    for unit in work.units:
-        if unit.unit_id not in finished:
-            encoded.mark(unit.unit_id, _encode_unit(unit, config, storage, ref, tokenizer, dtype))
-        progress.update()
-    progress.close()
+    records = _encode_phase(EncodeShard(config, storage, ref, work.units, dtype, tokenizer), config.executor)
     timings["encode"] = round(time.monotonic() - started - timings["tokenizer"], 3)
 
-    output = _output(config, storage, ref, work, encoded.all(), vocab_size, dtype, timings)
+    output = _output(config, storage, ref, work, records, vocab_size, dtype, timings)
     log.info("tokenize: %d training sequences", output.counts["train_sequences"])
     return output
+
+
+def _local_workers(executor: ExecutorConfig, pending: int) -> int:
+    """The worker processes datatrove's executor uses for ``pending`` shards (as ``map_shards`` decides):
+    ``workers``, fewer when there are under ``min_shards_per_worker`` shards each; 1 runs in this process."""
+    return max(1, min(executor.workers, pending // executor.min_shards_per_worker))
+
+
+def _encode_phase(task: EncodeShard, executor: ExecutorConfig) -> dict[str, dict]:
+    """Run ``task`` for every unit without a done-record; returns every unit's record.
+
+    Beam and Ray, and datatrove with more than one worker, get the pending units through
+    ``map_shards``. One local datatrove worker would run them in this process anyway: they run
+    here directly, without importing datatrove (about 0.5 s) or its executor's per-task deep copy
+    and log files (tens of ms per unit), which together took longer than encoding the benchmark's
+    3 MB corpus.
+    """
+    records = DoneRecords(task.storage, task.ref, "encode")
+    done = records.ids()
+    pending = [i for i, unit in enumerate(task.units) if unit.unit_id not in done]
+    if pending:
+        progress = Progress("tokenize/encode", len(pending), "shards", log)
+        if executor.kind == "datatrove" and _local_workers(executor, len(pending)) == 1:
+            log.info("tokenize/encode: %d of %d shards to do, in this process", len(pending), len(task.units))
+            for index in pending:
+                task(index)
+                progress.update()
+        else:
+            from skymoe.pipelines.clean.executors import map_shards
+
+            log.info("tokenize/encode: %d of %d shards to do (%s executor)", len(pending), len(task.units),
+                     executor.kind)
+            with progress.watching(lambda: len(records.ids() - done)):
+                map_shards(executor, task, pending, "tokenize-encode")
+            progress.done = len(records.ids() - done)
+        progress.close()
+    finished = records.all()
+    missing = [unit.unit_id for unit in task.units if unit.unit_id not in finished]
+    if missing:
+        raise RuntimeError(f"tokenize/encode: shards {missing} did not finish")
+    return finished
 
 
 def _plots(storage: Storage, ref: StageRef, mixture: dict[str, dict]) -> list[str]:
@@ -203,6 +240,45 @@ def is_validation(doc_id: str, text: str, permille: int) -> bool:
     return xxhash.xxh64_intdigest(f"{doc_id}\x00{text}".encode("utf-8")) % 1000 < permille
 
 
+# Per process: the tokenizer an encode task loaded last (its URI, the tokenizer), so a worker that runs
+# many units loads it once.
+_LOADED: dict[str, Tokenizer] = {}
+
+
+class EncodeShard:
+    """The encode phase for one cleaned shard (``task(index)``): the picklable task every executor
+    runs. It writes the shard's Arrow files, then its done-record with each file's size and checksum
+    (computed where the file was written, not again by the stage's process)."""
+
+    def __init__(self, config: TokenizeConfig, storage: Storage, ref: StageRef, units: list[TokenizeUnit],
+                 dtype: np.dtype, tokenizer: Tokenizer | None = None):
+        self.config, self.storage, self.ref, self.units, self.dtype = config, storage, ref, units, dtype
+        self.tokenizer_uri = ref.path("tokenizer")
+        self._tokenizer = tokenizer
+
+    def __getstate__(self) -> dict:
+        # A pickled (or deep-copied) Tokenizer is its JSON, which drops encode_special_tokens: a literal
+        # "</s>" in a page would become an EOS id. Each process loads it with load_tokenizer instead.
+        return {**self.__dict__, "_tokenizer": None}
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            if self.tokenizer_uri not in _LOADED:
+                _LOADED.clear()
+                _LOADED[self.tokenizer_uri] = load_tokenizer(self.storage, self.tokenizer_uri)
+            self._tokenizer = _LOADED[self.tokenizer_uri]
+        return self._tokenizer
+
+    def __call__(self, index: int) -> None:
+        unit = self.units[index]
+        record = _encode_unit(unit, self.config, self.storage, self.ref, self.tokenizer, self.dtype)
+        record["stored"] = {entry["path"]: {"bytes": self.storage.size(self.ref.path(entry["path"])),
+                                            "checksum": self.storage.checksum(self.ref.path(entry["path"]))}
+                            for entry in record["files"]}
+        DoneRecords(self.storage, self.ref, "encode").mark(unit.unit_id, record)
+
+
 def _read_unit(storage: Storage, unit: TokenizeUnit, permille: int) -> tuple[list[str], list[str], list[bool]]:
     """A cleaned shard's texts, languages and held-out flags, read a record batch at a time (document
     ids are needed only for the held-out hash, and are not kept)."""
@@ -218,7 +294,7 @@ def _read_unit(storage: Storage, unit: TokenizeUnit, permille: int) -> tuple[lis
     return texts, langs, held_out
 
 
-def _encode_unit(unit: TokenizeUnit, config: TokenizeConfig, storage: Storage, ref: StageRef, tokenizer,
+def _encode_unit(unit: TokenizeUnit, config: TokenizeConfig, storage: Storage, ref: StageRef, tokenizer: Tokenizer,
                  dtype: np.dtype) -> dict:
     """Encode one cleaned shard and write its Arrow files; returns the unit's done-record."""
     texts, langs, held_out = _read_unit(storage, unit, config.validation_permille)
@@ -299,8 +375,8 @@ def _output(config: TokenizeConfig, storage: Storage, ref: StageRef, work: Token
         for prefix in ("", "appended_") if work.base else ("",):
             counts[f"{prefix}{entry['split']}_sequences"] += entry["sequences"]
             counts[f"{prefix}{entry['split']}_tokens"] += entry["tokens"]
-    shards = inherited_shards + [{**entry, "bytes": storage.size(ref.path(entry["path"])),
-                                  "checksum": storage.checksum(ref.path(entry["path"]))} for entry in new_index]
+    stored = {path: sums for unit in work.units for path, sums in records[unit.unit_id]["stored"].items()}
+    shards = inherited_shards + [{**entry, **stored[entry["path"]]} for entry in new_index]
     return StageOutput(
         counts=dict(counts), shards=shards, timings=timings,
         extra={"index": index, "mixture": mixture, "seq_len": config.seq_len, "token_dtype": str(dtype),
