@@ -32,7 +32,8 @@ from skymoe.pipeline import run_pipeline
 from skymoe.storage import Storage
 
 NODE = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
-PHASES = ("classifier", "filter", "index", "decide", "apply")
+PHASES = ("classifier", "filter", "index", "thresholds", "exact", "bands", "near", "clusters", "settle", "lines",
+          "apply")
 
 
 def ray_environment() -> None:

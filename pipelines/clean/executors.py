@@ -16,8 +16,10 @@ import itertools
 import os
 import re
 import socket
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import ModuleType
 
 from datatrove.pipeline.base import PipelineStep
@@ -118,11 +120,33 @@ _HOST_PORT = re.compile(r"^(?:[a-z]+://)?(?P<host>\[[^\]]+\]|[^:/\[\]]+):(?P<por
 
 
 def _run_ray(config: ExecutorConfig, task: ShardTask, shard_indices: list[int]) -> None:
-    """Join the configured cluster (or start a local Ray), run the shard tasks, and leave again.
+    """Run the shard tasks on Ray: in the stage's session (``executor_session``) when one is open, else in a
+    connection made for this phase alone."""
+    if _ray_session_open():
+        import ray
 
-    The connection lasts one phase: ``ray.shutdown()`` ends this driver's job (its tasks stop with it) and,
-    when Ray was started here, the local Ray itself; a cluster that was joined keeps running.
+        _ray_map(ray, task, shard_indices, config.workers)
+        return
+    with executor_session(config):
+        _run_ray(config, task, shard_indices)
+
+
+def _ray_session_open() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+@contextmanager
+def executor_session(config: ExecutorConfig) -> Iterator[None]:
+    """What an executor keeps across a stage's phases. For Ray: one connection to the configured cluster
+    (or one local Ray) for all phases, instead of starting a local Ray per phase.
+
+    ``ray.shutdown()`` at the end ends this driver's job (its tasks stop with it) and, when Ray was started
+    here, the local Ray itself; a cluster that was joined keeps running. Other executors keep nothing.
     """
+    if config.kind != "ray" or _ray_session_open():
+        yield
+        return
     address, source = _ray_address(config)
     host_port = _host_port(address) if address is not None else None
     if host_port is not None:
@@ -134,7 +158,7 @@ def _run_ray(config: ExecutorConfig, task: ShardTask, shard_indices: list[int]) 
     else:
         ray.init(address=address)
     try:
-        _ray_map(ray, task, shard_indices, config.workers)
+        yield
     finally:
         ray.shutdown()
 

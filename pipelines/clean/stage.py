@@ -39,7 +39,7 @@ from skymoe.pipelines.clean.dedup_phases import (
     near_clusters,
     recurring_lines,
 )
-from skymoe.pipelines.clean.executors import ShardTask, map_shards
+from skymoe.pipelines.clean.executors import ShardTask, executor_session, map_shards
 from skymoe.pipelines.clean.heuristics import heuristic_steps
 from skymoe.pipelines.clean.history import KEPT_BANDS, KEPT_EXACT, LINE_COUNTS, load_history
 from skymoe.pipelines.clean.langid import LanguageId
@@ -123,27 +123,37 @@ class CleanStage(Stage):
         log.info("clean: %d input shards -> %s", len(work.shards), ref.uri)
         timings: dict[str, float] = {}
         model = _classifier(config, storage, ref, work.prior, timings)
-        shards = work.shards
-        shard_ids = [shard.shard_id for shard in shards]
-        partition_ids = [f"p{p:04d}" for p in range(config.dedup.partitions)]
-        run = DedupRun(config, storage, ref, shards, load_history(storage, work.prior, config.dedup.partitions))
-        _run_phase("filter", FilterShard(config, storage, ref, shards, model), config, storage, ref, shard_ids, timings)
-        dedup_config = _dedup_phase_config(config, storage, ref)
-        _run_phase("index", IndexShard(run), dedup_config, storage, ref, shard_ids, timings)
-        run = replace(run, bucket_edges=_once("thresholds", lambda: {"bucket_edges": bucket_edges(run)},
-                                              storage, ref, timings)["bucket_edges"])
-        if config.dedup.exact:
-            _run_phase("exact", ExactPartition(run), dedup_config, storage, ref, partition_ids, timings)
-        if config.dedup.minhash.enabled:
-            _run_phase("bands", BandShard(run), dedup_config, storage, ref, shard_ids, timings)
-            _run_phase("near", NearPartition(run), dedup_config, storage, ref, partition_ids, timings)
-            _once("clusters", lambda: near_clusters(run), storage, ref, timings)
-        _run_phase("settle", SettleShard(run), dedup_config, storage, ref, shard_ids, timings)
-        _run_phase("lines", LinePartition(run), dedup_config, storage, ref, partition_ids, timings)
-        _run_phase("apply", ApplyShard(run), config, storage, ref, shard_ids, timings)
+        history = load_history(storage, work.prior, config.dedup.partitions)
+        with executor_session(config.executor):
+            _run_phases(DedupRun(config, storage, ref, work.shards, history), model, timings)
         output = _output(storage, ref, work, model, timings, config)
         log.info("clean: %d -> %d documents", output.counts["docs_in"], output.counts["docs_out"])
         return output
+
+
+def _run_phases(run: DedupRun, model: QualityModel | None, timings: dict) -> None:
+    """filter, the partitioned dedup phases (``dedup_phases``), apply: in order, each resumable."""
+    config, storage, ref = run.config, run.storage, run.ref
+    shards = [shard.shard_id for shard in run.shards]
+    partitions = [f"p{p:04d}" for p in range(config.dedup.partitions)]
+
+    def phase(name: str, task: ShardTask, units: list[str], executor: CleanConfig = config) -> None:
+        _run_phase(name, task, executor, storage, ref, units, timings)
+
+    phase("filter", FilterShard(config, storage, ref, run.shards, model), shards)
+    dedup = _dedup_phase_config(config, storage, ref)
+    phase("index", IndexShard(run), shards, dedup)
+    run = replace(run, bucket_edges=_once("thresholds", lambda: {"bucket_edges": bucket_edges(run)},
+                                          storage, ref, timings)["bucket_edges"])
+    if config.dedup.exact:
+        phase("exact", ExactPartition(run), partitions, dedup)
+    if config.dedup.minhash.enabled:
+        phase("bands", BandShard(run), shards, dedup)
+        phase("near", NearPartition(run), partitions, dedup)
+        _once("clusters", lambda: near_clusters(run), storage, ref, timings)
+    phase("settle", SettleShard(run), shards, dedup)
+    phase("lines", LinePartition(run), partitions, dedup)
+    phase("apply", ApplyShard(run), shards)
 
 
 def _fingerprinted_config(config: CleanConfig, storage: Storage) -> dict:
@@ -298,7 +308,8 @@ class ApplyShard:
         recurring = recurring_lines(run) if rc.enabled else set()
         reasons, langs, outputs = Counter(), Counter(), []
         lines_cut = 0
-        with row_writer(storage, run.ref.path("rejects", f"{shard.shard_id}-dedup.parquet"), REJECT_SCHEMA) as rejects, \
+        rejects_uri = run.ref.path("rejects", f"{shard.shard_id}-dedup.parquet")
+        with row_writer(storage, rejects_uri, REJECT_SCHEMA) as rejects, \
                 _OutputParts(storage, run.ref, shard.shard_id, run.config.docs_per_output_shard, outputs) as kept:
             for first, batch in iter_batches(storage, run.ref.path("filtered", f"{shard.shard_id}.parquet")):
                 for row, doc in enumerate(batch.to_pylist(), start=first):
