@@ -134,6 +134,8 @@ class TreeSampler:
         self.cpu: dict[int, float] = {}
         self.command: dict[int, str] = {}
         self.uss: dict[int, int] = {}
+        self.last: dict[int, int] = {}
+        self.trend: list[tuple[int, int]] = []
         self.by_phase: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -180,6 +182,7 @@ class TreeSampler:
                 except psutil.Error:
                     continue
                 role = self.role(process)
+                self.last[process.pid] = rss
                 self.peak[process.pid] = max(self.peak[process.pid], rss)
                 if role == "fork":
                     try:
@@ -203,6 +206,9 @@ def follow(process: subprocess.Popen, sampler: TreeSampler, log: Path, echo: boo
             found = re.search(r"\bclean/([a-z_]+)\b", line)
             if found:
                 sampler.phase = found.group(1)
+            progress = re.search(r"\bclean/filter \S+: (\d+) docs", line)
+            if progress:  # the coordinator's RSS as the filter phase goes: flat if it streams
+                sampler.trend.append((int(progress.group(1)), sampler.last.get(sampler.root.pid, 0)))
             if echo and ("clean/" in line or "Error" in line or "error" in line):
                 print("   |", line.rstrip()[:160], flush=True)
 
@@ -293,6 +299,10 @@ def report_stage(path: Path, cache: Path, workers: int, overrides: list[str], ke
                          *[mb(peaks[role]) if role in peaks else "-" for role in roles]])
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         print("\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows))
+        if sampler.trend:
+            picks = sorted({round(i * (len(sampler.trend) - 1) / 8) for i in range(9)})
+            print("filter phase, coordinator RSS by documents done: " + ", ".join(
+                f"{sampler.trend[i][0]:,}: {mb(sampler.trend[i][1])}" for i in picks))
         print("per process (peak RSS):")
         worst = 0
         for pid, peak in sorted(sampler.peak.items(), key=lambda item: -item[1]):
