@@ -85,7 +85,8 @@ def test_tokenize_on_the_ray_cluster_writes_the_in_process_bytes(cluster, refere
     small = {"tokenizer": {"vocab_size": 600}, "seq_len": 64, "sequences_per_file": 20}
 
     def tokenize(root: Path, executor: dict | None = None):
-        overrides = {"storage": {"root": str(root)}, "tokenize": {**small, **({"executor": executor} if executor else {})}}
+        overrides = {"storage": {"root": str(root)},
+                     "tokenize": {**small, **({"executor": executor} if executor else {})}}
         (result,) = run_stage("tokenize", load_config(config_path, overrides), upstream={"clean": clean.ref})
         return result
 

@@ -283,3 +283,33 @@ def test_encode_task_pickles_without_its_tokenizer(cleaned, tmp_path):
     for copied in (pickle.loads(pickle.dumps(task)), copy.deepcopy(task)):
         assert copied.units == task.units and copied.tokenizer is not tokenizer
         assert copied.tokenizer.encode("a </s> b").ids == expected
+
+
+def test_pack_against_a_plain_loop():
+    """Packing (vectorized: one stream, EOS by mask, document starts as one offsets array) matches the
+    obvious loop: documents + EOS concatenated, cut into rows, starts listed per row, the tail dropped."""
+    import numpy as np
+
+    from skymoe.pipelines.tokenize.packing import pack, rows_table
+
+    rng = np.random.default_rng(7)
+    lengths = rng.integers(1, 40, size=60)
+    lengths[[5, 17]] = [95, 130]  # documents over several rows
+    ids = rng.integers(3, 500, size=int(lengths.sum())).astype(np.uint16)
+    stream, starts, at = [], [], 0
+    for length in lengths:
+        starts.append(len(stream))
+        stream += [*ids[at : at + length].tolist(), 1]
+        at += length
+    row_len = 16
+    rows = pack(ids, lengths, 1, row_len, np.dtype(np.uint16))
+    count = len(stream) // row_len
+    assert rows.ids.tolist() == [stream[r * row_len : (r + 1) * row_len] for r in range(count)]
+    assert rows.dropped_tokens == len(stream) - count * row_len
+    table = rows_table(rows, "en", "c4", 3, 11).to_pylist()
+    assert [row["input_ids"] for row in table] == rows.ids[3:11].tolist()
+    in_row = [[s - r * row_len for s in starts if r * row_len <= s < (r + 1) * row_len] for r in range(3, 11)]
+    assert [row["doc_starts"] for row in table] == in_row
+    assert {row["lang"] for row in table} == {"en"} and {row["source"] for row in table} == {"c4"}
+    empty = pack(np.zeros(0, np.uint16), np.zeros(0, np.int64), 1, row_len, np.dtype(np.uint16))
+    assert empty.ids.shape == (0, row_len) and empty.dropped_tokens == 0

@@ -18,27 +18,33 @@ import pyarrow as pa
 @dataclass(frozen=True)
 class PackedRows:
     ids: np.ndarray  # (rows, seq_len + 1)
-    doc_starts: list[np.ndarray]  # per row: offsets where a document begins
+    # Where documents begin inside their row: row r's offsets are
+    # doc_starts[start_offsets[r] : start_offsets[r + 1]] (an Arrow list column's layout).
+    doc_starts: np.ndarray  # int32
+    start_offsets: np.ndarray  # (rows + 1,)
     dropped_tokens: int
 
 
-def pack(documents: list[np.ndarray], eos_id: int, row_len: int, dtype: np.dtype) -> PackedRows:
-    """Concatenate documents (each + EOS) and cut the stream into rows of ``row_len`` ids."""
-    if not documents:
-        return PackedRows(np.zeros((0, row_len), dtype=dtype), [], 0)
-    lengths = np.array([len(d) + 1 for d in documents], dtype=np.int64)
-    stream = np.empty(int(lengths.sum()), dtype=dtype)
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    for doc, start, end in zip(documents, starts, ends):
-        stream[start : end - 1] = doc
-        stream[end - 1] = eos_id
+def pack(ids: np.ndarray, lengths: np.ndarray, eos_id: int, row_len: int, dtype: np.dtype) -> PackedRows:
+    """Concatenate documents (each + EOS) and cut the stream into rows of ``row_len`` ids.
+
+    ``ids`` holds the documents' ids one after another, ``lengths`` how many each has.
+    """
+    if not len(lengths):
+        return PackedRows(np.zeros((0, row_len), dtype=dtype), np.zeros(0, np.int32), np.zeros(1, np.int64), 0)
+    ends = np.cumsum(np.asarray(lengths, dtype=np.int64) + 1)  # each document is followed by EOS
+    starts = np.concatenate([[0], ends[:-1]])
+    stream = np.empty(int(ends[-1]), dtype=dtype)
+    is_eos = np.zeros(len(stream), dtype=bool)
+    is_eos[ends - 1] = True
+    stream[is_eos] = eos_id
+    stream[~is_eos] = ids
     rows = len(stream) // row_len
-    ids = stream[: rows * row_len].reshape(rows, row_len)
     # Document starts falling in row r are those in [r*row_len, (r+1)*row_len).
     bounds = np.searchsorted(starts, np.arange(rows + 1) * row_len)
-    doc_starts = [(starts[bounds[r] : bounds[r + 1]] - r * row_len).astype(np.int32) for r in range(rows)]
-    return PackedRows(ids, doc_starts, len(stream) - rows * row_len)
+    doc_starts = (starts[: bounds[-1]] % row_len).astype(np.int32)
+    return PackedRows(stream[: rows * row_len].reshape(rows, row_len), doc_starts, bounds,
+                      len(stream) - rows * row_len)
 
 
 def rows_table(rows: PackedRows, lang: str, source: str, start: int, stop: int) -> pa.Table:
@@ -51,11 +57,9 @@ def rows_table(rows: PackedRows, lang: str, source: str, start: int, stop: int) 
     count, row_len = ids.shape
     input_ids = pa.ListArray.from_arrays(_numeric(np.arange(count + 1, dtype=np.int32) * row_len),
                                          _numeric(np.ascontiguousarray(ids).reshape(-1)))
-    starts = rows.doc_starts[start:stop]
-    start_offsets = np.zeros(count + 1, dtype=np.int32)
-    np.cumsum([len(s) for s in starts], out=start_offsets[1:])
-    flat_starts = np.concatenate(starts).astype(np.int32, copy=False) if starts else np.zeros(0, dtype=np.int32)
-    doc_starts = pa.ListArray.from_arrays(_numeric(start_offsets), _numeric(flat_starts))
+    first, last = rows.start_offsets[start], rows.start_offsets[stop]
+    doc_starts = pa.ListArray.from_arrays(_numeric((rows.start_offsets[start : stop + 1] - first).astype(np.int32)),
+                                          _numeric(rows.doc_starts[first:last]))
     return pa.Table.from_arrays([input_ids, doc_starts, _repeated(lang, count), _repeated(source, count)],
                                 names=["input_ids", "doc_starts", "lang", "source"])
 

@@ -18,11 +18,12 @@ entry names its folder in ``output``), followed by the new ones, so training rea
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -309,19 +310,42 @@ def _encode_unit(unit: TokenizeUnit, config: TokenizeConfig, storage: Storage, r
         groups[("validation" if held_out[i] else "train", langs[i])].append(int(i))
     eos = tokenizer.token_to_id(EOS)
     files = []
-    for (split, lang), members in sorted(groups.items()):
-        documents = []
-        for start in range(0, len(members), config.encode_batch):
-            batch = [texts[i] for i in members[start : start + config.encode_batch]]
-            # encode_batch_fast: the same ids without character offsets, which packing never uses.
-            documents += [np.asarray(e.ids, dtype=dtype) for e in tokenizer.encode_batch_fast(batch)]
+    for (split, lang), ids, lengths in _encoded(tokenizer, texts, sorted(groups.items()), config.encode_batch, dtype):
         # Long documents simply continue over several rows; counted so the spread is visible.
-        counts["docs_longer_than_a_sequence"] += sum(len(d) >= config.seq_len for d in documents)
-        rows = pack(documents, eos, config.seq_len + 1, dtype)
-        counts[f"{split}_docs"] += len(members)
+        counts["docs_longer_than_a_sequence"] += int((lengths >= config.seq_len).sum())
+        rows = pack(ids, lengths, eos, config.seq_len + 1, dtype)
+        counts[f"{split}_docs"] += len(lengths)
         counts[f"{split}_dropped_tokens"] += rows.dropped_tokens
         files += _write_rows(storage, ref, unit, split, lang, rows, config.sequences_per_file)
     return {"files": files, "counts": dict(counts)}
+
+
+def _encoded(tokenizer: Tokenizer, texts: list[str], groups: list[tuple[tuple[str, str], list[int]]],
+             batch_size: int, dtype: np.dtype) -> Iterator[tuple[tuple[str, str], np.ndarray, np.ndarray]]:
+    """Each group's documents (``texts`` by index) encoded, group after group: the key, the documents'
+    ids one after another, and how many ids each has.
+
+    The groups' documents are encoded as one run of batches of ``batch_size``, so a small group (a
+    language's held-out documents) does not make a small batch of its own, which leaves cores idle;
+    a document's ids do not depend on its batch. ``encode_batch_fast``: the ids without character
+    offsets, which packing never uses.
+    """
+    order = [i for _, members in groups for i in members]
+    ids: list[np.ndarray] = []  # encoded and not yet handed out, per batch
+    lengths: list[np.ndarray] = []
+    handed = encoded = 0  # documents handed out, documents encoded
+    for (key, _), end in zip(groups, itertools.accumulate(len(members) for _, members in groups)):
+        while encoded < end:
+            encodings = tokenizer.encode_batch_fast([texts[i] for i in order[encoded : encoded + batch_size]])
+            sizes = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
+            ids.append(np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=dtype,
+                                   count=int(sizes.sum())))
+            lengths.append(sizes)
+            encoded += len(encodings)
+        all_ids, all_lengths = np.concatenate(ids), np.concatenate(lengths)
+        cut = int(all_lengths[: end - handed].sum())
+        yield key, all_ids[:cut], all_lengths[: end - handed]
+        ids, lengths, handed = [all_ids[cut:]], [all_lengths[end - handed :]], end
 
 
 def _write_rows(storage: Storage, ref: StageRef, unit: TokenizeUnit, split: str, lang: str, rows: PackedRows,
