@@ -17,18 +17,22 @@ datatrove never looks at the hub).
 What is timed, each run in a fresh subprocess (interleaved, ``--repeats`` times; medians):
 (a) skymoe: the tokenize stage end to end into a fresh root (``STAGE.plan`` + ``run_plan``: plan,
     tokenizer copy, read Parquet, split/shuffle, ``encode_batch_fast`` in batches of ``encode_batch``,
-    pack, write Arrow IPC, manifest),
-    ``skymoe.config.load_config()`` defaults (seq_len 256, encode_batch 512);
+    pack, write Arrow IPC, checksums, mixture chart, manifest),
+    ``skymoe.config.load_config()`` defaults (seq_len 256, encode_batch 512; ``tokenize.executor``
+    datatrove with 1 worker, i.e. the encode phase in the stage's own process);
 (b) raw ``tokenizers``: ``Tokenizer.encode_batch`` over the same texts (already in memory, shard by
     shard, file order) in batches of the same size, reading ``len(e.ids)``; the practical limit;
 (c) datatrove 0.10.1: ``ParquetReader`` over the same shards -> ``DocumentTokenizer`` (same
     tokenizer.json, ``eos_token="</s>"``, same batch size, its default document shuffle) into a
     temp folder, under ``LocalPipelineExecutor(tasks=1, workers=1)``; ``executor.run()`` timed.
-(a') with ``--with-fast-encode``: (a) with ``Tokenizer.encode_batch_fast`` swapped in for ``encode_batch``
-    (a wrapper around the stage's ``load_tokenizer``; same ids, no character offsets), a proposed
-    fix measured without editing the stage; (b') is the raw loop with ``encode_batch_fast``.
-Every worker imports its libraries before the clock, ``pyarrow.dataset`` included (``pq.read_table``
-imports it, and pandas, lazily: ~0.2-0.3 s once per process, reported; a 1x run takes ~0.6 s).
+(b') the raw loop with ``encode_batch_fast`` (what the stage calls: the same ids, no offsets).
+(a'') with ``--executor-workers N``: (a) with ``tokenize.executor`` datatrove, N workers and
+    ``min_shards_per_worker`` 1, so the encode phase runs in N spawned processes (``map_shards``); its
+    cpu and peak memory are the stage's own process only, not its workers'.
+Every worker imports its libraries before the clock. Raw and datatrove also import ``pyarrow.dataset``
+there (``pq.read_table`` imports it, and pandas, lazily: ~0.2-0.5 s once per process, reported); skymoe
+does not, since the stage imports neither: whatever it imports lazily is inside its clock, and the
+top-level modules it imported there are listed (matplotlib or pandas there would be a regression).
 Tokens = encoded ids + one EOS per document, for all three: skymoe's manifest train + validation
 tokens plus dropped (packing tail) tokens; raw: sum of ``len(ids)`` + documents; datatrove: bytes of
 its output token files / 2 (uint16). They must agree (datatrove loads the tokenizer with
@@ -44,8 +48,8 @@ cleaned shard, so skymoe's peak should not grow with the number of shards.
 Threads: ``RAYON_NUM_THREADS`` (default: the CPU count) and ``TOKENIZERS_PARALLELISM=true`` are set
 here, before ``tokenizers`` is imported, and inherited by every worker.
 
-Run: ``python benchmarks/bench_tokenize.py [--scales 1 4] [--repeats 3] [--with-fast-encode]`` (about
-1-2 minutes on 2 shared cores).
+Run: ``python benchmarks/bench_tokenize.py [--scales 1 4] [--repeats 3] [--executor-workers N]`` (about
+2-3 minutes on 2 shared cores).
 """
 
 from __future__ import annotations
@@ -80,9 +84,9 @@ INPUTS = (("c4", "c4_demo.jsonl", "en", "jsonl"), ("zhwiki", "zhwiki_part1.txt",
           ("cmrc2018", "cmrc2018_contexts.jsonl", "zh", "jsonl"))
 STAGE_DIR = "pipelines/tokenize"  # the folder of the modules the stage's code version digests (git state)
 TOOLS = ("skymoe", "raw", "raw_fast", "datatrove")
-PATCHED = "skymoe_fast"
+WORKERS = "skymoe_workers"
 LABELS = {"skymoe": "(a) skymoe tokenize stage (end to end)",
-          PATCHED: "(a') skymoe, encode_batch_fast patched in",
+          WORKERS: "(a'') skymoe, encode on N datatrove workers",
           "raw": "(b) raw tokenizers encode_batch",
           "raw_fast": "(b') raw tokenizers encode_batch_fast",
           "datatrove": "(c) datatrove ParquetReader->DocumentTokenizer"}
@@ -178,46 +182,41 @@ def worker(args) -> dict:
     from skymoe.config import load_config
 
     # The whole config the stage plans from: defaults, the given tokenizer, the fresh root to write into.
-    pipeline = load_config(None, {"storage": {"root": args.out}, "tokenize": {"tokenizer": {"path": args.tokenizer}}})
+    tokenize: dict = {"tokenizer": {"path": args.tokenizer}}
+    if args.worker == WORKERS:
+        tokenize["executor"] = {"kind": "datatrove", "workers": args.executor_workers, "min_shards_per_worker": 1}
+    pipeline = load_config(None, {"storage": {"root": args.out}, "tokenize": tokenize})
     config = pipeline.tokenize
-    # pq.read_table imports pyarrow.dataset (and pandas with it) lazily on first use, ~0.2-0.3 s once per
-    # process; every worker pays that here, before its clock, and reports what it cost.
-    start = time.perf_counter()
-    import pyarrow.dataset  # noqa: F401
+    warm_import = 0.0
+    if args.worker not in ("skymoe", WORKERS):
+        # pq.read_table imports pyarrow.dataset (and pandas with it) lazily on first use, ~0.2-0.5 s once per
+        # process; raw and datatrove pay that here, before their clock, and report what it cost.
+        start = time.perf_counter()
+        import pyarrow.dataset  # noqa: F401
 
-    warm_import = time.perf_counter() - start
+        warm_import = time.perf_counter() - start
     clean_root, clean_fp = args.input.split("::")
     data = Path(clean_root) / "clean" / clean_fp / "data"
     result: dict = {}
-    if args.worker in ("skymoe", PATCHED):
+    if args.worker in ("skymoe", WORKERS):
         from skymoe.pipelines.tokenize import stage
         from skymoe.stage import StageRef, run_plan
         from skymoe.storage import Storage
 
-        if args.worker == PATCHED:  # the proposed fix, without editing the stage: same ids, no offsets
-            class FastEncode:
-                def __init__(self, tokenizer):
-                    self._tokenizer = tokenizer
-
-                def __getattr__(self, name):
-                    return getattr(self._tokenizer, name)
-
-                def encode_batch(self, batch):
-                    return self._tokenizer.encode_batch_fast(batch)
-
-            original = stage.load_tokenizer
-            stage.load_tokenizer = lambda storage, uri: FastEncode(original(storage, uri))
         clean_ref = StageRef(clean_root, "clean", clean_fp)
+        imported = set(sys.modules)
         base, cpu = _hwm_kb(), _cpu_s()
         start = time.perf_counter()
         (plan,) = stage.STAGE.plan(pipeline, Storage(), {"clean": clean_ref})
         res = run_plan(stage.STAGE, plan, Storage())
         seconds = time.perf_counter() - start
+        result["lazy_imports"] = sorted({name.split(".")[0] for name in sys.modules}
+                                        - {name.split(".")[0] for name in imported})
         c = res.manifest.counts
         tokens = sum(c.get(f"{s}_{k}", 0) for s in ("train", "validation") for k in ("tokens", "dropped_tokens"))
         docs = c.get("train_docs", 0) + c.get("validation_docs", 0)
-        result = {"timings": res.manifest.timings, "files": len(res.manifest.shards),
-                  "packed": c.get("train_tokens", 0) + c.get("validation_tokens", 0)}
+        result |= {"timings": res.manifest.timings, "files": len(res.manifest.shards),
+                   "packed": c.get("train_tokens", 0) + c.get("validation_tokens", 0)}
     elif args.worker in ("raw", "raw_fast"):
         import pyarrow.parquet as pq
 
@@ -261,9 +260,9 @@ def worker(args) -> dict:
             "base_kb": base, "warm_import": warm_import, **result}
 
 
-def spawn(tool: str, input_spec: str, tokenizer: str, out: str) -> dict:
+def spawn(tool: str, input_spec: str, tokenizer: str, out: str, executor_workers: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, "--input", input_spec,
-           "--tokenizer", tokenizer, "--out", out]
+           "--tokenizer", tokenizer, "--out", out, "--executor-workers", str(executor_workers)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"{tool} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -279,14 +278,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 4], help="corpus copies (1x = the 3 real shards)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per tool and scale; medians are reported")
-    ap.add_argument("--with-fast-encode", action="store_true",
-                    help="also time (a'): the stage with Tokenizer.encode_batch_fast patched in for encode_batch "
-                         "(a proposed fix; same ids, no character offsets)")
-    ap.add_argument("--worker", choices=(*TOOLS, PATCHED), help=argparse.SUPPRESS)
+    ap.add_argument("--executor-workers", type=int, default=0,
+                    help="also time (a''): the stage with its encode phase on this many spawned datatrove workers")
+    ap.add_argument("--worker", choices=(*TOOLS, WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--input", help=argparse.SUPPRESS)
     ap.add_argument("--tokenizer", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    LABELS[WORKERS] = f"(a'') skymoe, encode on {args.executor_workers} datatrove workers"
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
@@ -335,7 +334,7 @@ def main() -> int:
             root, fp, shards = write_clean_input(tmp_path / f"input{scale}x", scale, documents)
             inputs[scale] = (f"{root}::{fp}", shards)
 
-        tools = TOOLS + ((PATCHED,) if args.with_fast_encode else ())
+        tools = TOOLS + ((WORKERS,) if args.executor_workers else ())
         runs: dict[tuple[str, int], list[dict]] = {}
         n = 0
         for _ in range(args.repeats):  # interleaved, so machine noise hits every variant alike
@@ -343,7 +342,8 @@ def main() -> int:
                 for tool in tools:
                     n += 1
                     out = tmp_path / f"out{n}"
-                    runs.setdefault((tool, scale), []).append(spawn(tool, inputs[scale][0], tok_dir, str(out)))
+                    runs.setdefault((tool, scale), []).append(spawn(tool, inputs[scale][0], tok_dir, str(out),
+                                                                    args.executor_workers))
                     subprocess.run(["rm", "-rf", str(out)], check=False)
 
     print()
@@ -364,9 +364,11 @@ def main() -> int:
         tm = {k: med([r["timings"][k] for r in sk]) for k in sk[0]["timings"]}
         print(f"        skymoe manifest timings (medians, s): {tm}; {sk[0]['files']} Arrow files, "
               f"{sk[0]['packed']} tokens packed into rows, {sk[0]['tokens'] - sk[0]['packed']} dropped (row tails)")
-        print(f"        before the clock (every worker): import pyarrow.dataset (+ pandas), which pq.read_table "
-              f"imports lazily: {med([r['warm_import'] for r in sk]):.3f}s median; a stage run pays it once "
-              f"per process")
+        others = [r for tool in ("raw", "datatrove") for r in runs[(tool, scale)]]
+        print(f"        before the clock (raw and datatrove workers): import pyarrow.dataset (+ pandas), which "
+              f"pq.read_table imports lazily: {med([r['warm_import'] for r in others]):.3f}s median")
+        print(f"        imported by the skymoe stage inside its clock (top-level modules): "
+              f"{', '.join(sorted({m for r in sk for m in r['lazy_imports']})) or 'none'}")
         toks = {tool: runs[(tool, scale)][0]["tokens"] for tool in tools}
         if len(set(toks.values())) > 1:
             print(f"        NOTE token counts differ: {toks}")
@@ -374,9 +376,8 @@ def main() -> int:
     print()
     print("Side by side: skymoe tokens/s over the other's (ratio of medians; per repeat, by wall time, in brackets)")
     pairs = [("skymoe", "raw", 0.9), ("skymoe", "datatrove", 1.5), ("skymoe", "raw_fast", None)]
-    if args.with_fast_encode:
-        pairs += [(PATCHED, "raw", 0.9), (PATCHED, "datatrove", 1.5), (PATCHED, "raw_fast", None),
-                  (PATCHED, "skymoe", None)]
+    if args.executor_workers:
+        pairs += [(WORKERS, "skymoe", None)]
     for mine, other, target in pairs:
         cells = []
         for scale in args.scales:
