@@ -7,7 +7,7 @@ each run into a fresh root so nothing is a cache hit. Executors, both with ``wor
 - ``ray-cluster``: a running 2-node Ray cluster on loopback (``ray.cluster_utils.Cluster``: a head and a
   worker node, 1 CPU each, separate processes), joined through ``clean.executor.ray_address``. The
   cluster's start is timed apart: a cluster is up before a pipeline uses it;
-- ``ray-local`` (``--executors``; not by default): no address, a local Ray started and stopped per phase.
+- ``ray-local`` (``--executors``; not by default): no address, a local Ray started for the stage and stopped after it.
 Runs are interleaved (datatrove, ray-cluster, datatrove, ...) so load from other users of the machine falls
 on both; every run's data and reject checksums must equal the first run's.
 
