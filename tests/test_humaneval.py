@@ -27,8 +27,6 @@ from skymoe.evaluation.humaneval import (UnsafeCodeRefused, build_program, check
 
 # The shared data folder next to the checkout (../shared), as on the development machine.
 HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "bench" / "humaneval" / "HumanEval.jsonl.gz"
-if not HUMANEVAL.exists():
-    HUMANEVAL = Path("/work/shared/data/bench/humaneval/HumanEval.jsonl.gz")
 
 
 @pytest.fixture(scope="module")
