@@ -863,9 +863,7 @@ def print_size(n: int, corpus: Corpus, result: dict, args) -> None:
           f"run walls {', '.join(f'{w:.0f}s' for w in walls)}):")
     print(table(rows, right_from=2))
     first = sk[0]
-    helpers = ", ".join(f"{k} {mb(v)}" for k, v in sorted(first["helpers"].items()) if k != "worker")
-    print(f"  coordinator VmHWM at exit {mb(first['coord_hwm'])} MB; {first['workers_seen']} worker processes seen; "
-          f"not counted as workers (peak MB): {helpers or 'none'}")
+    print_processes(first)
     c = first["counts"]
     print(f"  clean: {c['docs_in']:,} in -> {c['docs_out']:,} out {c.get('docs_out_by_lang', {})}; tokens "
           f"{first['tokens']}")
@@ -879,15 +877,20 @@ def print_size(n: int, corpus: Corpus, result: dict, args) -> None:
               f"per-shard stage; {runs_note}):")
         print(table(rows, right_from=2))
         d0 = dt[0]
-        helpers = ", ".join(f"{k} {mb(v)}" for k, v in sorted(d0["helpers"].items()) if k != "worker")
-        print(f"  coordinator VmHWM at exit {mb(d0['coord_hwm'])} MB; {d0['workers_seen']} worker processes seen; "
-              f"not counted as workers (peak MB): {helpers or 'none'}")
+        print_processes(d0)
         print(f"  datatrove: {n:,} in -> {len(d0['reached']):,} after its filters {d0['reached_by_lang']} -> "
               f"{sum(d0['docs_out_by_lang'].values()):,} out {d0['docs_out_by_lang']}")
         if d0["filtered_files"] != corpus.shards:
             print(f"  WARNING: {d0['filtered_files']} filtered files for {corpus.shards} tasks: an empty task shifts "
                   f"the file-to-rank mapping of its MinHash filter stage")
     print_dedup(result)
+
+
+def print_processes(run: dict) -> None:
+    """The coordinator's high-water mark and the processes seen beside the workers, for one run."""
+    helpers = ", ".join(f"{k} {mb(v)}" for k, v in sorted(run["helpers"].items()) if k != "worker")
+    print(f"  coordinator VmHWM at exit {mb(run['coord_hwm'])} MB; {run['workers_seen']} worker processes seen; "
+          f"not counted as workers (peak MB): {helpers or 'none'}")
 
 
 def print_dedup(result: dict) -> None:
