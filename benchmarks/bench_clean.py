@@ -191,7 +191,7 @@ def top_ngrams(text: str) -> str:
     from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate
     from datatrove.utils.text import split_into_words
 
-    from skymoe.pipelines.clean.heuristics import _repeated_ngram_chars
+    from skymoe.pipelines.clean.heuristics import WordGrams
     from skymoe.pipelines.clean.text import latin_words
 
     def top(words, n=2):
@@ -203,7 +203,7 @@ def top_ngrams(text: str) -> str:
 
     a, b = split_into_words(text), latin_words(text)
     return (f"top 2-gram spaCy {top(a)} / skymoe {top(b)} (max 0.20); duplicated 5-gram chars spaCy "
-            f"{find_all_duplicate(a, 5) / len(text):.4f} / skymoe {_repeated_ngram_chars(b, 5) / len(text):.4f} "
+            f"{find_all_duplicate(a, 5) / len(text):.4f} / skymoe {WordGrams(b).repeated_chars(5) / len(text):.4f} "
             f"(max 0.15)")
 
 

@@ -29,6 +29,7 @@ from skymoe.pipelines.clean.heuristics import (
     FineWebQuality,
     GopherQuality,
     GopherRepetition,
+    WordGrams,
     heuristic_steps,
 )
 from skymoe.pipelines.clean.langid import LanguageId
@@ -188,6 +189,33 @@ def test_gopher_repetition_rejects_a_real_repetitive_c4_page(datatrove_filters):
     text = C4_TEXTS[10]
     assert reason(run_one(en_repetition(), doc(text))) == "duplicated_5_n_grams"
     assert datatrove_reason(datatrove_filters["gopher_repetition"], text) == "duplicated_5_n_grams"
+
+
+def test_word_grams_measure_what_gophers_string_loops_measure():
+    """WordGrams counts with integer gram ids; the reference is datatrove's own duplicate scan
+    (it joins words without a separator, so words here never glue into each other's grams) and
+    Counter's top n-gram, on real C4 word lists and constructed repetitive ones."""
+    from collections import Counter
+
+    from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate
+
+    from skymoe.pipelines.clean.text import latin_words
+
+    def top_chars(words: list[str], n: int) -> int:
+        grams = Counter(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
+        gram, count = grams.most_common(1)[0] if grams else ("", 0)
+        return len(gram) * count
+
+    rng = np.random.default_rng(0)
+    constructed = [[f"w{k}" for k in rng.integers(0, vocab, size)] for vocab, size in
+                   [(2, 50), (3, 200), (5, 7), (50, 400), (1000, 300), (1, 12)]]
+    word_lists = [latin_words(text) for text in C4_TEXTS[:60]] + constructed + [[], ["one"], ["a", "b", "a", "b"]]
+    for words in word_lists:
+        grams = WordGrams(words)
+        for n in (1, 2, 3, 4):
+            assert grams.top_chars(n, " ") == top_chars(words, n), (words[:8], n)
+        for n in (2, 5, 7, 10):
+            assert grams.repeated_chars(n) == find_all_duplicate(words, n), (words[:8], n)
 
 
 def test_chinese_repetition_keeps_a_real_article_and_rejects_it_repeated():

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+import numpy as np
+
 from datatrove.data import Document
 from datatrove.utils.text import TERMINAL_PUNCTUATION
 
@@ -55,29 +57,64 @@ def _duplicates(items: list[str]) -> tuple[int, int]:
     return dup_elements, dup_chars
 
 
-def _ngrams(words: list[str], n: int, sep: str) -> list[str]:
-    return [sep.join(words[i : i + n]) for i in range(len(words) - n + 1)]
+class WordGrams:
+    """The n-grams of one word list, as integer ids: gram ``n`` at position ``i`` gets the rank of
+    the pair (gram ``a`` at ``i``, gram ``n - a`` at ``i + a``), so equal word tuples get equal ids
+    with no hashing and no n-gram strings built. Gopher's repetition measures are then a few numpy
+    passes per n instead of a Python loop over tuples (the filter's costliest rule before)."""
 
+    def __init__(self, words: list[str]):
+        vocabulary = {word: i for i, word in enumerate(dict.fromkeys(words))}
+        self.size = len(words)
+        ids = np.fromiter(map(vocabulary.__getitem__, words), np.int64, self.size)
+        # _ids[n]: gram ids by start position; _first[n][g]: where gram id g first occurs
+        self._ids = {1: ids}
+        self._first = {1: np.unique(ids, return_index=True)[1]}
+        # chars[i] = characters in words[:i]
+        self._chars = np.concatenate(([0], np.cumsum(np.fromiter(map(len, words), np.int64, self.size))))
 
-def _top_ngram_chars(ngrams: list[str]) -> int:
-    gram, count = Counter(ngrams).most_common(1)[0]
-    return len(gram) * count
+    def _grams(self, n: int) -> np.ndarray:
+        """Gram ids for every start position (``size - n + 1`` of them; ``n <= size``)."""
+        if n not in self._ids:
+            a = n // 2
+            left, right = self._grams(a)[: self.size - n + 1], self._grams(n - a)[a:]
+            keys = left * (self.size + 1) + right  # exact: both ids are below size + 1
+            _, self._first[n], self._ids[n] = np.unique(keys, return_index=True, return_inverse=True)
+        return self._ids[n]
 
+    def top_chars(self, n: int, sep: str) -> int:
+        """Characters of the most frequent n-gram (joined by ``sep``) times its count; among equally
+        frequent ones the first to occur, as ``Counter.most_common`` picks (Gopher's top n-gram)."""
+        if self.size < n:
+            return 0
+        grams = self._grams(n)
+        counts = np.bincount(grams)
+        top = np.flatnonzero(counts == counts.max())
+        start = int(self._first[n][top].min())
+        return (int(self._chars[start + n] - self._chars[start]) + (n - 1) * len(sep)) * int(counts.max())
 
-def _repeated_ngram_chars(words: list[str], n: int) -> int:
-    """Characters covered by repeated n-grams, skipping over a repeat once counted (Gopher)."""
-    seen: set[tuple[str, ...]] = set()
-    repeated = idx = 0
-    limit = len(words) - n + 1
-    while idx < limit:
-        gram = tuple(words[idx : idx + n])
-        if gram in seen:
-            repeated += sum(len(w) for w in gram)
-            idx += n
-        else:
-            seen.add(gram)
-            idx += 1
-    return repeated
+    def repeated_chars(self, n: int) -> int:
+        """Characters of n-grams that repeat an earlier one, scanning as Gopher does: after a repeat
+        the scan jumps past it, and grams jumped over are not remembered. Up to the first repeat the
+        scan remembers every gram, so only the rest is walked in Python (nothing, for most pages)."""
+        if self.size < n:
+            return 0
+        grams = self._grams(n)
+        repeats = np.flatnonzero(self._first[n][grams] != np.arange(len(grams)))
+        if not len(repeats):
+            return 0
+        start = int(repeats[0])
+        seen = set(grams[:start].tolist())
+        ids, chars = grams.tolist(), self._chars.tolist()
+        repeated, idx = 0, start
+        while idx < len(ids):
+            if ids[idx] in seen:
+                repeated += chars[idx + n] - chars[idx]
+                idx += n
+            else:
+                seen.add(ids[idx])
+                idx += 1
+        return repeated
 
 
 class GopherRepetition(DocFilter):
@@ -113,13 +150,12 @@ class GopherRepetition(DocFilter):
             return "dup_line_frac"
         if dup_chars / len(text) > c.dup_line_char_frac:
             return "dup_line_char_frac"
-        words = view.words
+        grams = WordGrams(view.words)
         for n, frac in self.top_n_grams:
-            grams = _ngrams(words, n, self.sep)
-            if grams and _top_ngram_chars(grams) / len(text) > frac:
+            if grams.top_chars(n, self.sep) / len(text) > frac:
                 return f"top_{n}_gram"
         for n, frac in self.dup_n_grams:
-            if _repeated_ngram_chars(words, n) / len(text) > frac:
+            if grams.repeated_chars(n) / len(text) > frac:
                 return f"duplicated_{n}_n_grams"
         return None
 
@@ -137,7 +173,7 @@ class GopherQuality(DocFilter):
     def check(self, doc: Document) -> str | None:
         c, view, text = self.config, view_of(doc), doc.text
         words = view.words
-        content_words = [w for w in words if any(ch not in _PUNCTUATION for ch in w)]
+        content_words = [w for w in words if not _PUNCTUATION.issuperset(w)]
         if len(content_words) < c.min_doc_words:
             return "gopher_short_doc"
         if len(content_words) > c.max_doc_words:
@@ -189,7 +225,7 @@ class C4Lines(DocFilter):
         for raw in view_of(doc).lines:
             line = raw.strip()
             words = line.split()
-            if any(len(w) > c.max_word_length for w in words):
+            if max(map(len, words), default=0) > c.max_word_length:
                 continue
             line = _CITATION.sub("", line)
             if not line.endswith(self.terminal) or (self.lang == "en" and line.endswith("...")):
