@@ -75,7 +75,8 @@ def write_config(path: Path, root: str, inputs: list[str], train: dict | None = 
             # Score every document but keep all buckets, so the planted duplicates reach dedup.
             "keep_buckets": ["head", "middle", "tail"],
         },
-        "dedup": {"recurring": {"min_docs": 3}},
+        # A few partitions are enough for a few hundred documents (and save S3 round trips).
+        "dedup": {"partitions": 4, "recurring": {"min_docs": 3}},
     }
     for key, value in clean_overrides.items():
         clean[key] = value

@@ -115,7 +115,7 @@ def _rejects(result) -> dict[str, tuple[str, str]]:
 def test_partition_count_and_a_kill_inside_a_partitioned_phase_change_nothing(small_corpus, tmp_path):
     config_path = write_config(tmp_path / "c.yaml", str(tmp_path / "one"), [str(small_corpus)])
     one = _clean(config_path, clean={"dedup": {"partitions": 1}})
-    many = _clean(config_path, storage={"root": str(tmp_path / "many")}, clean={"dedup": {"partitions": 48}})
+    many = _clean(config_path, storage={"root": str(tmp_path / "many")}, clean={"dedup": {"partitions": 12}})
     assert _documents(one) == _documents(many) and _rejects(one) == _rejects(many)
     assert one.manifest.counts == many.manifest.counts
     assert {"exact_dedup:duplicate_of", "near_dedup:near_duplicate_of"} <= set(one.manifest.counts["rejects_by_reason"])
@@ -125,11 +125,11 @@ def test_partition_count_and_a_kill_inside_a_partitioned_phase_change_nothing(sm
         "import sys; sys.path.insert(0, %r)\n"
         "from test_dedup_partitions import _clean\n"
         "from pathlib import Path\n"
-        "_clean(Path(%r), storage={'root': %r}, clean={'dedup': {'partitions': 48}})\n"
+        "_clean(Path(%r), storage={'root': %r}, clean={'dedup': {'partitions': 12}})\n"
     ) % (str(Path(__file__).parent), str(config_path), str(killed_root))
     done_dir = killed_root / "clean" / many.ref.fingerprint / "_done" / "near"
     finished_before = kill_after_done_records(code, done_dir, count=3)
-    assert len(finished_before) < 48 and not (done_dir.parent.parent / "manifest.json").exists()
-    resumed = _clean(config_path, storage={"root": str(killed_root)}, clean={"dedup": {"partitions": 48}})
+    assert len(finished_before) < 12 and not (done_dir.parent.parent / "manifest.json").exists()
+    resumed = _clean(config_path, storage={"root": str(killed_root)}, clean={"dedup": {"partitions": 12}})
     assert _documents(resumed) == _documents(many) and _rejects(resumed) == _rejects(many)
     assert finished_before <= {p.name for p in done_dir.glob("*.json")}

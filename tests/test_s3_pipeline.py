@@ -12,6 +12,7 @@ import threading
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
 
 from conftest import REPO, SMALL_TRAIN, run_stage, upload_folder, write_config
 from skymoe.config import load_config
@@ -41,6 +42,7 @@ def _keys(client, bucket: str, prefix: str) -> set[str]:
             return keys
 
 
+@pytest.mark.slow  # ~2.5 min; the local end-to-end test, test_s3 and the flaky-store test cover S3 by default
 def test_whole_pipeline_on_s3_with_presigned_links(tmp_path, small_corpus, bucket, prefect_env, monkeypatch):
     client, name = bucket
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
@@ -155,7 +157,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 def test_transient_store_errors_are_retried_and_leave_no_partial_output(tmp_path, small_corpus, bucket, s3_server):
     client, name = bucket
     upload_folder(client, name, small_corpus / "c4", "flaky-in")
-    proxy = _FlakyProxy(s3_server, fail_every=5, drop_every=17)
+    proxy = _FlakyProxy(s3_server, fail_every=12, drop_every=97)  # a dropped connection costs ~6 s of retries
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{proxy.server_address[1]}"
     try:

@@ -41,7 +41,7 @@ def config(tmp_path_factory, small_corpus) -> tuple[Path, Path]:
     return write_config(folder / "c.yaml", str(folder / "out"), [str(small_corpus)], train=LONG_TRAIN), folder / "out"
 
 
-@pytest.mark.slow  # ~1 min; the browser and kill -9 tests run deployments by default
+@pytest.mark.slow  # ~1 min; the browser test and the serve command's test run deployments by default
 def test_single_stage_deployments_and_a_missing_upstream(local, config):
     path, root = config
     params = {"config_path": str(path)}
@@ -59,6 +59,7 @@ def test_single_stage_deployments_and_a_missing_upstream(local, config):
     assert len(list((root / "tokenize").glob("*/manifest.json"))) == 1
 
 
+@pytest.mark.slow  # ~2 min; the browser test and the serve command's test run deployments by default
 def test_kill_9_of_worker_and_run_then_restart_and_resume(local, config, caplog):
     path, root = config
     params = {"config_path": str(path), "until": "train"}
