@@ -17,6 +17,7 @@ from conftest import CORPUS, REPO, write_config
 from skymoe.training.data import TokenReader
 from skymoe.storage import Storage
 
+TRAIN_TOKENS = 20_480  # continued training per new batch: 10 steps (tiny's 102,400 is 50)
 _RUN = ("import json, sys; from skymoe.flows.incremental import incremental_flow; "
         "print('RESULT ' + json.dumps(incremental_flow(root=sys.argv[2], config_path=sys.argv[1])))")
 
@@ -43,6 +44,8 @@ def test_new_files_are_cleaned_against_history_appended_and_trained_on(tmp_path,
     (landing / "web" / "zh-0.txt").write_text("\n".join(zh[:300]) + "\n", encoding="utf-8")
     config = write_config(tmp_path / "c.yaml", str(tmp_path / "out"), [str(landing)],
                           evaluate={"suites": {"hellaswag": {"limit": 20}}, "max_gen_tokens": 16})
+    settings = yaml.safe_load(config.read_text(encoding="utf-8"))
+    config.write_text(yaml.safe_dump({**settings, "incremental": {"train_tokens": TRAIN_TOKENS}}), encoding="utf-8")
     env = dict(os.environ)
 
     first = _incremental(config, env)
@@ -69,7 +72,7 @@ def test_new_files_are_cleaned_against_history_appended_and_trained_on(tmp_path,
     assert counts["duplicates_of_earlier"] >= 2  # the exact and the near copy
     assert counts["train_tokens_appended"] > 0
     assert counts["train_tokens_in_shards"] == first["counts"]["train_tokens_in_shards"] + counts["train_tokens_appended"]
-    assert counts["training_steps_added"] == -(-102_400 // (4 * 2 * 256))  # incremental.train_tokens at 2x4x256
+    assert counts["training_steps_added"] == -(-TRAIN_TOKENS // (4 * 2 * 256))  # at 2 ranks x 4 x 256 tokens
     assert set(counts["evaluation_delta"]) == {"hellaswag"} and counts["evaluation_delta"]["hellaswag"] is not None
 
     # The copies were rejected as duplicates of the first generation's documents, named by key.
