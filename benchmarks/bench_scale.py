@@ -75,10 +75,11 @@ than datatrove's.
 Run: ``python benchmarks/bench_scale.py [--sizes 20000,100000,500000] [--big] [--workers 2]
 [--executor datatrove|ray] [--shard-docs 5000] [--datatrove-at 100000] [--skip-datatrove]
 [--repeats 1] [--workdir /tmp/skymoe-bench-scale] [--json FILE]``; ``--sizes 5000,20000
---datatrove-at 20000`` is a quick check. Measured on 2 cores shared with other jobs (load 3-7), 2
-workers: skymoe's clean stage 80-121 docs/s (20k: 250 s, 100k: 824 s; the whole command 5 and 16 min),
-datatrove's pipeline 15-34 docs/s (20k: 10-22 min), so the default side by side at 100k takes about an
-hour for datatrove alone there, and 500k about 1.5 h for skymoe. Building a corpus takes ~35 s per 100k.
+--datatrove-at 20000`` is a quick check. Measured on 2 otherwise idle cores, 2 workers (47b0411):
+skymoe's clean stage 211-247 docs/s (20k: 95 s, 100k: 420 s, 500k: 2,028 s; the whole command 2, 8 and
+39 min), datatrove's pipeline 64 docs/s at 20k (311 s; 15-34 docs/s on a loaded machine), so the
+default side by side at 100k takes about half an hour for datatrove alone. Building a corpus takes
+~50 s per 100k.
 """
 
 from __future__ import annotations
