@@ -125,12 +125,12 @@ def whole_stage(config_arg: str, documents: dict[str, list[tuple[dict, str]]], w
         dropped_good = Counter(":".join(verdicts[e["id"]]) for (e, _), k, g in zip(docs, kept, good) if g and not k)
         kept_bad = Counter(e["kind"] for (e, _), k, g in zip(docs, kept, good) if k and not g)
         raw_cc = [(e["id"], e["label"], e["kind"]) for (e, _), k in zip(docs, kept) if k and e["source"] == RAW_CC]
-        spam = [e["id"] for e, _ in docs if e["kind"] in SPAM_KINDS and e["source"] == RAW_CC]
+        spam = {e["id"] for e, _ in docs if e["kind"] in SPAM_KINDS and e["source"] == RAW_CC}
         results[lang] = {"docs": len(docs), "good": int(good.sum()), "kept": int(kept.sum()), "precision": precision,
                          "recall": recall, "good_dropped_by": dict(dropped_good.most_common()),
                          "bad_kept_by_kind": dict(kept_bad.most_common()), "raw_cc_kept": raw_cc,
                          "raw_cc_spam_present": len(spam),
-                         "raw_cc_spam_kept": sum(1 for doc_id, _, _ in raw_cc if doc_id in set(spam))}
+                         "raw_cc_spam_kept": sum(1 for doc_id, _, _ in raw_cc if doc_id in spam)}
     return results
 
 
