@@ -10,9 +10,10 @@ its SOURCE.md says where each comes from). Entries from sources that may not be 
     precision / recall of "good" at the model's own boundary (score >= 0.5) and at the stage's rule
     (the config's top quantile buckets of the language, computed on the evaluation documents).
 (b) The whole clean stage: the documents as one JSONL input per language (the set's ids as document
-    ids), ``clean`` run with the config's settings (no Prefect; a fresh root). A document is "kept"
-    when it is in the stage's output. Per language: precision (kept that are good), recall (good that
-    are kept), why good documents were dropped (step:reason), which kinds of bad documents were kept.
+    ids), ``clean`` run with the config's settings through ``run_pipeline`` (no Prefect; a fresh
+    root). A document is "kept" when it is in the stage's output. Per language: precision (kept that
+    are good), recall (good that are kept), why good documents were dropped (step:reason), which kinds
+    of bad documents were kept.
     Also, for the raw Common Crawl pages (``web/chinesewebtext/2021-43_cleared1.jsonl``), every kept
     page with its label, and the share of spam pages (gambling, SEO, spun) kept.
 (c) ``--skypile``: the whole clean stage on the SkyPile-150B sample
@@ -90,8 +91,7 @@ def _kept_quantile_share(classifier) -> float:
 def run_clean(config_arg: str, inputs: dict[str, list[dict]], workdir: Path) -> dict[str, tuple[str, str] | None]:
     """Every input id -> None (kept) or (step, reason) of its rejection."""
     from skymoe.config import load_config
-    from skymoe.pipeline import load_stage
-    from skymoe.stage import run_plan
+    from skymoe.pipeline import run_pipeline
     from skymoe.storage import Storage
 
     folder = workdir / "input"
@@ -100,10 +100,7 @@ def run_clean(config_arg: str, inputs: dict[str, list[dict]], workdir: Path) -> 
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows),
                                              encoding="utf-8")
     config = load_config(config_arg, {"storage": {"root": str(workdir / "out")}, "clean": {"inputs": [str(folder)]}})
-    storage = Storage.from_config(config.storage)
-    stage = load_stage("clean")
-    [plan] = stage.plan(config, storage, {})
-    result = run_plan(stage, plan, storage)
+    (result,) = run_pipeline(config, Storage.from_config(config.storage), ("clean",))
     out = Path(result.ref.uri)
     verdicts: dict[str, tuple[str, str] | None] = {}
     for entry in result.manifest.shards:
