@@ -14,9 +14,11 @@ memory (RSS):
    module instead (e.g. the one before streaming, ``git show 7652af8:pipelines/clean/readers.py``).
 2. ``stage`` (not with ``--reader-only``): ``skymoe run --until clean`` with a generated config that
    extends the ``tiny`` preset, reads only this file, ``clean.executor.workers: 2``, into a fresh root
-   under the cache folder (removed afterwards unless ``--keep``). Peak RSS of the coordinating process
-   (the ``skymoe`` CLI: a single input file is one shard, and datatrove runs a phase with one shard in
-   this process) and of every other process in its tree, by role: ``worker`` (spawned by the executor),
+   under the cache folder (removed afterwards unless ``--keep``). The stage reads the plain file as
+   pieces of ``clean.reader.split_bytes`` (256 MiB: 8 shards for 2 GB), spread over the workers; a
+   ``--gz`` file, or one under ``split_bytes``, is one shard, which datatrove runs in the coordinating
+   process. Peak RSS of the coordinating process (the ``skymoe`` CLI) and of every other process in its
+   tree, by role: ``worker`` (spawned by the executor),
    ``fork`` (idle helpers forked from the coordinator, whose RSS is the coordinator's shared pages: their
    own memory, USS, is printed beside it), the Prefect server; overall and per phase (the phase taken
    from the stage's log lines ``clean/<phase>``), with the phase timings from the stage's manifest.
@@ -25,8 +27,8 @@ Target (issue 13): every worker's peak RSS under 1.5 GB (the coordinator counted
 whatever the file's size.
 
 Run: ``python benchmarks/bench_big_file.py [--gb 2.0] [--gz] [--reader-only] [--keep] [--set KEY=VALUE ...]``.
-Validate with ``--gb 0.2`` first: 49,491 documents, 27 minutes at load average 6 on 2 shared cores, 24 of
-them the filter phase (34 documents/s); the stage's time grows with the file (2 GB: about 10x).
+Validate with ``--gb 0.2`` first (49,491 documents; under ``split_bytes``, so one shard and one worker);
+the stage's time grows with the file.
 """
 
 from __future__ import annotations
@@ -314,7 +316,7 @@ def report_stage(path: Path, cache: Path, workers: int, overrides: list[str], ke
                 worst = max(worst, peak)
         met = worst < TARGET_BYTES
         print(f"target: every worker's peak RSS under {mb(TARGET_BYTES)} (the coordinator counted as one: it runs "
-              f"the one-shard phases; idle forks are not, their RSS is the coordinator's shared pages): "
+              f"phases with one shard; idle forks are not, their RSS is the coordinator's shared pages): "
               f"worst {mb(worst)} -> {'MET' if met else 'NOT MET'}")
         return code == 0 and met
     finally:

@@ -74,6 +74,11 @@ class ReaderConfig(_Strict):
     code_sources: list[str] = Field(
         default_factory=list, description="sources (input sub-folders) holding code: code heuristics apply"
     )
+    split_bytes: int = Field(
+        256 << 20, ge=1 << 10,
+        description="uncompressed JSONL and text files larger than this are read as several shards (byte "
+                    "ranges cut at line ends), so that one big file is spread over the workers",
+    )
 
 
 class ExtractionConfig(_Strict):

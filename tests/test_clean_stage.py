@@ -114,3 +114,19 @@ def test_same_corpus_elsewhere_gives_the_same_documents(reference_run, small_cor
     result = _run(config_path, storage={"root": str(tmp_path / "out")}, clean={"inputs": [str(moved)]})
     assert result.ref.fingerprint != reference.ref.fingerprint  # inputs are located data
     assert sorted(_data_bytes(result.ref.uri).values()) == sorted(_data_bytes(reference.ref.uri).values())
+
+
+def test_files_split_into_pieces_keep_the_same_documents_in_the_same_order(reference_run, tmp_path):
+    """A big file is read as several shards; the documents kept, their ids and order, do not change."""
+    config_path, reference = reference_run
+    split = _run(config_path, storage={"root": str(tmp_path / "split")}, clean={"reader": {"split_bytes": 16_384}})
+    pieces = [item for item in split.manifest.extra["input_files"] if "bytes" in item]
+    assert len(pieces) > len({item["uri"] for item in pieces}) > 1
+    assert len(split.manifest.shards) > len(reference.manifest.shards)
+
+    def rows(result) -> list[dict]:
+        return [row for entry in result.manifest.shards
+                for row in pq.read_table(Path(result.ref.uri) / entry["path"]).to_pylist()]
+
+    assert rows(split) == rows(reference)
+    assert split.manifest.counts["rejects_by_reason"] == reference.manifest.counts["rejects_by_reason"]

@@ -535,6 +535,58 @@ def test_an_input_changed_after_planning_fails_the_shard(tmp_path):
             list(reader.run(rank=0))
 
 
+# --------------------------------------------------------------------------- split files
+def _read_all(shards, config: ReaderConfig = ReaderConfig()) -> list[tuple]:
+    reader = ShardReader(shards, config, STORAGE)
+    return [(d.id, d.text, d.metadata.get(ORIGINAL), d.metadata.get(REJECT, {}).get("reason"))
+            for rank in range(len(shards)) for d in reader.run(rank=rank, world_size=len(shards))]
+
+
+@pytest.mark.parametrize("name", ["big.jsonl", "big.txt"])
+def test_a_big_file_read_in_pieces_gives_what_reading_it_whole_gives(tmp_path, name):
+    """Pieces hold whole lines, cover the file in order, and keep line-number ids and the rejects."""
+    good = [c4_record(i) if name.endswith(".jsonl") else ZHWIKI[i].encode() for i in range(120)]
+    lines = good[:40] + [b"", b'{"text": "cut', b"\xff\xfe not utf-8"] + good[40:] + [good[0][:-1]]
+    path = tmp_path / name
+    path.write_bytes(b"\n".join(lines))  # the last line has no newline
+    whole, _ = discover_inputs(STORAGE, [str(path)])
+    size = path.stat().st_size
+    for split_bytes in (1 << 10, 7_777, size // 2, size - 1):
+        pieces, _ = discover_inputs(STORAGE, [str(path)], split_bytes=split_bytes)
+        assert 1 < len(pieces) <= -(-size // split_bytes)  # fewer where a piece runs on to a line end
+        assert {s.checksum for s in pieces} == {whole[0].checksum}
+        assert [s.piece.start for s in pieces] == [0] + [s.piece.end for s in pieces[:-1]]
+        assert pieces[-1].piece.end == size
+        assert all(path.read_bytes()[s.piece.end - 1] == ord("\n") for s in pieces[:-1])
+        assert len({s.shard_id for s in pieces}) == len(pieces)
+        assert _read_all(pieces) == _read_all(whole)
+    # rejected: the cut record, the bytes that are not UTF-8 and (JSONL) the cut last line or (text) the empty one
+    assert sum(1 for row in _read_all(whole) if row[3]) == (3 if name.endswith(".jsonl") else 2)
+
+
+def test_gzip_parquet_and_small_files_are_not_split(tmp_path):
+    plain = write_lines(tmp_path / "a.jsonl", [c4_record(i) for i in range(50)])
+    packed = tmp_path / "b.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    small = write_lines(tmp_path / "c.jsonl", [c4_record(0)])
+    shards, _ = discover_inputs(STORAGE, [str(tmp_path)], split_bytes=1 << 10)
+    assert [(s.uri.rsplit("/", 1)[-1], s.piece is None) for s in shards].count(("a.jsonl", False)) > 1
+    assert [s.uri.rsplit("/", 1)[-1] for s in shards if s.piece is None] == ["b.jsonl.gz", "c.jsonl"]
+    assert {s.checksum for s in shards if s.uri == str(small)} == {STORAGE.checksum(str(small))}
+
+
+def test_a_piece_changed_after_planning_stops_its_read(tmp_path):
+    path = write_lines(tmp_path / "a.jsonl", [c4_record(i) for i in range(50)])
+    shards, _ = discover_inputs(STORAGE, [str(path)], split_bytes=20_000)
+    raw = bytearray(path.read_bytes())
+    raw[shards[1].piece.start + 20] ^= 1  # inside the second piece's first record
+    path.write_bytes(bytes(raw))
+    reader = ShardReader(shards, ReaderConfig(), STORAGE)
+    assert len(list(reader.run(rank=0))) > 0  # the first piece's bytes are unchanged
+    with pytest.raises(InputError, match="changed after the stage was planned"):
+        list(reader.run(rank=1))
+
+
 # --------------------------------------------------------------------------- discovery
 def test_a_missing_input_path_fails_early_with_the_path(tmp_path):
     missing = tmp_path / "nowhere" / "data.jsonl"

@@ -1,7 +1,10 @@
 """Input discovery and record reading for the cleaning stage.
 
 Each input file is one shard with a stable id (a hash of its URI), so reruns and added files map
-to the same shard ids. Readers turn records into datatrove ``Document``s; a record that cannot be
+to the same shard ids. An uncompressed JSONL or text file larger than ``reader.split_bytes`` is cut
+into several shards (byte ranges ending at line ends, found in the one pass that checksums the file
+at planning), so one big file is spread over the workers; its documents keep the ids and order they
+have when the file is read whole. Readers turn records into datatrove ``Document``s; a record that cannot be
 read (malformed JSON, invalid UTF-8, a missing text field, an oversized record, a WARC payload that
 is not HTML, the readable part of a truncated gzip) becomes a rejected document that carries its
 original bytes and reason, so nothing read is lost.
@@ -57,12 +60,32 @@ class InputError(ValueError):
 
 
 @dataclass(frozen=True)
+class Piece:
+    """A byte range of a split file: ``[start, end)``, starting at line ``first_line`` (0-based), with the
+    range's own checksum, so a worker checks the bytes it reads without reading the rest of the file."""
+
+    start: int
+    end: int
+    first_line: int
+    checksum: str
+
+
+@dataclass(frozen=True)
 class InputShard:
+    """One unit of reading: a whole file, or one ``piece`` of a split file.
+
+    ``file_id`` names the file (document ids without an id field are ``<file_id>:<line>``, whether or
+    not it is split); ``shard_id`` names the unit (``<file_id>`` or ``<file_id>-<piece index>``);
+    ``checksum`` is always the whole file's, which is what a continuing run compares.
+    """
+
     shard_id: str
     uri: str
     format: str
     source: str
     checksum: str
+    file_id: str
+    piece: Piece | None = None
 
 
 def detect_format(uri: str) -> str | None:
@@ -87,21 +110,22 @@ def expand_input(storage: Storage, pattern: str) -> list[str]:
 
 
 def discover_inputs(storage: Storage, patterns: list[str], text_field: str = "text",
-                    ) -> tuple[list[InputShard], list[dict[str, str]]]:
+                    split_bytes: int | None = None) -> tuple[list[InputShard], list[dict[str, str]]]:
     """Expand files, folders and globs into shards, failing early on anything unusable.
 
-    Returns the shards and the files found but not read (licenses, READMEs, unknown formats),
-    each with the reason, so that nothing is left out without a record of it.
+    Returns the shards (a split file's pieces in file order) and the files found but not read
+    (licenses, READMEs, unknown formats), each with the reason, so that nothing is left out
+    without a record of it.
     """
     if not patterns:
         raise InputError("no inputs given (clean.inputs in the config, or --input)")
-    shards: dict[str, InputShard] = {}
+    files_found: dict[str, tuple[str, str, str]] = {}  # uri -> (file id, format, source)
     skipped: list[dict[str, str]] = []
     for pattern in patterns:
         files = expand_input(storage, pattern)
         base = pattern.rstrip("/") if "://" in pattern else os.path.abspath(pattern)
         for uri in files:
-            if uri in shards:
+            if uri in files_found:
                 continue  # named twice (a folder and a file in it): the first naming decides its id
             if uri != base and _is_not_data(uri):
                 skipped.append({"uri": uri, "why": "license/readme/attribution file"})
@@ -114,14 +138,63 @@ def discover_inputs(storage: Storage, patterns: list[str], text_field: str = "te
                 continue
             if fmt == "parquet":
                 _check_parquet_schema(storage, uri, text_field)
-            shard_id = hashlib.sha1(_location_free_name(uri, base).encode("utf-8")).hexdigest()[:12]
-            shards[uri] = InputShard(shard_id, uri, fmt, _source_name(uri, base), storage.checksum(uri))
-    ids = [shard.shard_id for shard in shards.values()]
+            file_id = hashlib.sha1(_location_free_name(uri, base).encode("utf-8")).hexdigest()[:12]
+            files_found[uri] = (file_id, fmt, _source_name(uri, base))
+    ids = [file_id for file_id, _, _ in files_found.values()]
     if len(set(ids)) != len(ids):
         raise InputError(f"two inputs share a folder and file name; give them distinct names: {patterns}")
-    if not shards:
+    if not files_found:
         raise InputError(f"no readable input files (known formats: {', '.join(sorted(FORMATS))}) in {patterns}")
-    return [shards[uri] for uri in sorted(shards)], skipped
+    shards = []
+    for uri in sorted(files_found):
+        file_id, fmt, source = files_found[uri]
+        if split_bytes and _splittable(uri, fmt) and storage.size(uri) > split_bytes:
+            checksum, pieces = split_file(storage, uri, split_bytes)
+        else:
+            checksum, pieces = storage.checksum(uri), []
+        if len(pieces) < 2:
+            shards.append(InputShard(file_id, uri, fmt, source, checksum, file_id))
+        else:
+            shards += [InputShard(f"{file_id}-{index:04d}", uri, fmt, source, checksum, file_id, piece)
+                       for index, piece in enumerate(pieces)]
+    return shards, skipped
+
+
+def _splittable(uri: str, fmt: str) -> bool:
+    """Line formats whose bytes can be entered anywhere: not gzip (a stream), not Parquet or WARC."""
+    return fmt in ("jsonl", "text") and not uri.endswith(".gz")
+
+
+def split_file(storage: Storage, uri: str, split_bytes: int) -> tuple[str, list[Piece]]:
+    """One pass over a file: its checksum (as ``Storage.checksum`` gives it) and its pieces.
+
+    The file is cut into ``ceil(size / split_bytes)`` pieces of about equal size, each ending just
+    after a newline (a piece holds whole lines; a line longer than a piece makes that piece longer),
+    with the line number it starts at and the xxh3 of its bytes.
+    """
+    size = storage.size(uri)
+    count = -(-size // split_bytes)
+    step = -(-size // count)
+    whole, part = xxhash.xxh3_128(), xxhash.xxh3_128()
+    pieces: list[Piece] = []
+    start = first_line = lines = position = 0
+    with storage.open_read(uri) as handle:
+        while block := handle.read(CHUNK_BYTES * 4):
+            whole.update(block)
+            done = 0  # bytes of this block already hashed into a piece
+            while (cut := block.find(b"\n", max(start + step - 1 - position, done))) >= 0:
+                part.update(block[done:cut + 1])
+                lines += block.count(b"\n", done, cut + 1)
+                pieces.append(Piece(start, position + cut + 1, first_line, f"xxh3:{part.hexdigest()}"))
+                start, first_line, part, done = position + cut + 1, lines, xxhash.xxh3_128(), cut + 1
+            part.update(block[done:])
+            lines += block.count(b"\n", done)
+            position += len(block)
+    if position > start:
+        pieces.append(Piece(start, position, first_line, f"xxh3:{part.hexdigest()}"))
+    # an object store's checksum is its ETag (no second read); a local file's is the xxh3 just taken
+    checksum = storage.checksum(uri) if "://" in uri else f"xxh3:{whole.hexdigest()}"
+    return checksum, pieces
 
 
 def _check_parquet_schema(storage: Storage, uri: str, text_field: str) -> None:
@@ -200,10 +273,16 @@ class ShardReader(PipelineStep):
     # ---------------------------------------------------------------------------- input bytes
     @contextmanager
     def _stream(self, shard: InputShard) -> Iterator["_CheckedStream"]:
-        """The shard's bytes in order, hashed as they are read; once every record is read, the rest of the
-        file is hashed too and checked against the checksum taken when the stage was planned."""
+        """The shard's bytes in order (a piece's range only), hashed as they are read; once every record
+        is read, the rest of the shard is hashed too and checked against the checksum taken when the
+        stage was planned."""
+        piece = shard.piece
         with self.storage.open_read(shard.uri) as handle:
-            source = _CheckedStream(handle, shard.checksum)
+            if piece is None:
+                source = _CheckedStream(handle, shard.checksum)
+            else:
+                handle.seek(piece.start)
+                source = _CheckedStream(handle, piece.checksum, size=piece.end - piece.start)
             yield source
             source.verify(shard.uri)
 
@@ -219,7 +298,7 @@ class ShardReader(PipelineStep):
         limit = read_limit(self.config.max_doc_bytes)
         gunzip = _GunzipStream(source) if shard.uri.endswith(".gz") else None
         lines = io.BufferedReader(source if gunzip is None else gunzip, CHUNK_BYTES)
-        number, line = 0, b""
+        number, line = (shard.piece.first_line if shard.piece else 0), b""
         for line, size, whole in _bounded_lines(lines, limit):
             if not whole and gunzip is not None and gunzip.problem is not None:
                 break  # the partial record before the problem: rejected below
@@ -240,7 +319,7 @@ class ShardReader(PipelineStep):
                                          line.decode("utf-8", errors="backslashreplace"))
 
     def _rejected(self, shard: InputShard, number: int, reason: str, original: str) -> Document:
-        doc = Document(text="", id=f"{shard.shard_id}:{number}", metadata={ORIGINAL: original})
+        doc = Document(text="", id=f"{shard.file_id}:{number}", metadata={ORIGINAL: original})
         reject(doc, READ_STEP, reason)
         return doc
 
@@ -249,7 +328,7 @@ class ShardReader(PipelineStep):
         doc_id = fields.get(cfg.id_field) if cfg.id_field else None
         doc = Document(
             text=text,
-            id=str(doc_id) if doc_id not in (None, "") else f"{shard.shard_id}:{number}",
+            id=str(doc_id) if doc_id not in (None, "") else f"{shard.file_id}:{number}",
             metadata={ORIGINAL: original},
         )
         url = fields.get(cfg.url_field) if cfg.url_field else None
@@ -324,7 +403,7 @@ class ShardReader(PipelineStep):
                         continue
                     number += 1
                     url = record.rec_headers.get_header("WARC-Target-URI") or ""
-                    record_id = record.rec_headers.get_header("WARC-Record-ID") or f"{shard.shard_id}:{number}"
+                    record_id = record.rec_headers.get_header("WARC-Record-ID") or f"{shard.file_id}:{number}"
                     content_type = (record.http_headers.get_header("Content-Type") or "") if record.http_headers else ""
                     payload, size = _bounded_read(record.content_stream(), limit)
                     original = json.dumps({"url": url, "content_type": content_type,
@@ -403,20 +482,25 @@ def _bounded_read(stream, limit: int) -> tuple[bytes, int]:
 
 
 class _CheckedStream(io.RawIOBase):
-    """A file's bytes, in order, with the xxh3 checksum of everything read so far (for an ``xxh3:``
-    checksum; an object store's ETag is not recomputed)."""
+    """A file's bytes from where its handle stands (to the end, or the next ``size`` bytes), in order,
+    with the xxh3 checksum of everything read so far (for an ``xxh3:`` checksum; an object store's
+    ETag is not recomputed)."""
 
-    def __init__(self, handle: IO[bytes], checksum: str):
+    def __init__(self, handle: IO[bytes], checksum: str, size: int | None = None):
         super().__init__()
         self._handle = handle
         self._checksum = checksum
         self._digest = xxhash.xxh3_128() if checksum.startswith("xxh3:") else None
         self._position = 0
+        self._size = size
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int = -1) -> bytes:
+        if self._size is not None:
+            left = self._size - self._position
+            size = left if size is None or size < 0 else min(size, left)
         data = self._handle.read(size)
         if self._digest is not None:
             self._digest.update(data)
@@ -435,8 +519,8 @@ class _CheckedStream(io.RawIOBase):
         """Hash what the readers left unread and compare with the checksum."""
         if self._digest is None:
             return
-        while data := self._handle.read(CHUNK_BYTES):
-            self._digest.update(data)
+        while self.read(CHUNK_BYTES):  # read() hashes
+            pass
         if f"xxh3:{self._digest.hexdigest()}" != self._checksum:
             raise InputError(_CHANGED.format(uri=uri))
 

@@ -109,7 +109,7 @@ class CleanStage(Stage):
         """
         clean = config.clean
         prior, seen = (continues.prior_clean, continues.seen) if continues else ((), {})
-        shards, skipped = discover_inputs(storage, clean.inputs, clean.reader.text_field)
+        shards, skipped = discover_inputs(storage, clean.inputs, clean.reader.text_field, clean.reader.split_bytes)
         shards = [shard for shard in shards if seen.get(shard.uri) != shard.checksum]
         inputs = {shard.uri: shard.checksum for shard in shards} | {f"prior:{ref.uri}": ref.fingerprint
                                                                     for ref in prior}
@@ -411,7 +411,7 @@ def _output(storage: Storage, ref: StageRef, work: CleanWork, model: QualityMode
         "quality_buckets": DoneRecords(storage, ref, "thresholds").get("all")["bucket_edges"],
         "classifier": model.metrics if model is not None else None,
         "input_files": [{"uri": s.uri, "shard_id": s.shard_id, "source": s.source, "format": s.format}
-                        for s in shards],
+                        | ({"bytes": [s.piece.start, s.piece.end]} if s.piece else {}) for s in shards],
         "skipped_inputs": work.skipped,
         "prior": [prior.uri for prior in work.prior],
         "dedup_partitions": config.dedup.partitions,
