@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from skymoe.evaluation.humaneval import OPT_IN_ENV
+from skymoe.evaluation.humaneval import OPT_IN_ENV, UNSAFE_ENV
 from skymoe.evaluation.tasks import OFFLINE_ENV, TaskSet, build_tasks
 from skymoe.config import EvaluateConfig
 
@@ -23,7 +23,7 @@ class Outcome:
 
 
 def evaluate_folder(model_dir: Path, config: EvaluateConfig, scratch: Path) -> Outcome:
-    with _offline(scratch, run_code=config.run_code):
+    with _offline(scratch, run_code=config.run_code, unsafe_code_execution=config.unsafe_code_execution):
         task_set = build_tasks(config.data_dir, config.suites, scratch / "tasks")
         raw = task_set.evaluate(_model(model_dir, config), log_samples=True, random_seed=config.seed,
                                 numpy_random_seed=config.seed, torch_random_seed=config.seed,
@@ -65,11 +65,13 @@ def _headline_scores(raw: dict[str, Any], task_set: TaskSet) -> dict[str, dict[s
 
 
 @contextmanager
-def _offline(scratch: Path, run_code: bool) -> Iterator[None]:
+def _offline(scratch: Path, run_code: bool, unsafe_code_execution: bool) -> Iterator[None]:
     """Nothing may be fetched: the hub and datasets in offline mode with caches in ``scratch``;
-    model-written code runs only when the config opts in."""
+    model-written code runs only when the config opts in, and outside an OS sandbox only when it
+    opts in to that too."""
     settings = {**OFFLINE_ENV, "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(scratch / "hf"),
-                "HF_DATASETS_CACHE": str(scratch / "hf" / "datasets"), OPT_IN_ENV: "1" if run_code else None}
+                "HF_DATASETS_CACHE": str(scratch / "hf" / "datasets"), OPT_IN_ENV: "1" if run_code else None,
+                UNSAFE_ENV: "1" if run_code and unsafe_code_execution else None}
     saved = {key: os.environ.get(key) for key in settings}
     for key, value in settings.items():
         if value is None:

@@ -429,6 +429,9 @@ class EvaluateConfig(_Strict):
     suites: dict[str, SuiteConfig] = Field(default_factory=lambda: {name: SuiteConfig() for name in
                                                                     ("mmlu", "gsm8k", "hellaswag", "piqa")})
     run_code: bool = Field(False, description="execute model-written code for HumanEval (sandboxed subprocess)")
+    unsafe_code_execution: bool = Field(
+        False, description="HumanEval: where no OS sandbox can be made, run model-written code with the in-process "
+                           "audit hook alone (a deliberate program escapes it); disposable machines only")
     batch_size: int = Field(16, ge=1)
     max_gen_tokens: int = Field(256, ge=1, description="a generation that never stops is cut here")
     checkpoint_every: int | None = Field(None, ge=1, description="also evaluate every n-th saved checkpoint")
@@ -449,6 +452,8 @@ class EvaluateConfig(_Strict):
         if "humaneval" in self.suites and not self.run_code:
             raise ValueError("suite humaneval executes model-written code: set evaluate.run_code: true to opt in "
                              "(it runs sandboxed), or leave humaneval out")
+        if self.unsafe_code_execution and not self.run_code:
+            raise ValueError("evaluate.unsafe_code_execution needs evaluate.run_code: true")
         return self
 
 

@@ -190,7 +190,7 @@ class HalfRightLM(OracleLM):
 
 
 def test_humaneval_runs_reference_solutions_through_local_scorer(tmp_path, monkeypatch):
-    from skymoe.evaluation.humaneval import OPT_IN_ENV, UnsafeCodeRefused
+    from skymoe.evaluation.humaneval import OPT_IN_ENV, UNSAFE_ENV, UnsafeCodeRefused
 
     taskset = build_tasks(str(EXAMPLES), {"humaneval": SuiteConfig()}, tmp_path / "tasks")
     assert taskset.unsafe_code and taskset.suites["humaneval"].items == {"skymoe_humaneval": 164}
@@ -200,6 +200,7 @@ def test_humaneval_runs_reference_solutions_through_local_scorer(tmp_path, monke
     with pytest.raises(UnsafeCodeRefused):  # the scorer's guard: no opt-in, no execution
         _run(taskset, OracleLM(taskset), confirm_run_unsafe_code=True)
     monkeypatch.setenv(OPT_IN_ENV, "1")  # the reference solutions are trusted code
+    monkeypatch.setenv(UNSAFE_ENV, "1")  # ... so they may run where no OS sandbox can be made
     results = _run(taskset, HalfRightLM(taskset), confirm_run_unsafe_code=True)
     assert results["skymoe_humaneval"]["pass@1,create_test"] == 0.5  # exactly the 82 even problems
 
