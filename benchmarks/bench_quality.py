@@ -5,10 +5,10 @@ Input: the set's zh and en documents (labels, kinds and one-line reasons in ``zh
 its SOURCE.md says where each comes from). Entries from sources that may not be copied are read from
 ``../shared/data`` (``--shared-data``); without it they are left out and the counts say so.
 
-(a) The classifier alone: trained from the config's ``clean.classifier`` example files exactly as the
-    stage trains it, then scored on every document. Per language: ROC AUC (good = positive class), and
-    precision / recall of "good" at the model's own boundary (score >= 0.5) and at the stage's rule
-    (the config's top quantile buckets of the language, computed on the evaluation documents).
+(a) Each language's model alone: trained from the config's ``clean.classifier.languages`` example files
+    exactly as the stage trains it, then scored on that language's documents. Per language: ROC AUC
+    (good = positive class; also without the documents labelled borderline), and precision / recall
+    of "good" at 0.5 and at the model's calibrated threshold (the stage's rule).
 (b) The whole clean stage: the documents as one JSONL input per language (the set's ids as document
     ids), ``clean`` run with the config's settings through ``run_pipeline`` (no Prefect; a fresh
     root). A document is "kept" when it is in the stage's output. Per language: precision (kept that
@@ -60,32 +60,29 @@ def precision_recall(kept: np.ndarray, good: np.ndarray) -> tuple[float, float]:
 
 
 def classifier_alone(config, documents: dict[str, list[tuple[dict, str]]]) -> dict[str, dict]:
+    """Each language's model trained exactly as the stage trains it, scored on that language's documents."""
     from sklearn.metrics import roc_auc_score
 
     from skymoe.pipelines.clean.classifier import train_quality_model
     from skymoe.storage import Storage
 
-    model = train_quality_model(Storage(), config.clean.classifier)
-    keep_share = _kept_quantile_share(config.clean.classifier)
+    classifier = config.clean.classifier
     results = {}
     for lang, docs in documents.items():
+        if lang not in classifier.languages:
+            continue
+        model = train_quality_model(Storage(), lang, classifier.languages[lang], classifier)
         good = np.array([entry["label"] == "good" for entry, _ in docs])
         scores = model.score([text for _, text in docs])
         at_half = precision_recall(scores >= 0.5, good)
-        at_rule = precision_recall(scores >= np.quantile(scores, 1 - keep_share), good)
+        at_threshold = precision_recall(scores >= model.threshold, good)
+        plain = np.array([not entry.get("borderline") for entry, _ in docs])
         results[lang] = {"docs": len(docs), "good": int(good.sum()), "auc": float(roc_auc_score(good, scores)),
-                         "p@0.5": at_half[0], "r@0.5": at_half[1], "p@rule": at_rule[0], "r@rule": at_rule[1],
-                         "keep_share_rule": keep_share}
+                         "auc_without_borderline": float(roc_auc_score(good[plain], scores[plain])),
+                         "p@0.5": at_half[0], "r@0.5": at_half[1], "threshold": model.threshold,
+                         "p@threshold": at_threshold[0], "r@threshold": at_threshold[1],
+                         "training": model.metrics}
     return results
-
-
-def _kept_quantile_share(classifier) -> float:
-    """The share of a language the stage's quantile buckets keep (tiny: head 20% + middle 40%)."""
-    from skymoe.config import bucket_names
-
-    edges = [0.0, *classifier.bucket_quantiles, 1.0]
-    names = bucket_names(len(edges) - 1)
-    return sum(edges[i + 1] - edges[i] for i, name in enumerate(names) if name in classifier.keep_buckets)
 
 
 def run_clean(config_arg: str, inputs: dict[str, list[dict]], workdir: Path) -> dict[str, tuple[str, str] | None]:
@@ -160,11 +157,15 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="skymoe-bench-quality-"))
     try:
         alone = classifier_alone(config, documents)
-        print("\n(a) classifier alone (trained from clean.classifier's example files)")
-        print(f"  {'lang':4} {'docs':>5} {'good':>5} {'ROC AUC':>8} {'P@0.5':>6} {'R@0.5':>6} {'P@rule':>7} {'R@rule':>7}")
+        print("\n(a) each language's model alone (trained from clean.classifier.languages' example files)")
+        print(f"  {'lang':4} {'docs':>5} {'good':>5} {'ROC AUC':>8} {'(no borderline)':>15} {'P@0.5':>6} {'R@0.5':>6} "
+              f"{'threshold':>9} {'P@thr':>6} {'R@thr':>6}")
         for lang, r in alone.items():
-            print(f"  {lang:4} {r['docs']:5d} {r['good']:5d} {r['auc']:8.3f} {r['p@0.5']:6.3f} {r['r@0.5']:6.3f} "
-                  f"{r['p@rule']:7.3f} {r['r@rule']:7.3f}   (rule = keep the top {r['keep_share_rule']:.0%})")
+            print(f"  {lang:4} {r['docs']:5d} {r['good']:5d} {r['auc']:8.3f} {r['auc_without_borderline']:15.3f} "
+                  f"{r['p@0.5']:6.3f} {r['r@0.5']:6.3f} {r['threshold']:9.4f} {r['p@threshold']:6.3f} "
+                  f"{r['r@threshold']:6.3f}")
+            print(f"       trained on {r['training']['positive_docs']} good / {r['training']['negative_docs']} bad; "
+                  f"held-out AUC {r['training']['held_out_auc']}")
         stage = whole_stage(args.config, documents, workdir / "eval")
         print("\n(b) the whole clean stage: kept = in the output")
         print(f"  {'lang':4} {'docs':>5} {'good':>5} {'kept':>5} {'precision':>9} {'recall':>7}")

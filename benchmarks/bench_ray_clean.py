@@ -32,7 +32,7 @@ from skymoe.pipeline import run_pipeline
 from skymoe.storage import Storage
 
 NODE = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
-PHASES = ("classifier", "filter", "index", "thresholds", "exact", "bands", "near", "clusters", "settle", "lines",
+PHASES = ("classifier", "filter", "index", "share", "exact", "bands", "near", "clusters", "settle", "lines",
           "apply")
 
 

@@ -19,8 +19,9 @@ Corpus (built once per (N, shard size, seed, zh share) and cached under ``--work
 - JSONL.gz shards of ``--shard-docs`` records ``{"id", "text"}`` in ``input/web/``.
 
 skymoe: a generated YAML that ``extends: tiny`` and sets the root, the inputs, ``clean.executor``
-(``--executor``, ``--workers``), the quality classifier off (tiny's seed mostly separates languages and
-would drop 40% per language at random with respect to duplicates; ``--classifier`` keeps it on) and
+(``--executor``, ``--workers``), the quality classifier off (the documents are sentences of real pages
+stitched together, which a quality model judges regardless of duplicates, so it would only thin the
+planted pairs; ``--classifier`` keeps it on) and
 ``tokenize.tokenizer.path`` = a byte-level BPE (tiny's vocab_size) trained beforehand on 5,000 base
 documents, so tokenizer training is not timed. Run as ``skymoe run --config <yaml> --until tokenize
 --json`` in a subprocess, into a fresh root each time. Phase times are the stage manifests' ``timings``
@@ -58,7 +59,7 @@ Duplicate precision/recall against the planted pairs, from the rejects (skymoe: 
 in the reason ``...duplicate_of: <shard>/<row>`` resolved through ``filtered/<shard>.parquet``;
 datatrove: the documents its exclusion writer wrote, partner = the kept member of the same cluster):
 - a pair is *eligible* when both its documents survived the per-document filters (and, with
-  ``--classifier``, the quality buckets), i.e. reached dedup;
+  ``--classifier``, the quality thresholds), i.e. reached dedup;
   it is *recalled* when one of the two was dropped as a duplicate of the other. Recall = recalled /
   eligible pairs (per kind too; near pairs also per Jaccard band);
 - precision vs planted = drops whose partner is their planted pair / all drops; verified precision

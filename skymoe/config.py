@@ -173,40 +173,50 @@ class HeuristicsConfig(_Strict):
     code: CodeConfig = CodeConfig()
 
 
-class ClassifierConfig(_Strict):
-    """SkyPile's quality classifier: how "Wikipedia-like" a page is.
+class QualityExamples(_Strict):
+    """One language's example files (JSONL with a ``text`` field, or plain text one document per
+    line): pages a corpus should keep (``positive``) and pages it should not (``negative``), both
+    in that language, so the model learns quality rather than language."""
 
-    Trained offline from example files (JSONL with a text field, or plain text one document per
-    line). Documents are bucketed per language by score quantile (as CCNet buckets head / middle /
-    tail) and only the listed buckets are kept.
+    positive: list[str] = Field(min_length=1)
+    negative: list[str] = Field(min_length=1)
+    threshold: float | None = Field(
+        None, gt=0, lt=1,
+        description="keep documents scoring at least this; unset: calibrated on the held-out split at target_recall")
+
+
+class ClassifierConfig(_Strict):
+    """SkyPile's quality classifier, one model per language, each with an absolute score threshold.
+
+    Each model is trained on its language's examples minus a stratified held-out share, on which
+    the threshold is calibrated (the highest score that still keeps ``target_recall`` of the
+    held-out positives) and the model's ROC AUC measured; both go into the manifest. A document
+    whose language has no model is not scored. The threshold is a property of the model, not of
+    the corpus: a corpus of good pages keeps almost all of them, a corpus of junk little.
     """
 
     enabled: bool = True
-    positive: list[str] = Field(default_factory=list)
-    negative: list[str] = Field(default_factory=list)
-    bucket_quantiles: list[float] = Field(default_factory=lambda: [0.2, 0.6])
-    keep_buckets: list[str] = Field(default_factory=lambda: ["head", "middle"])
+    languages: dict[str, QualityExamples] = Field(default_factory=dict)
+    target_recall: float = Field(0.9, gt=0, le=1, description="share of held-out positives the threshold keeps")
+    held_out: float = Field(0.2, gt=0, lt=1, description="share of each class kept out of training for calibration")
     n_features: int = Field(2**18, ge=2**10, le=2**24)
     seed: int = 0
 
     @model_validator(mode="after")
     def _check(self) -> "ClassifierConfig":
-        if self.enabled and (not self.positive or not self.negative):
-            raise ValueError("an enabled classifier needs positive and negative example files")
-        if sorted(self.bucket_quantiles) != self.bucket_quantiles or not all(
-            0 < q < 1 for q in self.bucket_quantiles
-        ):
-            raise ValueError("bucket_quantiles must be increasing values strictly between 0 and 1")
-        names = bucket_names(len(self.bucket_quantiles) + 1)
-        unknown = [b for b in self.keep_buckets if b not in names]
-        if unknown:
-            raise ValueError(f"keep_buckets {unknown} not among the buckets {names}")
+        if self.enabled and not self.languages:
+            raise ValueError("an enabled classifier needs example files for at least one language "
+                             "(classifier.languages.<lang>.positive / .negative)")
         return self
 
 
-def bucket_names(n: int) -> list[str]:
-    """Bucket names from best to worst: head / middle / tail (CCNet's), or numbered when n != 3."""
-    return ["head", "middle", "tail"] if n == 3 else [f"b{i}" for i in range(n)]
+class StructuredTextConfig(_Strict):
+    """SkyPile keeps JSON/XML/YAML/HTML-like documents in a controlled proportion: they are
+    detected, spared the prose filters (they go the code path), and each is kept with the
+    probability that caps their share of the documents reaching dedup at ``max_share``."""
+
+    enabled: bool = True
+    max_share: float = Field(0.05, ge=0, lt=1, description="most structured documents may make up of the kept ones")
 
 
 class MinHashConfig(_Strict):
@@ -245,8 +255,18 @@ class CleanConfig(_Strict):
     language: LanguageConfig = LanguageConfig()
     heuristics: HeuristicsConfig = HeuristicsConfig()
     classifier: ClassifierConfig = ClassifierConfig(enabled=False)
+    structured: StructuredTextConfig = StructuredTextConfig()
     dedup: DedupConfig = DedupConfig()
     docs_per_output_shard: int = Field(20_000, ge=1)
+
+    @model_validator(mode="after")
+    def _classified_languages_are_kept(self) -> "CleanConfig":
+        if self.classifier.enabled:
+            unknown = sorted(set(self.classifier.languages) - {*self.language.keep, "code"})
+            if unknown:
+                raise ValueError(f"classifier.languages {unknown}: not among the kept languages "
+                                 f"{self.language.keep} (language.keep) or 'code'")
+        return self
 
 
 # ---------------------------------------------------------------------------------------- tokenize
@@ -741,17 +761,32 @@ def _resolve(path: str, base: Path) -> str:
     return str((base / path).resolve()) if _is_relative_local(path) else path
 
 
-# Fields holding local paths: (section path, kind) where kind says how the value holds them.
+# Fields holding local paths: (section path, kind) where kind says how the value holds them; a "*"
+# stands for every key of the mapping there (see _path_fields).
 _PATH_FIELDS = (
     (("clean", "inputs"), "list"),
-    (("clean", "classifier", "positive"), "list"),
-    (("clean", "classifier", "negative"), "list"),
+    (("clean", "classifier", "languages", "*", "positive"), "list"),
+    (("clean", "classifier", "languages", "*", "negative"), "list"),
     (("clean", "heuristics", "blocklist", "files"), "dict"),
     (("tokenize", "tokenizer", "path"), "str"),
     (("train", "dense_source"), "str"),
     (("evaluate", "data_dir"), "str"),
     (("storage", "root"), "str"),
 )
+
+
+def _path_fields(tree: Any) -> Iterator[tuple[tuple[str, ...], str]]:
+    """``_PATH_FIELDS`` with each "*" replaced by the keys ``tree`` (a raw dict or a config) has there."""
+    for keys, kind in _PATH_FIELDS:
+        if "*" not in keys:
+            yield keys, kind
+            continue
+        star = keys.index("*")
+        node: Any = tree
+        for key in keys[:star]:
+            node = node.get(key) if isinstance(node, dict) else getattr(node, key, None)
+        if isinstance(node, dict):
+            yield from ((keys[:star] + (str(name),) + keys[star + 1:], kind) for name in node)
 
 
 def _resolve_paths(raw: dict, base: Path) -> dict:
@@ -762,7 +797,7 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
     Values of the wrong type are left alone for validation to report.
     """
     resolved = copy.deepcopy(raw)
-    for keys, kind in _PATH_FIELDS:
+    for keys, kind in _path_fields(resolved):
         parent = resolved
         for key in keys[:-1]:
             parent = parent.get(key) if isinstance(parent, dict) else None
@@ -803,7 +838,7 @@ class _Merged:
 def _path_entries(raw: dict) -> Iterator[tuple[str, str, Any]]:
     """(dotted key, path field, value as written) for each path field ``raw`` sets; a dict field
     entry by entry, since its entries merge across layers and may come from different files."""
-    for keys, kind in _PATH_FIELDS:
+    for keys, kind in _path_fields(raw):
         value: Any = raw
         for key in keys:
             if not isinstance(value, dict) or key not in value:
@@ -826,10 +861,10 @@ def _add_default_origins(config: PipelineConfig) -> None:
 def _path_values(config: PipelineConfig) -> dict[str, Any]:
     """Each path field's validated value by dotted key, a dict field entry by entry."""
     values: dict[str, Any] = {}
-    for keys, kind in _PATH_FIELDS:
+    for keys, kind in _path_fields(config):
         value: Any = config
         for key in keys:
-            value = getattr(value, key)
+            value = value[key] if isinstance(value, dict) else getattr(value, key)
         field = ".".join(keys)
         values.update({f"{field}.{k}": v for k, v in value.items()} if kind == "dict" else {field: value})
     return values
@@ -842,7 +877,7 @@ def describe_path(config: PipelineConfig, field: str) -> str:
     wrote and where, since a relative path resolves against the folder of the file that holds it
     (the working directory for ``--set``, other overrides and ``storage.root``).
     """
-    fields = {".".join(keys): kind for keys, kind in _PATH_FIELDS}
+    fields = {".".join(keys): kind for keys, kind in _path_fields(config)}
     if fields.get(field) is None:
         raise ValueError(f"{field!r} is not a path field: expected one of {', '.join(fields)}")
     values = {k: v for k, v in _path_values(config).items() if k == field or k.startswith(f"{field}.")}

@@ -62,19 +62,22 @@ SMALL_EVALUATE = {"suites": {"mmlu": {"limit": 4}, "hellaswag": {"limit": 30}, "
                   "max_gen_tokens": 16, "checkpoint_every": 1}
 
 
+def quality_classifier(threshold: float | None = None) -> dict:
+    """The tiny preset's quality models (examples/quality/train/), optionally with a fixed threshold."""
+    return {"enabled": True, "languages": {
+        lang: {"positive": [str(QUALITY / "train" / f"{lang}_positive.jsonl")],
+               "negative": [str(QUALITY / "train" / f"{lang}_negative.jsonl")],
+               **({"threshold": threshold} if threshold is not None else {})} for lang in ("zh", "en")}}
+
+
 def write_config(path: Path, root: str, inputs: list[str], train: dict | None = None, evaluate: dict | None = None,
                  **clean_overrides) -> Path:
     """A config for tests: the tiny preset's settings with a small corpus and one worker."""
     clean = {
         "inputs": inputs,
         "executor": {"kind": "datatrove", "workers": 1},
-        "classifier": {
-            "enabled": True,
-            "positive": [str(QUALITY / "positive.jsonl")],
-            "negative": [str(QUALITY / "negative.jsonl")],
-            # Score every document but keep all buckets, so the planted duplicates reach dedup.
-            "keep_buckets": ["head", "middle", "tail"],
-        },
+        # Score every document but keep them all (a threshold of almost 0), so the planted duplicates reach dedup.
+        "classifier": quality_classifier(threshold=1e-6),
         # A few partitions are enough for a few hundred documents (and save S3 round trips).
         "dedup": {"partitions": 4, "recurring": {"min_docs": 3}},
     }

@@ -12,6 +12,7 @@ import pytest
 from conftest import kill_after_done_records, run_stage, write_config
 from skymoe.catalog import list_stage_outputs
 from skymoe.config import load_config
+from skymoe.pipelines.clean.structured import share_draws, structured_kind
 from skymoe.storage import Storage
 
 
@@ -51,7 +52,7 @@ def test_outputs_counts_and_nothing_lost(reference_run):
     rejects = sum(pq.read_table(Path(result.ref.uri) / e["path"]).num_rows for e in result.manifest.extra["rejects"])
     assert rejects == counts["rejected"]
     sample = pq.read_table(Path(result.ref.uri) / result.manifest.shards[0]["path"]).to_pylist()[0]
-    assert set(sample) == {"id", "text", "source", "lang", "lang_score", "quality_score", "url"}
+    assert set(sample) == {"id", "text", "source", "lang", "lang_score", "quality_score", "url", "structured"}
 
 
 def test_rerun_is_a_cache_hit(reference_run):
@@ -130,3 +131,46 @@ def test_files_split_into_pieces_keep_the_same_documents_in_the_same_order(refer
 
     assert rows(split) == rows(reference)
     assert split.manifest.counts["rejects_by_reason"] == reference.manifest.counts["rejects_by_reason"]
+
+
+def _structured_documents(count: int) -> list[dict]:
+    """JSON records and YAML configs carrying words of real C4 pages, each different enough not to be
+    a near-duplicate of another."""
+    pages = [json.loads(line)["text"].split() for line in
+             (Path(__file__).resolve().parent.parent / "examples/corpus/c4/c4_demo.jsonl").read_text("utf-8").splitlines()]
+    pages = [[w.replace(":", "") for w in page] for page in pages[100:] if len(page) >= 70]
+    docs = []
+    for i in range(count):
+        page = pages[i]
+        if i % 2:
+            text = json.dumps({"id": i, "title": " ".join(page[:6]), "body": " ".join(page[6:60]),
+                               "tags": page[60:66]}, indent=2)
+        else:
+            text = (f"name: doc-{i}\ntitle: {' '.join(page[:5])}\nsettings:\n  summary: {' '.join(page[5:40])}\n"
+                    f"  owner: {page[40]}\nitems:\n" + "".join(f"  - {w}\n" for w in page[41:60]))
+        docs.append({"id": f"structured-{i}", "text": text})
+    return docs
+
+
+def test_structured_documents_are_kept_at_their_share(tmp_path, small_corpus):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(small_corpus, corpus)
+    structured = _structured_documents(60)
+    assert all(structured_kind(doc["text"]) in ("json", "yaml") for doc in structured)
+    (corpus / "structured.jsonl").write_text("".join(json.dumps(d) + "\n" for d in structured), encoding="utf-8")
+    config = write_config(tmp_path / "c.yaml", str(tmp_path / "out"), [str(corpus)],
+                          structured={"enabled": True, "max_share": 0.05})
+    result = _run(config)
+    share = result.manifest.extra["structured_share"]
+    # Structured documents skip prose language id and rules (they go the code path), so all reach dedup.
+    assert share["structured_docs"] == 60 and share["max_share"] == 0.05
+    p = share["keep_probability"]
+    assert p == pytest.approx(0.05 * (share["docs"] - 60) / (0.95 * 60))
+    out = Path(result.ref.uri)
+    kept = [row for e in result.manifest.shards for row in pq.read_table(out / e["path"]).to_pylist()
+            if row["structured"] is not None]
+    # Exactly the documents whose id draws under p are kept, tagged with their kind and language "code".
+    expected = {d["id"] for d, draw in zip(structured, share_draws([d["id"] for d in structured])) if draw < p}
+    assert {row["id"] for row in kept} == expected and 0 < len(expected) < 60
+    assert {(row["structured"], row["lang"]) for row in kept} <= {("json", "code"), ("yaml", "code")}
+    assert result.manifest.counts["rejects_by_reason"]["structured_text:over_share"] == 60 - len(expected)

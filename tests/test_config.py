@@ -18,6 +18,7 @@ from skymoe.config import (
 )
 
 REPO = CONFIGS_DIR.parent
+TRAIN = REPO / "examples" / "quality" / "train"
 
 
 def _write(path: Path, text: str) -> Path:
@@ -34,8 +35,8 @@ def test_partial_file_extending_a_preset_keeps_the_rest_of_it(tmp_path):
     assert user.train.dense.lr == tiny.train.dense.lr == 3.0e-3  # the rest of the phase merges in
     assert user.train.upcycled.steps == 150 and user.train.scratch.steps == 150
     assert user.clean.classifier.enabled
-    assert user.clean.classifier.positive == [str(REPO / "examples" / "quality" / "positive.jsonl")]
-    assert user.clean.classifier.negative == [str(REPO / "examples" / "quality" / "negative.jsonl")]
+    assert user.clean.classifier.languages["zh"].positive == [str(TRAIN / "zh_positive.jsonl")]
+    assert user.clean.classifier.languages["en"].negative == [str(TRAIN / "en_negative.jsonl")]
     assert set(user.evaluate.suites) == {"mmlu", "gsm8k", "math", "hellaswag", "piqa"}
     assert user.evaluate.suites["hellaswag"].limit == 200
     assert user.clean.inputs == [str(REPO / "examples" / "corpus")]
@@ -59,16 +60,17 @@ def test_extends_a_relative_path_each_file_resolving_its_own_paths(tmp_path, mon
            "train:\n  moe: {num_experts: 4}\n")
     mine = _write(root / "me" / "run.yaml",
                   "extends: ../team/base.yaml\n"
-                  "clean:\n  language: {keep: [en]}\n  classifier: {positive: [good.jsonl]}\n"
+                  "clean:\n  language: {keep: [zh, en]}\n  classifier: {languages: {en: {positive: [good.jsonl]}}}\n"
                   "evaluate:\n  data_dir: bench\n"
                   "train:\n  upcycled: null\n  export: scratch\n")
     config = load_config(mine)
     assert config.clean.inputs == [str(root / "team" / "corpus")]  # the base file's folder
     assert config.tokenize.tokenizer.path == str(root / "team" / "tok" / "tokenizer.json")
-    assert config.clean.classifier.positive == [str(root / "me" / "good.jsonl")]  # the extending file's folder
+    en = config.clean.classifier.languages["en"]
+    assert en.positive == [str(root / "me" / "good.jsonl")]  # the extending file's folder
     assert config.evaluate.data_dir == str(root / "me" / "bench")
-    assert config.clean.classifier.negative == [str(REPO / "examples" / "quality" / "negative.jsonl")]  # tiny's
-    assert config.clean.language.keep == ["en"]  # lists replace
+    assert en.negative == [str(TRAIN / "en_negative.jsonl")]  # tiny's
+    assert config.clean.language.keep == ["zh", "en"]  # lists replace (the base's is [en, zh])
     assert config.clean.language.min_confidence == 0.5  # mappings merge
     assert config.train.moe.num_experts == 4 and config.train.moe.top_k == 2
     assert config.train.upcycled is None and config.train.scratch.steps == 150  # null replaces a mapping
@@ -178,8 +180,8 @@ def test_describe_path_says_where_a_relative_path_resolved_from(tmp_path, monkey
     config = load_config(user)
     tiny_file = CONFIGS_DIR / "tiny.yaml"
     assert describe_path(config, "clean.inputs") == f'"data/raw", "/srv/corpus" (relative to {user.resolve()})'
-    assert describe_path(config, "clean.classifier.positive") == (
-        f'"../examples/quality/positive.jsonl" (relative to {tiny_file})')
+    assert describe_path(config, "clean.classifier.languages.zh.positive") == (
+        f'"../examples/quality/train/zh_positive.jsonl" (relative to {tiny_file})')
     assert describe_path(config, "evaluate.data_dir") == f'"../examples/bench" (relative to {tiny_file})'
     assert describe_path(config, "storage.root") == (
         f'"./skymoe-out" (from {tiny_file}, relative to the working directory {Path.cwd()})')

@@ -1,5 +1,5 @@
 """The clean stage's partitioned global phases: same decisions as one process, any partition count,
-bounded pieces (sketches, partition files), and a kill -9 inside a partitioned phase resumed."""
+bounded pieces (partition files), and a kill -9 inside a partitioned phase resumed."""
 
 from __future__ import annotations
 
@@ -14,27 +14,7 @@ from conftest import kill_after_done_records, run_stage, write_config
 from skymoe.config import load_config
 from skymoe.pipelines.clean.dedup import near_duplicate_clusters
 from skymoe.pipelines.clean.partitions import partitioned_writer, read_order_range, read_partition, write_sorted
-from skymoe.pipelines.clean.sketch import QuantileSketch
 from skymoe.storage import Storage
-
-
-def test_quantile_sketch_is_exact_below_capacity_and_close_above():
-    rng = np.random.default_rng(0)
-    scores = rng.random(3000).astype(np.float32).astype(np.float64)
-    merged = QuantileSketch.of(scores[:1000])
-    for part in (scores[1000:2500], scores[2500:]):
-        merged = merged.merge(QuantileSketch.of(part))
-    assert merged.exact
-    for q in (0.2, 0.6, 0.8):
-        assert merged.quantile(q) == np.quantile(scores, q)
-
-    many = rng.beta(2, 5, 200_000)
-    merged = QuantileSketch.of(many[:10_000], capacity=512)
-    for start in range(10_000, len(many), 10_000):
-        merged = merged.merge(QuantileSketch.of(many[start:start + 10_000], capacity=512), capacity=512)
-    assert not merged.exact and len(merged.values) <= 512
-    for q in (0.2, 0.6, 0.8):
-        assert abs(np.mean(many <= merged.quantile(q)) - q) < 0.005  # rank error well under a percentile
 
 
 def _union_find_reference(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:

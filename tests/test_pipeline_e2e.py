@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import CORPUS, write_config
+from conftest import CORPUS, quality_classifier, write_config
 
 
 _PREFECT_RECORDS = """
@@ -54,9 +54,7 @@ def _prefect_records(env: dict, *needles: str) -> dict:
 def test_run_until_clean_then_the_whole_pipeline_on_demo_corpus(tmp_path, prefect_env):
     env = dict(os.environ)
     root = tmp_path / "out"
-    config = write_config(tmp_path / "c.yaml", str(root), [str(CORPUS)],
-                          classifier={"enabled": True, "positive": [str(CORPUS.parent / "quality" / "positive.jsonl")],
-                                      "negative": [str(CORPUS.parent / "quality" / "negative.jsonl")]})
+    config = write_config(tmp_path / "c.yaml", str(root), [str(CORPUS)], classifier=quality_classifier())
     first = _skymoe("run", "--config", str(config), "--until", "clean", "--json", env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads(first.stdout)  # with --json, stdout is the summary alone
@@ -66,7 +64,7 @@ def test_run_until_clean_then_the_whole_pipeline_on_demo_corpus(tmp_path, prefec
     assert clean["uri"] == str(root / "clean" / clean["fingerprint"])
     assert clean["counts"]["docs_out"] > 300
     assert clean["counts"]["docs_out_by_lang"]["en"] > 50 and clean["counts"]["docs_out_by_lang"]["zh"] > 200
-    assert clean["counts"]["rejects_by_reason"]["quality_classifier:bucket_tail"] > 0
+    assert clean["counts"]["rejects_by_reason"]["quality_classifier:below_threshold"] > 0
     records = _prefect_records(env, "clean/filter")
     assert records["flow_runs"] == ["Completed"]
     assert records["task_runs"] == [("clean", "Completed")]

@@ -4,9 +4,11 @@ Between ``filter`` and ``apply`` the stage runs, in order (per shard = one task 
 per partition = one task per hash partition, driver = the stage's own process):
 
 - ``index`` (per shard): exact hash, MinHash signature and line hashes of each kept document (the
-  dedup index artifact), the exact-hash records hash-partitioned, and a quality-score sketch;
-- ``thresholds`` (driver): the sketches merged into quality-bucket edges per language (bounded size);
-- ``exact`` (per partition): quality verdicts applied, exact-hash groups, first in input order wins;
+  dedup index artifact), the exact-hash records hash-partitioned, and the count of structured documents;
+- ``share`` (driver): the counts summed into the probability that keeps structured documents at
+  their configured share (each document's draw from a hash of its id, so any task decides alike);
+- ``exact`` (per partition): structured documents over the share left out, exact-hash groups, first
+  in input order wins;
 - ``bands`` (per shard): the MinHash band keys of documents still alive, partitioned by bucket;
 - ``near`` (per partition): candidate pairs, each bucket member paired with the bucket's first;
 - ``clusters`` (driver): connected components over the candidate pairs only (memory grows with
@@ -23,7 +25,7 @@ order, earlier generations first, so "first occurrence wins" is "smallest docume
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -43,14 +45,13 @@ from skymoe.pipelines.clean.partitions import (
     write_sorted,
 )
 from skymoe.pipelines.clean.readers import InputShard
-from skymoe.pipelines.clean.sketch import QuantileSketch
+from skymoe.pipelines.clean.structured import keep_probability, share_draws
 from skymoe.pipelines.clean.tables import iter_batches, read_table, row_writer, write_table
-from skymoe.config import CleanConfig, bucket_names
+from skymoe.config import CleanConfig
 from skymoe.stage import DoneRecords, StageRef
 from skymoe.storage import Storage
 
 INDEX = "dedup_index"
-SKETCHES = "dedup/sketches"
 EXACT_KEYS = "dedup/exact_keys"
 EXACT_DROPS = "dedup/exact_drops"
 BAND_KEYS = "dedup/band_keys"
@@ -63,12 +64,10 @@ RECURRING = "dedup/recurring"
 CHUNK_DOCS = 65536
 
 INDEX_SCHEMA = pa.schema([
-    ("row", pa.int32()), ("lang", pa.string()), ("quality_score", pa.float32()), ("exact_hash", pa.uint64()),
+    ("row", pa.int32()), ("lang", pa.string()), ("share_draw", pa.float64()), ("exact_hash", pa.uint64()),
     ("minhash", pa.list_(pa.uint32())), ("line_hashes", pa.list_(pa.uint64())),
 ])
-SKETCH_SCHEMA = pa.schema([("lang", pa.string()), ("value", pa.float64()), ("weight", pa.float64())])
-EXACT_SCHEMA = pa.schema([("exact_hash", pa.uint64()), ("order", pa.int64()), ("lang", pa.string()),
-                          ("quality_score", pa.float32())])
+EXACT_SCHEMA = pa.schema([("exact_hash", pa.uint64()), ("order", pa.int64()), ("share_draw", pa.float64())])
 KEPT_EXACT_SCHEMA = pa.schema([("exact_hash", pa.uint64()), ("order", pa.int64())])
 DROP_SCHEMA = pa.schema([("order", pa.int64()), ("by", pa.int64())])
 PAIR_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64())])
@@ -89,7 +88,7 @@ class DedupRun:
     ref: StageRef
     shards: list[InputShard]
     history: History
-    bucket_edges: dict[str, list[float]] = field(default_factory=dict)  # known after ``thresholds``
+    structured_keep: float = 1.0  # known after ``share``: the probability a structured document is kept
 
     @property
     def partitions(self) -> int:
@@ -117,20 +116,10 @@ class DedupRun:
     def keys(self) -> DocKeys:
         return DocKeys(tuple(s.shard_id for s in self.shards), self.history)
 
-    def quality_drops(self, langs: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        """The dropped bucket's reason per document (None where kept): buckets by the score edges of
-        the document's language, from the top (``head`` holds the best-scored)."""
-        verdict = np.full(len(langs), None, dtype=object)
-        classifier = self.config.classifier
-        if not classifier.enabled:
-            return verdict
-        names = bucket_names(len(classifier.bucket_quantiles) + 1)
-        keep = set(classifier.keep_buckets)
-        for lang, edges in self.bucket_edges.items():
-            in_lang = langs == lang
-            bucket = (scores[in_lang, None] < np.array(edges)[None, :]).sum(axis=1)
-            verdict[np.flatnonzero(in_lang)] = [None if names[b] in keep else f"bucket_{names[b]}" for b in bucket]
-        return verdict
+    def over_share(self, draws: np.ndarray) -> np.ndarray:
+        """Which documents are structured ones left out to keep their share: a draw (prose has none,
+        stored as null, read as NaN) at or above the keep probability."""
+        return np.nan_to_num(draws, nan=-1.0) >= self.structured_keep
 
     def dropped_rows(self, files: list[str], index: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows of shard ``index`` in order-sorted drop lists, and the document each duplicates."""
@@ -193,7 +182,8 @@ def _hash_partition(hashes: np.ndarray, partitions: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ per-shard phases
 class IndexShard:
-    """``index``: the dedup index of a shard's kept documents, its exact-hash records and its score sketch."""
+    """``index``: the dedup index of a shard's kept documents, its exact-hash records, and how many
+    of its documents are structured text."""
 
     def __init__(self, run: DedupRun):
         self.run = run
@@ -204,47 +194,39 @@ class IndexShard:
         run, storage = self.run, self.run.storage
         shard = run.shards[index]
         min_chars = run.config.dedup.recurring.min_line_chars
-        scores: dict[str, list[np.ndarray]] = {}
+        structured = 0
         with row_writer(storage, run.shard_file(INDEX, index), INDEX_SCHEMA) as rows, \
                 partitioned_writer(storage, run.shard_file(EXACT_KEYS, index), EXACT_SCHEMA, run.partitions) as out:
             exact = _Chunks(out)
             filtered = run.ref.path("filtered", f"{shard.shard_id}.parquet")
-            for first, batch in iter_batches(storage, filtered, ["text", "lang", "quality_score"]):
-                langs, quality = batch["lang"].to_pylist(), batch["quality_score"].to_pylist()
+            for first, batch in iter_batches(storage, filtered, ["id", "text", "lang", "structured"]):
+                langs = batch["lang"].to_pylist()
+                is_structured = batch["structured"].is_valid().to_numpy(zero_copy_only=False)
+                draws = np.where(is_structured, share_draws(batch["id"].to_pylist()), np.nan)
+                structured += int(is_structured.sum())
                 hashes = []
                 for offset, text in enumerate(batch["text"].to_pylist()):
                     hashes.append(dedup.normalized_hash(text))
-                    rows.add({"row": first + offset, "lang": langs[offset], "quality_score": quality[offset],
+                    rows.add({"row": first + offset, "lang": langs[offset],
+                              "share_draw": None if np.isnan(draws[offset]) else float(draws[offset]),
                               "exact_hash": hashes[-1],
                               "minhash": self.hasher.signature(text, langs[offset]).tolist(),
                               "line_hashes": dedup.line_hashes(text, min_chars).tolist()})
                 hashes = np.array(hashes, dtype=np.uint64)
                 exact.add(pa.table([hashes, run.orders(index, np.arange(first, first + batch.num_rows)),
-                                    batch["lang"], batch["quality_score"]], schema=EXACT_SCHEMA),
+                                    pa.array(draws, from_pandas=True)], schema=EXACT_SCHEMA),
                           _hash_partition(hashes, run.partitions), batch.num_rows)
-                if run.config.classifier.enabled:
-                    score = batch["quality_score"].to_numpy(zero_copy_only=False)
-                    lang_of = np.array(langs, dtype=object)
-                    for lang in set(langs) - {"code"}:
-                        scores.setdefault(lang, []).append(score[lang_of == lang])
             exact.flush()
-        sketches = {lang: QuantileSketch.of(np.concatenate(parts)) for lang, parts in sorted(scores.items())}
-        write_table(storage, run.shard_file(SKETCHES, index), pa.table({
-            "lang": [lang for lang, s in sketches.items() for _ in s.values],
-            "value": np.concatenate([s.values for s in sketches.values()] or [np.zeros(0)]),
-            "weight": np.concatenate([s.weights for s in sketches.values()] or [np.zeros(0)]),
-        }, schema=SKETCH_SCHEMA))
-        DoneRecords(storage, run.ref, "index").mark(shard.shard_id, {"docs": rows.count})
+        DoneRecords(storage, run.ref, "index").mark(shard.shard_id, {"docs": rows.count, "structured": structured})
 
 
-def _quality_verdicts(run: DedupRun, batch: pa.Table) -> np.ndarray:
-    """The quality-bucket drop reason of each document of a batch with ``lang`` and ``quality_score``."""
-    langs = np.array(batch["lang"].to_pylist(), dtype=object)
-    return run.quality_drops(langs, batch["quality_score"].to_numpy(zero_copy_only=False).astype(np.float64))
+def _over_share(run: DedupRun, batch: pa.Table) -> np.ndarray:
+    """Which documents of a batch with ``share_draw`` are structured ones left out to keep their share."""
+    return run.over_share(batch["share_draw"].to_numpy(zero_copy_only=False).astype(np.float64))
 
 
 class BandShard:
-    """``bands``: the band keys of the shard's documents that passed quality and exact dedup."""
+    """``bands``: the band keys of the shard's documents within the structured share and not exact duplicates."""
 
     def __init__(self, run: DedupRun):
         self.run = run
@@ -258,9 +240,9 @@ class BandShard:
                                 band_schema(run.config.dedup.minhash.rows_per_band), run.partitions) as out:
             bands = _Chunks(out)
             for first, batch in iter_batches(run.storage, run.shard_file(INDEX, index),
-                                             ["lang", "quality_score", "minhash"]):
+                                             ["share_draw", "minhash"]):
                 rows = np.arange(first, first + batch.num_rows)
-                alive = (_quality_verdicts(run, batch) == None) & ~np.isin(rows, exact_rows)  # noqa: E711
+                alive = ~_over_share(run, batch) & ~np.isin(rows, exact_rows)
                 table, partition = _band_table(run, _signatures(batch["minhash"], width)[alive],
                                                run.orders(index, rows[alive]))
                 bands.add(table, partition, int(alive.sum()))
@@ -291,9 +273,9 @@ class SettleShard:
             kept_exact, kept_bands = _Chunks(kept_exact_file), _Chunks(kept_bands_file)
             for first, batch in iter_batches(storage, run.shard_file(INDEX, index)):
                 rows = np.arange(first, first + batch.num_rows)
-                quality = _quality_verdicts(run, batch)
-                decided |= {int(row): ("quality_classifier", why) for row, why in zip(rows, quality) if why}
-                alive = (quality == None) & ~np.isin(rows, exact_rows) & ~np.isin(rows, near_rows)  # noqa: E711
+                over = _over_share(run, batch)
+                decided |= {int(row): ("structured_text", "over_share") for row in rows[over]}
+                alive = ~over & ~np.isin(rows, exact_rows) & ~np.isin(rows, near_rows)
                 line_hashes.append(pc.list_flatten(batch["line_hashes"].filter(pa.array(alive))).to_numpy())
                 local = doc_order(0, index, rows[alive])  # stored as generation 0, placed when read
                 hashes = batch["exact_hash"].to_numpy()[alive]
@@ -330,7 +312,7 @@ class ExactPartition:
                 hashes.append(table["exact_hash"].to_numpy())
                 orders.append(with_generation(table["order"].to_numpy(), generation))
         for table in read_partition(run.storage, run.shard_files(EXACT_KEYS), partition, run.partitions):
-            alive = _quality_verdicts(run, table) == None  # noqa: E711 (elementwise)
+            alive = ~_over_share(run, table)
             hashes.append(table["exact_hash"].to_numpy()[alive])
             orders.append(table["order"].to_numpy()[alive])
         hashes, orders = np.concatenate(hashes), np.concatenate(orders)
@@ -402,23 +384,15 @@ class LinePartition:
 
 
 # ------------------------------------------------------------------------------ driver steps
-def bucket_edges(run: DedupRun) -> dict[str, list[float]]:
-    """``thresholds``: quality-bucket edges per language, from the merged score sketches (the first
-    generation's edges in an incremental series). Edges are taken from the top: quantile ``q`` of
-    "best first" splits the head from the rest."""
-    if not run.config.classifier.enabled:
-        return {}
-    merged: dict[str, QuantileSketch] = {}
-    for uri in run.shard_files(SKETCHES):
-        table = read_table(run.storage, uri)
-        langs = np.array(table["lang"].to_pylist(), dtype=object)
-        values, weights = table["value"].to_numpy(), table["weight"].to_numpy()
-        for lang in sorted(set(langs)):
-            sketch = QuantileSketch(values[langs == lang], weights[langs == lang])
-            merged[lang] = merged[lang].merge(sketch) if lang in merged else sketch
-    return {lang: run.history.bucket_edges.get(lang) or [merged[lang].quantile(1 - q)
-                                                         for q in run.config.classifier.bucket_quantiles]
-            for lang in sorted(merged)}
+def structured_share(run: DedupRun) -> dict:
+    """``share``: the probability that keeps structured documents at most ``structured.max_share`` of
+    this generation's documents reaching dedup, from the ``index`` phase's counts."""
+    records = DoneRecords(run.storage, run.ref, "index").all().values()
+    docs, structured = sum(r["docs"] for r in records), sum(r["structured"] for r in records)
+    settings = run.config.structured
+    keep = keep_probability(structured, docs - structured, settings.max_share) if settings.enabled else 1.0
+    return {"docs": docs, "structured_docs": structured, "max_share": settings.max_share, "keep_probability": keep}
+
 
 
 def near_clusters(run: DedupRun) -> dict:

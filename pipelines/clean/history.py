@@ -9,8 +9,8 @@ like the global phases that read it (``dedup.partitions`` row groups per file, s
 An incremental run's partition task reads only its partition of every earlier generation (new
 documents never re-enter as duplicates of anything kept before) and of the latest line counts (a
 line becomes recurring once enough documents of any generation contain it), so no process ever
-holds the whole history. Quality buckets keep the first generation's score thresholds, so a small
-batch of new documents is judged by the same bar.
+holds the whole history. (Quality needs no history: the first generation's models and their
+absolute thresholds are reused, so a small batch of new documents is judged by the same bar.)
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ class History:
     Generation ``g`` is ``priors[g]``; this run is generation ``len(priors)``."""
 
     priors: tuple[PriorOutput, ...]
-    bucket_edges: dict[str, list[float]]
 
     @property
     def generation(self) -> int:
@@ -84,7 +83,7 @@ class DocKeys:
 
 
 def load_history(storage: Storage, prior: Sequence[StageRef], partitions: int) -> History:
-    """The earlier generations ``prior`` (oldest first) and the first one's quality-bucket edges."""
+    """The earlier generations ``prior`` (oldest first)."""
     priors = []
     for ref in prior:
         manifest = read_manifest(storage, ref)
@@ -98,6 +97,5 @@ def load_history(storage: Storage, prior: Sequence[StageRef], partitions: int) -
             raise HistoryError(f"earlier cleaning output {ref.uri} was made with clean.dedup.partitions="
                                f"{kept_partitions}, this run has {partitions}: keep it the same within a series")
         priors.append(PriorOutput(ref, tuple(item["shard_id"] for item in manifest.extra["input_files"])))
-    first = read_manifest(storage, prior[0]) if prior else None
-    return History(tuple(priors), first.extra.get("quality_buckets", {}) if first else {})
+    return History(tuple(priors))
 

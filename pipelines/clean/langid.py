@@ -20,6 +20,25 @@ _WEB_LANGUAGES = ("ENGLISH", "CHINESE", "JAPANESE", "KOREAN", "FRENCH", "GERMAN"
 _ISO = {"ENGLISH": "en", "CHINESE": "zh"}
 
 
+_detector = None  # per process, built on first use: the Rust object neither pickles nor loads for free
+
+
+def detect_language(text: str, max_chars: int = 2000) -> tuple[str, float]:
+    """The best language of ``text`` (ISO code) and lingua's confidence in it."""
+    global _detector
+    if _detector is None:
+        from lingua import Language, LanguageDetectorBuilder
+
+        _detector = LanguageDetectorBuilder.from_languages(*(getattr(Language, name) for name in _WEB_LANGUAGES)).build()
+    values = _detector.compute_language_confidence_values(text[:max_chars])
+    # Ties (e.g. text with no letters) come back in arbitrary order: break them by name.
+    best = min(values, key=lambda v: (-v.value, v.language.name))
+    if best.value <= 0.0:
+        return "unknown", 0.0  # no letters to go by (numbers, symbols)
+    name = best.language.name
+    return _ISO.get(name, best.language.iso_code_639_1.name.lower()), float(best.value)
+
+
 class LanguageId(PipelineStep):
     type = "🌐 skymoe"
     name = "language"
@@ -27,27 +46,6 @@ class LanguageId(PipelineStep):
     def __init__(self, config: LanguageConfig):
         super().__init__()
         self.config = config
-        self._detector = None  # built lazily in each worker: the Rust object does not pickle
-
-    def _detect(self, text: str) -> tuple[str, float]:
-        if self._detector is None:
-            from lingua import Language, LanguageDetectorBuilder
-
-            self._detector = LanguageDetectorBuilder.from_languages(
-                *(getattr(Language, name) for name in _WEB_LANGUAGES)
-            ).build()
-        values = self._detector.compute_language_confidence_values(text[: self.config.max_chars])
-        # Ties (e.g. text with no letters) come back in arbitrary order: break them by name.
-        best = min(values, key=lambda v: (-v.value, v.language.name))
-        if best.value <= 0.0:
-            return "unknown", 0.0  # no letters to go by (numbers, symbols)
-        name = best.language.name
-        return _ISO.get(name, best.language.iso_code_639_1.name.lower()), float(best.value)
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_detector"] = None
-        return state
 
     def run(self, data: Iterable[Document], rank: int = 0, world_size: int = 1) -> Iterator[Document]:
         keep = set(self.config.keep)
@@ -56,7 +54,7 @@ class LanguageId(PipelineStep):
                 yield doc
                 continue
             with self.track_time():
-                lang, score = self._detect(doc.text)
+                lang, score = detect_language(doc.text, self.config.max_chars)
             doc.metadata["lang"] = lang
             doc.metadata["lang_score"] = round(score, 4)
             if lang not in keep:

@@ -2,10 +2,11 @@
 contract (``<root>/clean/<fingerprint>/``, done-records per task and phase, manifest last).
 
 Phases, each resumable, each per-shard or per-partition one running on the configured executor:
-1. ``classifier`` - train the quality classifier from its example files (a stage artifact);
-2. ``filter``  (per shard) - read, extract, identify language, heuristic filters, score quality;
-3. the global decisions, partitioned (``dedup_phases``): ``index``, ``thresholds``, ``exact``,
-   ``bands``, ``near``, ``clusters``, ``settle``, ``lines`` - quality buckets per language, exact
+1. ``classifier`` - train a quality model per language from its example files (stage artifacts);
+2. ``filter``  (per shard) - read, extract, tag structured text, identify language, heuristic
+   filters, quality model against its language's threshold;
+3. the global decisions, partitioned (``dedup_phases``): ``index``, ``share``, ``exact``,
+   ``bands``, ``near``, ``clusters``, ``settle``, ``lines`` - the structured-text share, exact
    and near-duplicate clusters, recurring lines;
 4. ``apply``   (per shard) - drop what was decided, cut recurring lines, write the final shards.
 Shards are read and written a row group at a time: a worker holds a batch, not a shard.
@@ -24,7 +25,7 @@ from dataclasses import dataclass, replace
 import pyarrow as pa
 
 from skymoe.pipelines.clean import dedup
-from skymoe.pipelines.clean.classifier import QualityModel, QualityScorer, train_quality_model
+from skymoe.pipelines.clean.classifier import ClassifierError, QualityModel, QualityScorer, train_quality_model
 from skymoe.pipelines.clean.dedup_phases import (
     DECISIONS,
     INDEX,
@@ -35,9 +36,9 @@ from skymoe.pipelines.clean.dedup_phases import (
     LinePartition,
     NearPartition,
     SettleShard,
-    bucket_edges,
     near_clusters,
     recurring_lines,
+    structured_share,
 )
 from skymoe.pipelines.clean.executors import ShardTask, executor_session, map_shards
 from skymoe.pipelines.clean.heuristics import heuristic_steps
@@ -45,6 +46,7 @@ from skymoe.pipelines.clean.history import KEPT_BANDS, KEPT_EXACT, LINE_COUNTS, 
 from skymoe.pipelines.clean.langid import LanguageId
 from skymoe.pipelines.clean.readers import InputError, InputShard, ShardReader, discover_inputs, expand_input
 from skymoe.pipelines.clean.steps import ORIGINAL, REJECT
+from skymoe.pipelines.clean.structured import StructuredTagger
 from skymoe.pipelines.clean.tables import RowWriter, iter_batches, read_table, row_writer
 from skymoe.config import CleanConfig, ConfigError, PipelineConfig, describe_path
 from skymoe.plots import bar_chart_png
@@ -59,6 +61,7 @@ IN_PROCESS_DEDUP_DOCS = 20_000
 DOC_SCHEMA = pa.schema([
     ("id", pa.string()), ("text", pa.string()), ("source", pa.string()), ("lang", pa.string()),
     ("lang_score", pa.float32()), ("quality_score", pa.float32()), ("url", pa.string()),
+    ("structured", pa.string()),  # the kind of structured text (json, xml, html, yaml), null for prose
 ])
 REJECT_SCHEMA = pa.schema([
     ("id", pa.string()), ("shard", pa.string()), ("source", pa.string()), ("stage", pa.string()),
@@ -84,7 +87,7 @@ class CleanStage(Stage):
     # The executor module is left out on purpose: datatrove, Beam and Ray write the same bytes.
     code = tuple(f"skymoe.pipelines.clean.{module}" for module in (
         "stage", "classifier", "dedup", "dedup_phases", "extract", "heuristics", "history", "langid", "partitions",
-        "readers", "sketch", "steps", "tables", "text"))
+        "readers", "steps", "structured", "tables", "text"))
     libraries = ("datatrove", "trafilatura", "lingua-language-detector", "scikit-learn", "warcio", "pyarrow")
 
     def check(self, config: PipelineConfig, storage: Storage) -> None:
@@ -122,16 +125,16 @@ class CleanStage(Stage):
             log.info("clean: not reading %s (%s)", item["uri"], item["why"])
         log.info("clean: %d input shards -> %s", len(work.shards), ref.uri)
         timings: dict[str, float] = {}
-        model = _classifier(config, storage, ref, work.prior, timings)
+        models = _quality_models(config, storage, ref, work.prior, timings)
         history = load_history(storage, work.prior, config.dedup.partitions)
         with executor_session(config.executor):
-            _run_phases(DedupRun(config, storage, ref, work.shards, history), model, timings)
-        output = _output(storage, ref, work, model, timings, config)
+            _run_phases(DedupRun(config, storage, ref, work.shards, history), models, timings)
+        output = _output(storage, ref, work, models, timings, config)
         log.info("clean: %d -> %d documents", output.counts["docs_in"], output.counts["docs_out"])
         return output
 
 
-def _run_phases(run: DedupRun, model: QualityModel | None, timings: dict) -> None:
+def _run_phases(run: DedupRun, models: dict[str, QualityModel], timings: dict) -> None:
     """filter, the partitioned dedup phases (``dedup_phases``), apply: in order, each resumable."""
     config, storage, ref = run.config, run.storage, run.ref
     shards = [shard.shard_id for shard in run.shards]
@@ -140,11 +143,11 @@ def _run_phases(run: DedupRun, model: QualityModel | None, timings: dict) -> Non
     def phase(name: str, task: ShardTask, units: list[str], executor: CleanConfig = config) -> None:
         _run_phase(name, task, executor, storage, ref, units, timings)
 
-    phase("filter", FilterShard(config, storage, ref, run.shards, model), shards)
+    phase("filter", FilterShard(config, storage, ref, run.shards, models), shards)
     dedup = _dedup_phase_config(config, storage, ref)
     phase("index", IndexShard(run), shards, dedup)
-    run = replace(run, bucket_edges=_once("thresholds", lambda: {"bucket_edges": bucket_edges(run)},
-                                          storage, ref, timings)["bucket_edges"])
+    run = replace(run, structured_keep=_once("share", lambda: structured_share(run), storage, ref,
+                                             timings)["keep_probability"])
     if config.dedup.exact:
         phase("exact", ExactPartition(run), partitions, dedup)
     if config.dedup.minhash.enabled:
@@ -168,8 +171,10 @@ def _fingerprinted_config(config: CleanConfig, storage: Storage) -> dict:
         return storage.checksum(uri)
 
     if config.classifier.enabled:
-        for side in ("positive", "negative"):
-            settings["classifier"][side] = [content(u, f"classifier.{side}") for u in getattr(config.classifier, side)]
+        for lang, examples in config.classifier.languages.items():
+            for side in ("positive", "negative"):
+                settings["classifier"]["languages"][lang][side] = [
+                    content(uri, f"classifier.languages.{lang}.{side}") for uri in getattr(examples, side)]
     if config.heuristics.enabled and config.heuristics.blocklist.enabled:
         settings["heuristics"]["blocklist"]["files"] = {
             lang: content(path, f"heuristics.blocklist.files.{lang}")
@@ -178,24 +183,30 @@ def _fingerprinted_config(config: CleanConfig, storage: Storage) -> dict:
     return settings
 
 
-def _classifier(config: CleanConfig, storage: Storage, ref: StageRef, prior: tuple[StageRef, ...],
-                timings: dict) -> QualityModel | None:
-    """Train the quality classifier, or, in an incremental run, reuse the first generation's
-    (the same config trains the same model; a small new batch would also be a poor sample)."""
+def _quality_models(config: CleanConfig, storage: Storage, ref: StageRef, prior: tuple[StageRef, ...],
+                    timings: dict) -> dict[str, QualityModel]:
+    """Train a quality model per language (``classifier/<lang>.*``), or, in an incremental run,
+    reuse the first generation's: the same bar for every batch (a small new batch would also be a
+    poor sample). A model is loaded against the checksums its done-record holds."""
     if not config.classifier.enabled:
-        return None
-    if prior:
-        return QualityModel.load(storage, prior[0].path("classifier", "model"))
-    done = DoneRecords(storage, ref, "classifier")
-    prefix = ref.path("classifier", "model")
-    if done.get("model") is None:
-        started = time.monotonic()
-        model = train_quality_model(storage, config.classifier)
-        model.save(storage, prefix)
-        done.mark("model", model.metrics)
+        return {}
+    owner = prior[0] if prior else ref
+    done = DoneRecords(storage, owner, "classifier")
+    folder = owner.path("classifier")
+    started = time.monotonic()
+    for lang, examples in sorted(config.classifier.languages.items()):
+        if done.get(lang) is None:
+            if prior:
+                raise ClassifierError(f"the series' first cleaning output {owner.uri} has no quality model for "
+                                      f"{lang!r} (classifier.languages changed within the series): start a new one")
+            model = train_quality_model(storage, lang, examples, config.classifier)
+            done.mark(lang, {"files": model.save(storage, folder), "threshold": model.threshold,
+                             "metrics": model.metrics})
+            log.info("clean: quality model %s: threshold %.4f, %s", lang, model.threshold, model.metrics)
+    if not prior:
         timings["classifier"] = round(time.monotonic() - started, 3)
-        log.info("clean: quality classifier trained: %s", model.metrics)
-    return QualityModel.load(storage, prefix)
+    return {lang: QualityModel.load(storage, folder, lang, done.get(lang)["files"])
+            for lang in sorted(config.classifier.languages)}
 
 
 def _run_phase(phase: str, task: ShardTask, config: CleanConfig, storage: Storage, ref: StageRef,
@@ -255,13 +266,14 @@ class FilterShard:
     """Phase 2 for one shard: the datatrove step chain, then kept rows and rejects written."""
 
     def __init__(self, config: CleanConfig, storage: Storage, ref: StageRef, shards: list[InputShard],
-                 model: QualityModel | None):
+                 models: dict[str, QualityModel]):
         self.config, self.storage, self.ref, self.shards = config, storage, ref, shards
         self.steps = [
             ShardReader(shards, config.reader, storage, frozenset(config.reader.code_sources)),
+            *([StructuredTagger()] if config.structured.enabled else []),
             LanguageId(config.language),
             *heuristic_steps(config.heuristics, storage),
-            *([QualityScorer(model)] if model is not None else []),
+            *([QualityScorer(models)] if models else []),
         ]
 
     def __call__(self, index: int) -> None:
@@ -285,7 +297,7 @@ class FilterShard:
                     langs[meta["lang"]] += 1
                     kept.add({"id": doc.id, "text": doc.text, "source": meta.get("source"), "lang": meta["lang"],
                               "lang_score": meta.get("lang_score"), "quality_score": meta.get("quality_score"),
-                              "url": meta.get("url")})
+                              "url": meta.get("url"), "structured": meta.get("structured")})
                 progress.update()
         DoneRecords(self.storage, self.ref, "filter").mark(shard.shard_id, {
             "docs_in": kept.count + rejects.count, "kept": kept.count, "rejects": dict(reasons), "langs": dict(langs),
@@ -375,7 +387,7 @@ def _plots(storage: Storage, ref: StageRef, counts: dict) -> list[str]:
     return ["report/documents.png"]
 
 
-def _output(storage: Storage, ref: StageRef, work: CleanWork, model: QualityModel | None,
+def _output(storage: Storage, ref: StageRef, work: CleanWork, models: dict[str, QualityModel],
             timings: dict, config: CleanConfig) -> StageOutput:
     shards = work.shards
     filtered = DoneRecords(storage, ref, "filter").all()
@@ -408,8 +420,8 @@ def _output(storage: Storage, ref: StageRef, work: CleanWork, model: QualityMode
     extra = {
         "rejects": reject_entries,
         "dedup_index": [shard_entry(storage, ref.path(INDEX, f"{s.shard_id}.parquet"), ref) for s in shards],
-        "quality_buckets": DoneRecords(storage, ref, "thresholds").get("all")["bucket_edges"],
-        "classifier": model.metrics if model is not None else None,
+        "quality_models": {lang: {"threshold": model.threshold, **model.metrics} for lang, model in models.items()},
+        "structured_share": DoneRecords(storage, ref, "share").get("all"),
         "input_files": [{"uri": s.uri, "shard_id": s.shard_id, "source": s.source, "format": s.format}
                         | ({"bytes": [s.piece.start, s.piece.end]} if s.piece else {}) for s in shards],
         "skipped_inputs": work.skipped,
