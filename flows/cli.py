@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_set_and_json(run)
 
     ablate = commands.add_parser("ablate", help="reproduce one of the report's ablations at small scale (Prefect flow)")
-    ablate.add_argument("ablation", choices=("gating-norm", "aux-coef", "init"))
+    ablate.add_argument("ablation", choices=("gating-norm", "aux-coef", "init", "data-quality"),
+                        help="one of the report's ablations, or data-quality: the same model on three cleanings of "
+                             "one raw corpus, scored on held-out clean text")
     ablate.add_argument("--config", help="config file or preset name (default: the 'tiny' preset)")
     ablate.add_argument("--root", help="storage root URI (overrides storage.root)")
     ablate.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3); more seeds add runs")
@@ -141,7 +143,12 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     overrides = _set_overrides(args)
     config = _load(args, overrides)
     size = size_of(args.smoke, args.preset)
-    check_ablation(config, args.ablation, args.seeds, size)
+    if args.ablation == "data-quality":
+        from skymoe.ablations.data_quality import check
+
+        check(config, args.seeds, size)
+    else:
+        check_ablation(config, args.ablation, args.seeds, size)
     check_stages(config, Storage.from_config(config.storage), ("clean", "tokenize"))
     from skymoe.flows.ablate import ablate_flow
 
