@@ -61,7 +61,7 @@ IN_PROCESS_DEDUP_DOCS = 20_000
 DOC_SCHEMA = pa.schema([
     ("id", pa.string()), ("text", pa.string()), ("source", pa.string()), ("lang", pa.string()),
     ("lang_score", pa.float32()), ("quality_score", pa.float32()), ("url", pa.string()),
-    ("structured", pa.string()),  # the kind of structured text (json, xml, html, yaml), null for prose
+    ("structured", pa.string()),  # the kind of structured text (json, xml, html, yaml, csv, markdown_table); null for prose
 ])
 REJECT_SCHEMA = pa.schema([
     ("id", pa.string()), ("shard", pa.string()), ("source", pa.string()), ("stage", pa.string()),
