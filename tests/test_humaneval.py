@@ -362,9 +362,15 @@ def test_user_namespace_sandbox_for_an_unprivileged_harness():
         pytest.skip("needs root, setpriv and a system python3 to act as an unprivileged user")
     target = Path(tempfile.mkdtemp(prefix="skymoe-userns-", dir="/var/tmp"))
     target.chmod(0o777)  # world-writable, on the root filesystem outside /tmp: only the read-only mount stops a write
+    # A copy the unprivileged user can read wherever the checkout is (a CI checkout under a 0700 folder is not).
+    readable = Path(tempfile.mkdtemp(prefix="skymoe-userns-module-", dir="/var/tmp"))
+    readable.chmod(0o755)
+    module_copy = readable / "humaneval.py"
+    shutil.copyfile(humaneval.__file__, module_copy)
+    module_copy.chmod(0o644)
     script = textwrap.dedent(f"""
         import importlib.util, json, sys
-        spec = importlib.util.spec_from_file_location("humaneval_copy", {humaneval.__file__!r})
+        spec = importlib.util.spec_from_file_location("humaneval_copy", {str(module_copy)!r})
         module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         boundary, why = module._boundary()
@@ -386,6 +392,7 @@ def test_user_namespace_sandbox_for_an_unprivileged_harness():
         assert escape[0] is False and "Read-only file system" in escape[1] and os.listdir(target) == []
     finally:
         shutil.rmtree(target)
+        shutil.rmtree(readable)
 
 
 # ---------------------------------------------------------------------------------------- attacks
