@@ -202,7 +202,8 @@ class IndexShard:
             for first, batch in iter_batches(storage, filtered, ["id", "text", "lang", "structured"]):
                 langs = batch["lang"].to_pylist()
                 is_structured = batch["structured"].is_valid().to_numpy(zero_copy_only=False)
-                draws = np.where(is_structured, share_draws(batch["id"].to_pylist()), np.nan)
+                draws = np.full(batch.num_rows, np.nan)  # prose has no draw: only structured ids are hashed
+                draws[is_structured] = share_draws(batch["id"].filter(batch["structured"].is_valid()).to_pylist())
                 structured += int(is_structured.sum())
                 hashes = []
                 for offset, text in enumerate(batch["text"].to_pylist()):
