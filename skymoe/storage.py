@@ -101,8 +101,13 @@ class Storage:
         entries = self._retry(lambda: fs.ls(path, detail=False))
         return sorted(join(uri, os.path.basename(e.rstrip("/"))) for e in entries if e.rstrip("/") != path.rstrip("/"))
 
-    def expand(self, pattern: str) -> list[str]:
-        """Files named by a file URI, a folder (recursively) or a glob, as sorted full URIs."""
+    def expand(self, pattern: str, hidden: bool = False) -> list[str]:
+        """Files named by a file URI, a folder (recursively) or a glob, as sorted full URIs.
+
+        Hidden files (see :meth:`is_hidden`: editor and tool leftovers such as ``.ipynb_checkpoints/``,
+        ``_SUCCESS``, ``_tmp/``) are left out unless ``hidden``; a caller that must account for every
+        file (the cleaning stage's inputs) lists them and says why it does not read them.
+        """
         fs, path = self.fs(pattern)
         protocol = _protocol(pattern)
         if globlib.has_magic(path):
@@ -114,8 +119,14 @@ class Storage:
             files = [path]
         else:
             files = []
-        root = path.rstrip("/") if not globlib.has_magic(path) else path[: _first_magic(path)].rsplit("/", 1)[0]
-        return sorted(f"{protocol}://{f}" if protocol else f for f in files if not _hidden(f, root))
+        root = _listing_root(path)
+        return sorted(f"{protocol}://{f}" if protocol else f for f in files if hidden or not _hidden(f, root))
+
+    def is_hidden(self, uri: str, pattern: str) -> bool:
+        """Whether ``uri``, one of the files ``pattern`` expands to, is hidden: its name, or a folder's
+        between it and the folder the pattern names, starts with '.' or '_'. A file named by the pattern
+        itself is never hidden (naming it is asking for it)."""
+        return _hidden(self.fs(uri)[1], _listing_root(self.fs(pattern)[1]))
 
     def checksum(self, uri: str) -> str:
         """A content checksum: xxh3 of the bytes for local files, the store's ETag for objects."""
@@ -233,6 +244,11 @@ def _protocol(uri: str) -> str:
 
 def _first_magic(path: str) -> int:
     return min(i for i, ch in enumerate(path) if ch in "*?[")
+
+
+def _listing_root(path: str) -> str:
+    """The folder a pattern lists below: the path itself, or a glob's fixed leading folder."""
+    return path.rstrip("/") if not globlib.has_magic(path) else path[: _first_magic(path)].rsplit("/", 1)[0]
 
 
 def _hidden(path: str, root: str) -> bool:

@@ -10,7 +10,11 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import bz2
+import codecs
+import lzma
 import random
+import re
 import shutil
 import struct
 import tracemalloc
@@ -38,10 +42,22 @@ STORAGE = Storage()
 def read(paths: list[str | Path], config: ReaderConfig | None = None,
          code_sources: frozenset[str] = frozenset()) -> list[Document]:
     """Discover the inputs and read every shard, as the stage does (one task per shard)."""
+    return read_reporting(paths, config, code_sources)[0]
+
+
+def read_reporting(paths: list[str | Path], config: ReaderConfig | None = None,
+                   code_sources: frozenset[str] = frozenset(), split_bytes: int | None = None,
+                   ) -> tuple[list[Document], dict[str, list[str]]]:
+    """``read``, and what the reader found wrong with each file as a whole (by file name; none: absent)."""
     config = config or ReaderConfig()
-    shards, _ = discover_inputs(STORAGE, [str(p) for p in paths], config.text_field)
+    shards, _ = discover_inputs(STORAGE, [str(p) for p in paths], config.text_field, split_bytes)
     reader = ShardReader(shards, config, STORAGE, code_sources)
-    return [doc for rank in range(len(shards)) for doc in reader.run(rank=rank, world_size=len(shards))]
+    docs = [doc for rank in range(len(shards)) for doc in reader.run(rank=rank, world_size=len(shards))]
+    damaged: dict[str, list[str]] = {}
+    for shard in shards:
+        if reader.damaged[shard.shard_id]:
+            damaged.setdefault(Path(shard.uri).name, []).extend(reader.damaged[shard.shard_id])
+    return docs, damaged
 
 
 def split(docs: list[Document]) -> tuple[list[Document], list[Document]]:
@@ -107,6 +123,66 @@ def test_invalid_utf8_is_rejected_in_jsonl_and_text(tmp_path):
         assert d.metadata[REJECT]["reason"].startswith("invalid_utf8: invalid start byte at byte ")
         assert "\\xff\\xfe" in d.metadata[ORIGINAL]  # the bad bytes are kept, escaped
         assert ZHWIKI[12][:10] in d.metadata[ORIGINAL]
+
+
+def test_lone_surrogates_are_rejected_with_their_line(tmp_path):
+    """An escaped lone surrogate is valid JSON, but no UTF-8 can hold it: the record is rejected at read
+    time (it used to end the run with a UnicodeEncodeError), wherever it is; a proper pair is kept."""
+    text = C4_TEXTS[1]
+    lines = [
+        c4_record(0),
+        json.dumps({"text": text[:20] + "\ud800" + text[20:]}).encode(),  # json.dumps escapes it as \ud800
+        json.dumps({"id": "\udc00-7", "text": C4_TEXTS[2]}).encode(),
+        json.dumps({"url": "https://example.org/\udfff", "text": C4_TEXTS[3]}).encode(),
+        json.dumps({"text": C4_TEXTS[4] + " \U0001F600"}).encode(),  # an escaped surrogate pair: one character
+    ]
+    assert b"\\ud800" in lines[1]
+    path = write_lines(tmp_path / "surrogates.jsonl", lines)
+    docs = read([path])
+    kept, rejected = split(docs)
+    assert [d.text for d in kept] == [C4_TEXTS[0], C4_TEXTS[4] + " \U0001F600"]
+    assert reasons(docs) == ["invalid_unicode: lone surrogate U+D800 in 'text' at character 20",
+                             "invalid_unicode: lone surrogate U+DC00 in 'id' at character 0",
+                             "invalid_unicode: lone surrogate U+DFFF in 'url' at character 20"]
+    assert [d.metadata[ORIGINAL] for d in rejected] == [line.decode() for line in lines[1:4]]
+    assert [d.id.rsplit(":", 1)[1] for d in rejected] == ["1", "2", "3"]
+
+
+def test_deeply_nested_json_is_rejected_before_parsing(tmp_path):
+    """200,000 nested arrays used to end the run with a RecursionError; brackets inside strings do not
+    count, and nesting up to the bound is parsed as usual."""
+    deep = b'{"text": "' + C4_TEXTS[1][:100].encode() + b'", "a": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    at_bound = json.dumps({"text": C4_TEXTS[2], "a": json.loads("[" * 199 + "]" * 199)}).encode()
+    over = json.dumps({"text": C4_TEXTS[3], "a": json.loads("[" * 200 + "]" * 200)}).encode()
+    brackets = json.dumps({"text": C4_TEXTS[4] + " [{" * 5000}).encode()
+    path = write_lines(tmp_path / "deep.jsonl", [c4_record(0), deep, at_bound, over, brackets])
+    docs = read([path])
+    kept, rejected = split(docs)
+    assert [d.text for d in kept] == [C4_TEXTS[0], C4_TEXTS[2], C4_TEXTS[4] + " [{" * 5000]
+    assert reasons(docs) == ["too_deeply_nested: 200001 levels > 200", "too_deeply_nested: 201 levels > 200"]
+    assert rejected[0].metadata[ORIGINAL] == deep.decode() and rejected[1].metadata[ORIGINAL] == over.decode()
+
+
+def test_a_utf8_byte_order_mark_is_dropped_at_the_start_of_a_file_only(tmp_path):
+    """The first record of a file written with a BOM is read (it used to be malformed JSON); a BOM at the
+    start of a later line is not a file's mark, so that line stays a reject; a split file's later
+    pieces start mid-file and keep their bytes."""
+    bom = b"\xef\xbb\xbf"
+    records = [c4_record(i) for i in range(40)]
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(bom + b"\n".join(records[:20] + [bom + records[20]] + records[21:]) + b"\n")
+    text = tmp_path / "bom.txt"
+    text.write_bytes(bom + "\n".join(ZHWIKI[:5]).encode() + b"\n")
+    gz = tmp_path / "bom.jsonl.gz"
+    gz.write_bytes(gzip.compress(bom + b"\n".join(records[:5]) + b"\n"))
+    docs = read([jsonl, text, gz])
+    kept, rejected = split(docs)
+    assert [d.text for d in kept] == C4_TEXTS[:20] + C4_TEXTS[21:40] + C4_TEXTS[:5] + ZHWIKI[:5]  # files by name
+    assert [d.metadata[ORIGINAL] for d in kept[:1]] == [records[0].decode()]  # the mark is not part of it
+    assert len(rejected) == 1 and reasons(docs)[0].startswith("malformed_json: Unexpected UTF-8 BOM")
+    pieces, _ = read_reporting([jsonl], split_bytes=16_384)
+    assert len(discover_inputs(STORAGE, [str(jsonl)], split_bytes=16_384)[0]) > 2
+    assert [(d.id, d.text, reasons([d])) for d in pieces] == [(d.id, d.text, reasons([d])) for d in docs[:40]]
 
 
 def test_empty_and_whitespace_only_documents(tmp_path):
@@ -257,27 +333,30 @@ def test_streamed_gzip_reads_exactly_what_whole_file_decompression_read(tmp_path
         expected = [(line, None) for line in data.decode("utf-8").split("\n")]
         if expected[-1][0] == "":
             expected.pop()
-        if problem:
+        if problem and tail:  # a partial last line is a rejected record; the problem is the file's damage
             expected.append((tail.decode("utf-8", errors="backslashreplace"), problem))
-        docs = read([path])
+        docs, damaged = read_reporting([path])
         got = [(d.metadata[ORIGINAL], d.metadata[REJECT]["reason"] if d.metadata[REJECT]["step"] == "read"
                 and d.metadata[REJECT]["reason"].startswith("truncated_gzip") else None)
                if REJECT in d.metadata else (d.text, None) for d in docs]
         assert got == expected, name
+        assert [problem.split(" (after")[0] for problem in damaged.get(path.name, [])] == (
+            [problem.replace("truncated_gzip: ", "gzip: ")] if problem else []), name
         assert [d.id.rsplit(":", 1)[1] for d in docs] == [str(i) for i in range(len(docs))], name
 
 
-def test_a_gzip_member_that_fails_its_crc_keeps_its_records_and_says_so(tmp_path):
-    """Streaming cannot take back what a member gave before its CRC is checked at its end: its records
-    are read, and the failed check is a rejected record (decompressing the whole file lost them all)."""
-    whole = bytearray(gzip.compress(("\n".join(C4_LINES[:50]) + "\n").encode("utf-8")))
-    whole[-8] ^= 1
-    path = tmp_path / "crc.jsonl.gz"
+@pytest.mark.parametrize("byte, problem", [(-8, "CRC check failed"), (-1, "Incorrect length of data produced")])
+def test_a_gzip_whose_trailer_is_damaged_keeps_every_record_and_names_the_file(tmp_path, byte, problem):
+    """Only the CRC or length trailer damaged: every record decompressed is read (decompressing the
+    whole file lost them all), no record is rejected, and the file is listed as damaged with the reason."""
+    whole = bytearray(gzip.compress(("\n".join(C4_LINES[:30]) + "\n").encode("utf-8")))
+    whole[byte] ^= 1
+    path = tmp_path / "trailer.jsonl.gz"
     path.write_bytes(bytes(whole))
-    docs = read([path])
+    docs, damaged = read_reporting([path])
     kept, rejected = split(docs)
-    assert [d.text for d in kept] == C4_TEXTS[:50]
-    assert reasons(docs) == ["truncated_gzip: BadGzipFile: CRC check failed"] and rejected[0].metadata[ORIGINAL] == ""
+    assert [d.text for d in kept] == C4_TEXTS[:30] and not rejected
+    assert damaged == {path.name: [f"gzip: BadGzipFile: {problem} (after 30 lines, which are read)"]}
 
 
 # --------------------------------------------------------------------------- WARC
@@ -376,6 +455,65 @@ def test_a_warc_cut_inside_a_record_header_is_a_rejected_record_not_a_crash(tmp_
         assert len(docs) == whole_records + 1 and not reasons(docs[:-1])
         assert reasons(docs[-1:]) == ["truncated_or_corrupt_warc: unreadable record headers (AttributeError: "
                                       "'NoneType' object has no attribute 'startswith')"]
+
+def _flipped_warc(path: Path, positions: list[int]) -> Path:
+    raw = bytearray(WARC.read_bytes())
+    for position in positions:
+        raw[position] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _warc_members() -> list[tuple[str, int, int, str]]:
+    """(type, offset, length, record id) of each record (= gzip member) of the sample WARC."""
+    from warcio.archiveiterator import ArchiveIterator
+
+    members = []
+    iterator = ArchiveIterator(io.BytesIO(WARC.read_bytes()))
+    for record in iterator:
+        record.content_stream().read()
+        iterator.read_to_end(record)
+        members.append((record.rec_type, iterator.get_record_offset(), iterator.get_record_length(),
+                        record.rec_headers.get_header("WARC-Record-ID")))
+    return members
+
+
+def test_a_warc_with_flipped_bytes_reads_on_at_the_next_record(tmp_path):
+    """Eight flipped bytes (9 of 22 responses used to vanish unrecorded): every record whose member is
+    intact is read exactly as from the intact file; every other response is a reject with its reason
+    or inside a damaged member or skipped range that the file's damage names; nothing damaged is kept."""
+    flips = [10612, 67873, 100989, 106151, 110250, 127383, 134027, 198693]
+    path = _flipped_warc(tmp_path / "flipped.warc.gz", flips)
+    intact = {d.id: d.text for d in read([WARC])}
+    docs, damaged = read_reporting([path])
+    kept, rejected = split(docs)
+    responses = [(offset, length, rid) for kind, offset, length, rid in _warc_members() if kind == "response"]
+    untouched = [rid for offset, length, rid in responses if not any(offset <= f < offset + length for f in flips)]
+    assert set(untouched) <= {d.id for d in kept} and len(untouched) == 15
+    assert all(intact[d.id] == d.text for d in kept)  # nothing read from a damaged member is kept
+    assert all(r.metadata[REJECT]["reason"].startswith("truncated_or_corrupt_warc: ") for r in rejected)
+    problems = damaged[path.name]
+    named = {int(p.split(" ")[4].rstrip(":")) for p in problems if p.startswith("gzip member at byte ")}
+    seen = {d.id for d in docs}
+    lost = [(offset, rid) for offset, _, rid in responses if rid not in seen]
+    assert lost and all(offset in named for offset, _ in lost)  # each response not read is named by its member
+    assert problems[0] == ("gzip member at byte 865: BadGzipFile: CRC check failed; read on at the next record, "
+                           "byte 15477")
+    assert len(kept) == 15 and len(rejected) == 5 and len(lost) == 2  # measured: 15 + 5 + 2 = 22 responses
+
+
+def test_an_uncompressed_warc_that_cannot_be_parsed_keeps_what_came_before_and_says_the_rest_was_not_read(tmp_path):
+    raw = gzip.decompress(WARC.read_bytes())  # every member: the plain WARC
+    fifth = [m.start() for m in re.finditer(rb"WARC/1\.\d\r\nWARC-Type: response", raw)][4]
+    path = tmp_path / "plain.warc"
+    path.write_bytes(raw[:fifth] + b"XARC" + raw[fifth + 4:])
+    docs, damaged = read_reporting([path])
+    kept, rejected = split(docs)
+    assert [d.id for d in kept] == [d.id for d in read([WARC])][:4]
+    assert reasons(docs) == ["truncated_or_corrupt_warc: Invalid WARC record, first line: XARC/1.0\r\n"]
+    assert damaged == {path.name: ["the WARC records after the unreadable one were not read (an uncompressed WARC "
+                                   "cannot be resynchronised; gzip it record by record, e.g. warcio recompress)"]}
+
 
 # --------------------------------------------------------------------------- parquet and text
 def test_parquet_with_a_configurable_text_field(tmp_path):
@@ -614,6 +752,81 @@ def test_an_unsupported_format_fails_early(tmp_path):
     assert detect_format("x.tar.gz") is None
 
 
+C4_JSONL = ("\n".join(C4_LINES[:30]) + "\n")
+ZH_TEXT = "\n".join(ZHWIKI[:30]) + "\n"
+
+
+@pytest.mark.parametrize("name, data, reason", [
+    ("utf16.jsonl", C4_JSONL.encode("utf-16"), "UTF-16LE (byte order mark FF FE)"),
+    ("utf16be.jsonl", codecs.BOM_UTF16_BE + C4_JSONL.encode("utf-16-be"), "UTF-16BE (byte order mark FE FF)"),
+    ("utf32.txt", ZH_TEXT.encode("utf-32"), "UTF-32LE (byte order mark FF FE 00 00)"),
+    ("utf16.jsonl.gz", gzip.compress(C4_JSONL.encode("utf-16")), "UTF-16LE (byte order mark FF FE)"),
+    ("utf16-no-mark.jsonl", C4_JSONL.encode("utf-16-le"),
+     "32710 of its first 65536 bytes are NUL (looks like UTF-16LE without a byte order mark)"),
+    ("gb18030.txt", ZH_TEXT.encode("gb18030"),
+     "26 of its first 30 lines are not UTF-8 (another encoding, e.g. GB18030 or Latin-1?)"),
+])
+def test_a_file_that_is_not_utf8_is_listed_not_read_line_by_line(tmp_path, name, data, reason):
+    """A UTF-16 file used to give a reject per line and no word about the file: it is listed instead, with
+    what it looks like; a UTF-8 file beside it is read, and so is one with a few bad lines (rejects)."""
+    (tmp_path / name).write_bytes(data)
+    (tmp_path / "good.jsonl").write_text(C4_JSONL, encoding="utf-8")
+    latin1 = C4_JSONL.replace("\u2019", "'").encode("latin-1", errors="replace")  # bad bytes in a few lines only
+    (tmp_path / "few-bad-lines.jsonl").write_bytes(latin1.replace(b"air", b"\xe6ir", 2))
+    shards, skipped = discover_inputs(STORAGE, [str(tmp_path)])
+    assert sorted(Path(s.uri).name for s in shards) == ["few-bad-lines.jsonl", "good.jsonl"]
+    assert skipped == [{"uri": str(tmp_path / name),
+                        "reason": f"not_utf8: {reason}; convert it to UTF-8 (e.g. iconv -f <encoding> -t UTF-8)"}]
+
+
+def test_recognised_but_unsupported_formats_are_listed_with_what_to_do(tmp_path):
+    records = C4_JSONL.encode()
+    (tmp_path / "c4.jsonl").write_bytes(records)
+    (tmp_path / "c4.json").write_text(json.dumps([json.loads(line) for line in C4_LINES[:5]]))
+    (tmp_path / "c4.json.gz").write_bytes(gzip.compress((tmp_path / "c4.json").read_bytes()))
+    (tmp_path / "c4.jsonl.bz2").write_bytes(bz2.compress(records))
+    (tmp_path / "c4.jsonl.xz").write_bytes(lzma.compress(records))
+    (tmp_path / "c4.csv").write_text("text\n" + "\n".join(json.dumps(t) for t in C4_TEXTS[:5]))
+    (tmp_path / "c4.docx").write_bytes(b"PK\x03\x04")
+    shards, skipped = discover_inputs(STORAGE, [str(tmp_path)])
+    assert [Path(s.uri).name for s in shards] == ["c4.jsonl"]
+    json_doc = "unsupported_format: one JSON document per file, not JSON lines: convert it to .jsonl"
+    assert {Path(s["uri"]).name: s["reason"] for s in skipped} == {
+        "c4.json": f"{json_doc} (e.g. jq -c '.[]')",
+        "c4.json.gz": f"{json_doc}.gz (e.g. jq -c '.[]')",
+        "c4.jsonl.bz2": "unsupported_format: bzip2-compressed: only gzip is read; recompress it with gzip (.jsonl.gz)",
+        "c4.jsonl.xz": "unsupported_format: xz-compressed: only gzip is read; recompress it with gzip (.jsonl.gz)",
+        "c4.csv": "unsupported_format: a table: export its text column as .jsonl or .parquet",
+        "c4.docx": "unknown_format: known formats are .jsonl, .jsonl.gz, .ndjson, .ndjson.gz, .parquet, .txt, "
+                   ".txt.gz, .warc, .warc.gz",
+    }
+    with pytest.raises(InputError, match=r"c4\.jsonl\.bz2 \(bzip2-compressed: only gzip is read"):
+        discover_inputs(STORAGE, [str(tmp_path / "c4.jsonl.bz2")])
+
+
+def test_hidden_files_and_folders_are_listed_or_read_as_configured(tmp_path):
+    """Names below the input starting with '.' or '_' were dropped without a word (10 of 30 documents
+    read): they are listed as hidden, or read with clean.reader.hidden: read; a file named outright is read."""
+    for i, name in enumerate(["a.jsonl", "_staging/b.jsonl", ".cache/c.jsonl", "_d.jsonl", "zh/.e.txt"]):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("\n".join(C4_LINES[10 * i:10 * i + 10]) + "\n")
+    (tmp_path / "_SUCCESS").write_text("")
+    hidden = [".cache/c.jsonl", "_SUCCESS", "_d.jsonl", "_staging/b.jsonl", "zh/.e.txt"]
+
+    def discover(*patterns: str, read_hidden: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
+        shards, skipped = discover_inputs(STORAGE, list(patterns), read_hidden=read_hidden)
+        return ([Path(s.uri).relative_to(tmp_path).as_posix() for s in shards],
+                sorted((Path(s["uri"]).relative_to(tmp_path).as_posix(), s["reason"].split(":")[0]) for s in skipped))
+
+    assert discover(str(tmp_path)) == (["a.jsonl"], [(name, "hidden") for name in hidden])
+    assert discover(str(tmp_path / "*.jsonl")) == (["a.jsonl"], [("_d.jsonl", "hidden")])
+    assert discover(str(tmp_path), read_hidden=True) == (
+        [".cache/c.jsonl", "_d.jsonl", "_staging/b.jsonl", "a.jsonl", "zh/.e.txt"], [("_SUCCESS", "unknown_format")])
+    assert discover(str(tmp_path / "_staging" / "b.jsonl")) == (["_staging/b.jsonl"], [])
+    docs = read_reporting([tmp_path])[0]
+    assert [d.text for d in docs] == C4_TEXTS[:10]
+
+
 def _corpus_copy(root: Path) -> Path:
     """A corpus folder laid out like examples/corpus: data next to licenses, READMEs and sources."""
     (root / "c4").mkdir(parents=True)
@@ -636,13 +849,13 @@ def test_folder_and_glob_discovery_skip_license_readme_and_source_files(tmp_path
     shards, skipped = discover_inputs(STORAGE, [str(root)])
     assert [(Path(s.uri).relative_to(root).as_posix(), s.format, s.source) for s in shards] == [
         ("c4/c4_demo.jsonl", "jsonl", "c4"), ("zhwiki/part1.txt", "text", "zhwiki")]
-    # What was not read is reported, with the reason (hidden files are not data at all).
-    assert sorted((Path(s["uri"]).relative_to(root).as_posix(), s["why"]) for s in skipped) == [
-        ("README.md", "license/readme/attribution file"), ("README.txt", "license/readme/attribution file"),
-        ("c4/LICENSE.Apache-2.0.txt", "license/readme/attribution file"),
-        ("c4/SOURCE.md", "license/readme/attribution file"),
-        ("zhwiki/LICENSE.CC-BY-SA-4.0.txt", "license/readme/attribution file"),
-        ("zhwiki/SOURCE.md", "license/readme/attribution file")]
+    # What was not read is reported, with the reason.
+    not_data = "not_data: license/readme/attribution file"
+    assert sorted((Path(s["uri"]).relative_to(root).as_posix(), s["reason"]) for s in skipped) == [
+        ("README.md", not_data), ("README.txt", not_data), ("_SUCCESS", "hidden"),
+        ("c4/LICENSE.Apache-2.0.txt", not_data), ("c4/SOURCE.md", not_data),
+        ("zhwiki/.part1.txt.swp", "hidden"), ("zhwiki/LICENSE.CC-BY-SA-4.0.txt", not_data),
+        ("zhwiki/SOURCE.md", not_data)]
     again, _ = discover_inputs(STORAGE, [str(root) + "/", str(root / "c4" / "c4_demo.jsonl")])
     assert [s.shard_id for s in again] == [s.shard_id for s in shards]  # stable ids, no duplicates
     assert all(s.checksum.startswith("xxh3:") for s in shards)

@@ -5,9 +5,15 @@ to the same shard ids. An uncompressed JSONL or text file larger than ``reader.s
 into several shards (byte ranges ending at line ends, found in the one pass that checksums the file
 at planning), so one big file is spread over the workers; its documents keep the ids and order they
 have when the file is read whole. Readers turn records into datatrove ``Document``s; a record that cannot be
-read (malformed JSON, invalid UTF-8, a missing text field, an oversized record, a WARC payload that
-is not HTML, the readable part of a truncated gzip) becomes a rejected document that carries its
-original bytes and reason, so nothing read is lost.
+read (malformed JSON, invalid UTF-8 or Unicode, nesting too deep to parse, a missing text field, an
+oversized record, a WARC payload that is not HTML, the partial last line of a truncated gzip) becomes
+a rejected document that carries its original bytes and reason, so nothing read is lost.
+
+Every file found is either read or listed with why not. At discovery, a file that is hidden,
+not data, of an unknown or unsupported format, or not UTF-8 text (UTF-16, GB18030, ...) is listed in
+``skipped_inputs``. While reading, damage to a file as a whole (a gzip that fails its CRC or ends
+early, bytes of a WARC that hold no readable record) is recorded per shard in ``ShardReader.damaged``
+(the stage's ``damaged_inputs``); what could be read of such a file is kept.
 
 Readers stream: a file is never held whole. JSONL and text are read line by line (gzip decompressed
 as it is read), Parquet a record batch at a time, WARC a record at a time, so a worker's memory is
@@ -18,16 +24,19 @@ bounded by a record or a batch, not by the file. A line or WARC payload longer t
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import io
 import json
 import os
+import re
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import IO
 
 import xxhash
@@ -50,9 +59,34 @@ READ_LIMIT_FACTOR = 8
 MIN_READ_LIMIT = 64 << 20
 OVERSIZED_ORIGINAL_BYTES = 1 << 16  # what an over-limit record keeps of itself as its original
 CHUNK_BYTES = 1 << 20  # read, decompression-output and skip size
+# Compressed bytes given to zlib at a time: a member's output before a data error in a later slice is
+# kept, and small members (a WARC record each) are not copied around with a megabyte of their followers.
+INFLATE_BYTES = 1 << 16
 PARQUET_BATCH_ROWS = 1024
 # Files that travel with data but are not data: licenses and attributions stay beside the corpus.
 _NOT_DATA = frozenset({"license", "licence", "copying", "notice", "readme", "source", "attribution"})
+# Formats recognised but not read, with what to do instead (longest suffix first wins).
+_UNSUPPORTED = {
+    ".json": "one JSON document per file, not JSON lines: convert it to .jsonl (e.g. jq -c '.[]')",
+    ".json.gz": "one JSON document per file, not JSON lines: convert it to .jsonl.gz (e.g. jq -c '.[]')",
+    **{f"{data}{packed}": f"{name}-compressed: only gzip is read; recompress it with gzip ({data}.gz)"
+       for data in (".jsonl", ".ndjson", ".txt", ".warc", ".json")
+       for packed, name in ((".bz2", "bzip2"), (".xz", "xz"), (".zst", "zstd"), (".lz4", "lz4"))},
+    **{suffix: "an archive of files: unpack it into a folder of inputs"
+       for suffix in (".zip", ".tar", ".tar.gz", ".tgz", ".7z")},
+    ".arc.gz": "an ARC archive: only WARC is read (convert it, e.g. warcio's arc2warc)",
+    ".csv": "a table: export its text column as .jsonl or .parquet",
+    ".tsv": "a table: export its text column as .jsonl or .parquet",
+}
+# How much of each JSON lines or text file is looked at, at discovery, to tell whether it is UTF-8.
+SNIFF_BYTES = 1 << 16
+_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32LE"), (codecs.BOM_UTF32_BE, "UTF-32BE"),
+         (codecs.BOM_UTF16_LE, "UTF-16LE"), (codecs.BOM_UTF16_BE, "UTF-16BE"))
+# JSON nested deeper than this is rejected before parsing (the parser recurses once per level; a
+# fixed bound, not the interpreter's recursion limit, so every executor decides alike).
+MAX_JSON_DEPTH = 200
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 class InputError(ValueError):
@@ -96,10 +130,20 @@ def detect_format(uri: str) -> str | None:
     return None
 
 
+def _unsupported(uri: str) -> str | None:
+    """Why a recognised format is not read (and what to do), or None for a format not recognised."""
+    name = uri.lower()
+    for suffix in sorted(_UNSUPPORTED, key=len, reverse=True):
+        if name.endswith(suffix):
+            return _UNSUPPORTED[suffix]
+    return None
+
+
 def expand_input(storage: Storage, pattern: str) -> list[str]:
-    """The files an input pattern names; an error when it names none or cannot be listed."""
+    """Every file an input pattern names, hidden ones included; an error when it names none or cannot
+    be listed."""
     try:
-        files = storage.expand(pattern)
+        files = storage.expand(pattern, hidden=True)
     except FileNotFoundError:
         files = []
     except Exception as err:  # an unreachable endpoint or a missing bucket
@@ -110,12 +154,15 @@ def expand_input(storage: Storage, pattern: str) -> list[str]:
 
 
 def discover_inputs(storage: Storage, patterns: list[str], text_field: str = "text",
-                    split_bytes: int | None = None) -> tuple[list[InputShard], list[dict[str, str]]]:
+                    split_bytes: int | None = None,
+                    read_hidden: bool = False) -> tuple[list[InputShard], list[dict[str, str]]]:
     """Expand files, folders and globs into shards, failing early on anything unusable.
 
-    Returns the shards (a split file's pieces in file order) and the files found but not read
-    (licenses, READMEs, unknown formats), each with the reason, so that nothing is left out
-    without a record of it.
+    Returns the shards (a split file's pieces in file order) and the files found but not read, each
+    as ``{"uri", "reason"}`` (the reason a key, then ``: `` and what to do): ``hidden`` (a name below
+    the input starting with '.' or '_', unless ``read_hidden``), ``not_data`` (licenses, READMEs),
+    ``unknown_format``, ``unsupported_format`` and ``not_utf8``, so that nothing is left out without a
+    record of it.
     """
     if not patterns:
         raise InputError("no inputs given (clean.inputs in the config, or --input)")
@@ -125,26 +172,38 @@ def discover_inputs(storage: Storage, patterns: list[str], text_field: str = "te
         files = expand_input(storage, pattern)
         base = pattern.rstrip("/") if "://" in pattern else os.path.abspath(pattern)
         for uri in files:
-            if uri in files_found:
+            if uri in files_found or uri in {item["uri"] for item in skipped}:
                 continue  # named twice (a folder and a file in it): the first naming decides its id
+            if not read_hidden and storage.is_hidden(uri, pattern):
+                skipped.append({"uri": uri, "reason": "hidden"})
+                continue
             if uri != base and _is_not_data(uri):
-                skipped.append({"uri": uri, "why": "license/readme/attribution file"})
+                skipped.append({"uri": uri, "reason": "not_data: license/readme/attribution file"})
                 continue
             fmt = detect_format(uri)
             if fmt is None:
+                advice = _unsupported(uri)
                 if uri == base:
-                    raise InputError(f"unsupported input format: {uri} (known: {', '.join(sorted(FORMATS))})")
-                skipped.append({"uri": uri, "why": "unknown format"})
+                    raise InputError(f"unsupported input format: {uri} "
+                                     f"({advice or 'known: ' + ', '.join(sorted(FORMATS))})")
+                skipped.append({"uri": uri, "reason": f"unsupported_format: {advice}" if advice else
+                                f"unknown_format: known formats are {', '.join(sorted(FORMATS))}"})
                 continue
             if fmt == "parquet":
                 _check_parquet_schema(storage, uri, text_field)
+            elif (problem := _encoding_problem(storage, uri)) is not None:
+                skipped.append({"uri": uri, "reason": f"not_utf8: {problem}; convert it to UTF-8 "
+                                                      "(e.g. iconv -f <encoding> -t UTF-8)"})
+                continue
             file_id = hashlib.sha1(_location_free_name(uri, base).encode("utf-8")).hexdigest()[:12]
             files_found[uri] = (file_id, fmt, _source_name(uri, base))
     ids = [file_id for file_id, _, _ in files_found.values()]
     if len(set(ids)) != len(ids):
         raise InputError(f"two inputs share a folder and file name; give them distinct names: {patterns}")
     if not files_found:
-        raise InputError(f"no readable input files (known formats: {', '.join(sorted(FORMATS))}) in {patterns}")
+        not_read = "; ".join(f"{item['uri']}: {item['reason']}" for item in skipped[:10])
+        raise InputError(f"no readable input files (known formats: {', '.join(sorted(FORMATS))}) in {patterns}"
+                         + (f"; not read: {not_read}" if not_read else ""))
     shards = []
     for uri in sorted(files_found):
         file_id, fmt, source = files_found[uri]
@@ -197,6 +256,40 @@ def split_file(storage: Storage, uri: str, split_bytes: int) -> tuple[str, list[
     return checksum, pieces
 
 
+def _encoding_problem(storage: Storage, uri: str) -> str | None:
+    """Why a JSON lines or text file is not UTF-8 text, judged from its first ``SNIFF_BYTES`` (after
+    gunzip): a UTF-16 or UTF-32 byte order mark, NUL bytes in a quarter of the bytes or more (UTF-16
+    or UTF-32 without a mark), or most lines not decodable as UTF-8 (GB18030, Latin-1, ...). None
+    for UTF-8, or a file too damaged to tell (its reader then says what is wrong)."""
+    fs, path = storage.fs(uri)
+    head = fs.cat_file(path, start=0, end=SNIFF_BYTES)
+    if uri.endswith(".gz"):
+        try:
+            head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, SNIFF_BYTES)
+        except zlib.error:
+            return None
+    for bom, name in _BOMS:
+        if head.startswith(bom):
+            return f"{name} (byte order mark {bom.hex(' ').upper()})"
+    if len(head) >= 16 and head.count(0) * 4 >= len(head):
+        odd, even = head[1::2].count(0), head[0::2].count(0)
+        guess = "UTF-16LE" if odd > 2 * even else "UTF-16BE" if even > 2 * odd else "UTF-32 or binary"
+        return f"{head.count(0)} of its first {len(head)} bytes are NUL (looks like {guess} without a byte order mark)"
+    *lines, last = head.split(b"\n")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    bad = 0
+    for line, final in [(line, True) for line in lines] + [(last, False)]:  # the last may end mid-character
+        try:
+            decoder.reset()
+            decoder.decode(line, final=final)
+        except UnicodeDecodeError:
+            bad += 1
+    count = sum(1 for line in [*lines, last] if line.strip())
+    if count >= 4 and bad * 2 > count:
+        return f"{bad} of its first {count} lines are not UTF-8 (another encoding, e.g. GB18030 or Latin-1?)"
+    return None
+
+
 def _check_parquet_schema(storage: Storage, uri: str, text_field: str) -> None:
     """Read a Parquet footer now, so a corrupt file or a missing column stops the stage before work."""
     import pyarrow.parquet as pq
@@ -246,7 +339,12 @@ def read_limit(max_doc_bytes: int) -> int:
 
 
 class ShardReader(PipelineStep):
-    """Reads shard ``rank`` of a fixed shard list (datatrove's task = one input file)."""
+    """Reads shard ``rank`` of a fixed shard list (datatrove's task = one input file).
+
+    ``damaged[shard_id]`` lists, once the shard is read, what was wrong with its file as a whole (a
+    gzip that fails its CRC or ends early, bytes of a WARC skipped to reach the next readable
+    record): problems no single record carries, which the stage lists in ``damaged_inputs``.
+    """
 
     type = "📖 skymoe"
     name = "read"
@@ -258,9 +356,11 @@ class ShardReader(PipelineStep):
         self.config = config
         self.storage = storage
         self.code_sources = code_sources
+        self.damaged: dict[str, list[str]] = {}
 
     def run(self, data=None, rank: int = 0, world_size: int = 1) -> Iterator[Document]:
         shard = self.shards[rank]
+        self.damaged[shard.shard_id] = []
         records = {"jsonl": self._jsonl, "text": self._text, "parquet": self._parquet, "warc": self._warc}
         for doc in records[shard.format](shard):
             doc.metadata.setdefault("source", shard.source)
@@ -294,12 +394,17 @@ class ShardReader(PipelineStep):
     # ---------------------------------------------------------------------------- formats
     def _decoded_lines(self, shard: InputShard, source: "_CheckedStream") -> Iterator[tuple[int, str | Document]]:
         """(line number, text) per line - or a rejected document for a line that cannot be decoded or is
-        longer than the read limit and, last, for the partial record of a truncated gzip."""
+        longer than the read limit and, last, for the partial record of a truncated gzip (whose damage
+        is also recorded for the file). A UTF-8 byte order mark at the start of the file is dropped."""
         limit = read_limit(self.config.max_doc_bytes)
         gunzip = _GunzipStream(source) if shard.uri.endswith(".gz") else None
         lines = io.BufferedReader(source if gunzip is None else gunzip, CHUNK_BYTES)
         number, line = (shard.piece.first_line if shard.piece else 0), b""
+        at_file_start = shard.piece is None or shard.piece.start == 0
         for line, size, whole in _bounded_lines(lines, limit):
+            if at_file_start and line.startswith(codecs.BOM_UTF8):
+                line, size = line[len(codecs.BOM_UTF8):], size - len(codecs.BOM_UTF8)
+            at_file_start = False
             if not whole and gunzip is not None and gunzip.problem is not None:
                 break  # the partial record before the problem: rejected below
             if size > limit:
@@ -315,8 +420,14 @@ class ShardReader(PipelineStep):
             line = b""
         if gunzip is not None and gunzip.problem is not None:
             err = gunzip.problem
-            yield number, self._rejected(shard, number, f"truncated_gzip: {type(err).__name__}: {err}",
-                                         line.decode("utf-8", errors="backslashreplace"))
+            self._damage(shard, f"gzip: {type(err).__name__}: {err} (after {number} lines, which are read"
+                                f"{'; the partial line after them is rejected' if line else ''})")
+            if line:
+                yield number, self._rejected(shard, number, f"truncated_gzip: {type(err).__name__}: {err}",
+                                             line.decode("utf-8", errors="backslashreplace"))
+
+    def _damage(self, shard: InputShard, problem: str) -> None:
+        self.damaged[shard.shard_id].append(problem)
 
     def _rejected(self, shard: InputShard, number: int, reason: str, original: str) -> Document:
         doc = Document(text="", id=f"{shard.file_id}:{number}", metadata={ORIGINAL: original})
@@ -324,18 +435,23 @@ class ShardReader(PipelineStep):
         return doc
 
     def _checked_text(self, shard: InputShard, number: int, text: str, original: str, fields: dict) -> Document:
+        """A document of ``text`` with the record's id and url, rejected when one of them is not valid
+        Unicode (a lone surrogate escaped in JSON: no UTF-8 encodes it, so no output could hold it),
+        when the text is too large, or when it is blank."""
         cfg = self.config
         doc_id = fields.get(cfg.id_field) if cfg.id_field else None
-        doc = Document(
-            text=text,
-            id=str(doc_id) if doc_id not in (None, "") else f"{shard.file_id}:{number}",
-            metadata={ORIGINAL: original},
-        )
         url = fields.get(cfg.url_field) if cfg.url_field else None
-        if isinstance(url, str) and url:
+        doc_id = str(doc_id) if doc_id not in (None, "") else f"{shard.file_id}:{number}"
+        url = url if isinstance(url, str) and url else None
+        invalid = _lone_surrogate({"text": text, "id": doc_id, "url": url or ""})
+        if invalid is not None:
+            return self._rejected(shard, number, f"invalid_unicode: {invalid}", original)
+        doc = Document(text=text, id=doc_id, metadata={ORIGINAL: original})
+        if url is not None:
             doc.metadata["url"] = url
-        if len(text.encode("utf-8")) > cfg.max_doc_bytes:
-            reject(doc, READ_STEP, f"too_large: {len(text.encode('utf-8'))} bytes > {cfg.max_doc_bytes}")
+        size = len(text.encode("utf-8"))
+        if size > cfg.max_doc_bytes:
+            reject(doc, READ_STEP, f"too_large: {size} bytes > {cfg.max_doc_bytes}")
         elif not text.strip():
             reject(doc, READ_STEP, "empty")
         return doc
@@ -352,6 +468,9 @@ class ShardReader(PipelineStep):
                     yield self._json_record(shard, number, line, field)
 
     def _json_record(self, shard: InputShard, number: int, line: str, field: str) -> Document:
+        depth = _json_depth(line)
+        if depth > MAX_JSON_DEPTH:
+            return self._rejected(shard, number, f"too_deeply_nested: {depth} levels > {MAX_JSON_DEPTH}", line)
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
@@ -388,51 +507,116 @@ class ShardReader(PipelineStep):
                     number += 1
 
     def _warc(self, shard: InputShard) -> Iterator[Document]:
+        """A WARC's records; a ``.warc.gz`` one gzip member at a time (a member holds one record, as the
+        WARC standard recommends and warcio expects), so that a damaged member costs its own record
+        only: the reader skips to the next member that decompresses to a WARC record, and the skipped
+        bytes and the member's gzip error are recorded for the file. An uncompressed WARC has no such
+        boundaries: after a record that cannot be parsed, the rest of the file is not read (recorded)."""
+        with self._stream(shard) as source:
+            if not shard.uri.endswith(".gz"):
+                _, failed = yield from self._warc_records(shard, io.BufferedReader(source, CHUNK_BYTES), 0)
+                if failed:
+                    self._damage(shard, "the WARC records after the unreadable one were not read (an "
+                                        "uncompressed WARC cannot be resynchronised; gzip it record by record, "
+                                        "e.g. warcio recompress)")
+                return
+            gunzip = _GunzipStream(source, by_member=True)
+            members = io.BufferedReader(gunzip, CHUNK_BYTES)  # one for all: closing a reader closes gunzip
+            number, damage = 0, None  # damage: the last member's gzip error, told with where reading went on
+            while True:
+                found, skipped = gunzip.next_member(_WARC_START)
+                if damage is not None:
+                    self._damage(shard, f"{damage}; " + (f"read on at the next record, byte {gunzip.member_start}"
+                                                         if found else "no readable WARC record after it"))
+                elif skipped:
+                    self._damage(shard, f"bytes {gunzip.member_start - skipped} to {gunzip.member_start} skipped: "
+                                        "no readable WARC record starts there")
+                if not found:
+                    break
+                start = gunzip.member_start
+                number, _ = yield from self._warc_records(shard, members, number, gunzip)
+                err = gunzip.problem
+                damage = f"gzip member at byte {start}: {type(err).__name__}: {err}" if err else None
+
+    def _warc_records(self, shard: InputShard, stream: IO[bytes], number: int,
+                      member: "_GunzipStream | None" = None) -> Generator[Document, None, tuple[int, bool]]:
+        """The response records of an uncompressed WARC stream (a gzip ``member``'s data, or a whole
+        file), numbered on from ``number``; returns (the last number, whether a record could not be
+        parsed, which ends the stream). Garbage that follows a record inside a member that then fails
+        its gzip check is that member's damage (recorded for the file), not a record of its own."""
         from warcio.archiveiterator import ArchiveIterator
         from warcio.exceptions import ArchiveLoadFailed
 
         from skymoe.pipelines.clean.extract import extract_main_text
 
         limit = read_limit(self.config.max_doc_bytes)
-        number = 0
-        with self._stream(shard) as source:
-            try:
-                for record in _warc_records(ArchiveIterator(io.BufferedReader(source, CHUNK_BYTES),
-                                                            check_digests=True)):
-                    if record.rec_type != "response":
-                        continue
-                    number += 1
-                    url = record.rec_headers.get_header("WARC-Target-URI") or ""
-                    record_id = record.rec_headers.get_header("WARC-Record-ID") or f"{shard.file_id}:{number}"
-                    content_type = (record.http_headers.get_header("Content-Type") or "") if record.http_headers else ""
-                    payload, size = _bounded_read(record.content_stream(), limit)
-                    original = json.dumps({"url": url, "content_type": content_type,
-                                           "payload": payload.decode("utf-8", errors="backslashreplace")},
-                                          ensure_ascii=False)
-                    missing = getattr(record.raw_stream, "limit", 0)  # bytes the header promised but the file lacks
-                    if missing or record.digest_checker.passed is False:
-                        problems = f"{missing} bytes missing" if missing else "; ".join(record.digest_checker.problems)
-                        doc = self._rejected(shard, number, f"truncated_or_corrupt_warc: {problems}", original)
-                    elif "html" not in content_type.lower():
-                        doc = self._rejected(shard, number, f"not_html: {content_type or 'no content type'}", original)
-                    elif size > limit:
-                        doc = self._rejected(shard, number, f"too_large: {size} bytes > read limit {limit}, not read",
-                                             original)
-                    else:
-                        text = extract_main_text(payload)
-                        doc = self._checked_text(shard, number, text, original, {"url": url})
-                        if not text.strip():
-                            reject(doc, "extract", "no_main_text")
-                    doc.id = record_id
-                    yield doc
-            except (ArchiveLoadFailed, EOFError, zlib.error, OSError) as err:
-                yield self._rejected(shard, number + 1, f"truncated_or_corrupt_warc: {err}", "")
+        records = 0
+        try:
+            for record in _warc_iterator(ArchiveIterator(stream, check_digests=True)):
+                records += 1
+                if record.rec_type != "response":
+                    continue
+                number += 1
+                url = record.rec_headers.get_header("WARC-Target-URI") or ""
+                record_id = record.rec_headers.get_header("WARC-Record-ID") or f"{shard.file_id}:{number}"
+                content_type = (record.http_headers.get_header("Content-Type") or "") if record.http_headers else ""
+                payload, size = _bounded_read(record.content_stream(), limit)
+                original = json.dumps({"url": url, "content_type": content_type,
+                                       "payload": payload.decode("utf-8", errors="backslashreplace")},
+                                      ensure_ascii=False)
+                missing = getattr(record.raw_stream, "limit", 0)  # bytes the header promised but the file lacks
+                if missing or record.digest_checker.passed is False:
+                    problems = f"{missing} bytes missing" if missing else "; ".join(record.digest_checker.problems)
+                    doc = self._rejected(shard, number, f"truncated_or_corrupt_warc: {problems}", original)
+                elif "html" not in content_type.lower():
+                    doc = self._rejected(shard, number, f"not_html: {content_type or 'no content type'}", original)
+                elif size > limit:
+                    doc = self._rejected(shard, number, f"too_large: {size} bytes > read limit {limit}, not read",
+                                         original)
+                else:
+                    text = extract_main_text(payload)
+                    doc = self._checked_text(shard, number, text, original, {"url": url})
+                    if not text.strip():
+                        reject(doc, "extract", "no_main_text")
+                doc.id = record_id
+                yield doc
+        except (ArchiveLoadFailed, EOFError, zlib.error, OSError) as err:
+            if member is not None:
+                while stream.read(CHUNK_BYTES):  # the member read to its end, where its gzip check runs
+                    pass
+            if not (records and member is not None and member.problem is not None):
+                number += 1
+                yield self._rejected(shard, number, f"truncated_or_corrupt_warc: {err}", "")
+            return number, True
+        return number, False
 
 
 _CHANGED = "{uri} changed after the stage was planned; rerun to pick up the new content"
+_WARC_START = b"WARC/"  # what a WARC record's first line starts with
 
 
-def _warc_records(records: Iterator) -> Iterator:
+def _lone_surrogate(fields: dict[str, str]) -> str | None:
+    """Where the first field holding a lone surrogate (U+D800 to U+DFFF, which JSON can escape but no
+    UTF-8 can encode) has it, or None when every field is valid Unicode."""
+    for name, value in fields.items():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return f"lone surrogate U+{ord(value[err.start]):04X} in '{name}' at character {err.start}"
+    return None
+
+
+def _json_depth(line: str) -> int:
+    """How deep a JSON line nests arrays and objects (brackets inside strings left out), or 0 when
+    it has too few brackets to nest deeper than ``MAX_JSON_DEPTH``: counting them (C speed) settles
+    almost every line, and only a line with more is measured."""
+    if line.count("[") + line.count("{") <= MAX_JSON_DEPTH:
+        return 0
+    brackets = _JSON_BRACKETS.findall(_JSON_STRING.sub('""', line))
+    return max(accumulate(1 if bracket in "[{" else -1 for bracket in brackets), default=0)
+
+
+def _warc_iterator(records: Iterator) -> Iterator:
     """warcio's records, with a header block cut short (warcio fails on it with AttributeError or
     ValueError, e.g. a response without its target URI) raised as ``ArchiveLoadFailed``."""
     from warcio.exceptions import ArchiveLoadFailed
@@ -539,18 +723,25 @@ class _GunzipStream(io.RawIOBase):
     ``problem``; the stream then ends): a member cut short or corrupt, a bad CRC or length, a header
     that is not gzip. NUL padding between members is skipped. Unlike decompressing the whole file,
     what a member gave before its problem was found has already been read.
+
+    ``by_member``: the stream ends after each member instead, and :meth:`next_member` moves on to the
+    next one - past a damaged member or unreadable bytes too, by finding the next gzip header whose
+    data starts as expected.
     """
 
-    def __init__(self, raw: IO[bytes]):
+    def __init__(self, raw: IO[bytes], by_member: bool = False):
         super().__init__()
         self._raw = raw
+        self._raw_read = 0  # compressed bytes read from ``raw`` so far
         self._input = b""  # compressed bytes read but not yet given to zlib
         self._raw_eof = False
         self._inflate = None  # the current member's raw-deflate decompressor; None between members
         self._crc = self._size = self._members = 0
         self._out = memoryview(b"")
-        self._ended = False
+        self._by_member = by_member
+        self._ended = by_member  # by member: nothing to read before the first next_member()
         self.problem: Exception | None = None
+        self.member_start = 0  # where the current member starts in the compressed file
 
     def readable(self) -> bool:
         return True
@@ -566,10 +757,69 @@ class _GunzipStream(io.RawIOBase):
         self._out = self._out[size:]
         return size
 
+    def next_member(self, starts_with: bytes) -> tuple[bool, int]:
+        """By member: start reading the next member whose data starts with ``starts_with``, skipping
+        whatever is left of the current one and any bytes before it that are not such a member.
+        Returns (whether one was found, compressed bytes skipped to reach it or the end of the file:
+        NUL padding after a member that ended well does not count); ``member_start`` is then where it
+        starts (or the file's size)."""
+        clean = self.problem is None and self._inflate is None
+        if self._inflate is not None:  # left unfinished: its unread compressed bytes are skipped
+            self._input = self._inflate.unconsumed_tail + self._input
+            self._inflate = None
+        self.problem, self._out, self._ended = None, memoryview(b""), False
+        while clean and not self._input.strip(b"\x00") and not self._raw_eof:
+            self._input = b""
+            self._fill(1)
+        if clean:
+            self._input = self._input.lstrip(b"\x00")
+        skipped = 0
+        while True:
+            self._fill(INFLATE_BYTES)
+            found = self._input.find(b"\037\213\010")
+            if found < 0:  # keep a tail that may be the start of a magic number cut by the buffer
+                keep = 0 if self._raw_eof else min(2, len(self._input))
+                skipped += len(self._input) - keep
+                self._input = self._input[len(self._input) - keep:]
+                if self._raw_eof:
+                    break
+                continue
+            skipped += found
+            self._input = self._input[found:]
+            if self._member_starts_with(starts_with):
+                break
+            skipped, self._input = skipped + 1, self._input[1:]
+        self.member_start = self._position()
+        if not self._input:
+            self._ended = True
+            return False, skipped
+        self._start_member()
+        return True, skipped
+
+    def _member_starts_with(self, expected: bytes) -> bool:
+        """Whether the bytes buffered at ``_input`` begin a gzip member whose data starts with ``expected``
+        (or an empty member, which some writers append: not a gap)."""
+        inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            header = _gzip_header_length(self._input, complete=True)
+            head = inflate.decompress(memoryview(self._input)[header:], len(expected))
+        except (EOFError, zlib.error, gzip.BadGzipFile):
+            return False
+        return head == expected or (head == b"" and inflate.eof)
+
+    def _position(self) -> int:
+        """Where ``_input`` starts in the compressed file (between members)."""
+        return self._raw_read - len(self._input)
+
+    def _read_raw(self, size: int) -> bytes:
+        data = self._raw.read(size)
+        self._raw_read += len(data)
+        return data
+
     def _fill(self, size: int) -> None:
         """At least ``size`` compressed bytes buffered, unless the file ends first."""
         while len(self._input) < size and not self._raw_eof:
-            data = self._raw.read(max(CHUNK_BYTES, size - len(self._input)))
+            data = self._read_raw(max(INFLATE_BYTES, size - len(self._input)))
             if data:
                 self._input += data
             else:
@@ -582,9 +832,13 @@ class _GunzipStream(io.RawIOBase):
         data = self._inflate.unconsumed_tail or self._input
         self._input = b""
         if not data and not self._raw_eof:
-            data = self._raw.read(CHUNK_BYTES)
+            data = self._read_raw(INFLATE_BYTES)
             self._raw_eof = not data
-        out = self._inflate.decompress(data, CHUNK_BYTES)  # bounded output: no bomb fills memory
+        try:
+            out = self._inflate.decompress(data, CHUNK_BYTES)  # bounded output: no bomb fills memory
+        except zlib.error:
+            self._input, self._inflate = data, None  # next_member looks on from the bytes that failed
+            raise
         self._crc = zlib.crc32(out, self._crc)
         self._size += len(out)
         self._out = memoryview(out)
@@ -604,7 +858,7 @@ class _GunzipStream(io.RawIOBase):
         if not self._input:
             self._ended = True  # a clean end after the last member (or an empty file)
             return
-        wanted = CHUNK_BYTES
+        wanted = INFLATE_BYTES
         while True:
             self._fill(wanted)
             try:
@@ -612,6 +866,7 @@ class _GunzipStream(io.RawIOBase):
                 break
             except _NeedMore:
                 wanted = len(self._input) + CHUNK_BYTES
+        self.member_start = self._position()
         self._input = self._input[header:]
         self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)
         self._crc = self._size = 0
@@ -620,14 +875,15 @@ class _GunzipStream(io.RawIOBase):
     def _end_member(self) -> None:
         self._fill(8)
         if len(self._input) < 8:
+            self._inflate = None
             raise EOFError(_GZIP_EOF)
         crc, length = struct.unpack("<II", self._input[:8])
+        self._input, self._inflate = self._input[8:], None  # the trailer is the member's, checked or not
         if crc != self._crc:
             raise gzip.BadGzipFile("CRC check failed")
         if length != self._size & 0xFFFFFFFF:
             raise gzip.BadGzipFile("Incorrect length of data produced")
-        self._input = self._input[8:]
-        self._inflate = None
+        self._ended = self._by_member
 
 
 def _gzip_header_length(data: bytes, complete: bool) -> int:

@@ -57,6 +57,8 @@ from skymoe.storage import Storage
 log = logging.getLogger("skymoe.clean")
 # Below this many documents (after filtering), the dedup phases run in-process on datatrove's executor.
 IN_PROCESS_DEDUP_DOCS = 20_000
+# A damaged input's entry names at most this many of its problems (a shredded WARC can have thousands).
+MAX_PROBLEMS_LISTED = 20
 
 DOC_SCHEMA = pa.schema([
     ("id", pa.string()), ("text", pa.string()), ("source", pa.string()), ("lang", pa.string()),
@@ -112,7 +114,8 @@ class CleanStage(Stage):
         """
         clean = config.clean
         prior, seen = (continues.prior_clean, continues.seen) if continues else ((), {})
-        shards, skipped = discover_inputs(storage, clean.inputs, clean.reader.text_field, clean.reader.split_bytes)
+        shards, skipped = discover_inputs(storage, clean.inputs, clean.reader.text_field, clean.reader.split_bytes,
+                                          read_hidden=clean.reader.hidden == "read")
         shards = [shard for shard in shards if seen.get(shard.uri) != shard.checksum]
         inputs = {shard.uri: shard.checksum for shard in shards} | {f"prior:{ref.uri}": ref.fingerprint
                                                                     for ref in prior}
@@ -121,8 +124,9 @@ class CleanStage(Stage):
 
     def run(self, plan: Plan, storage: Storage) -> StageOutput:
         config, ref, work = plan.config.clean, plan.ref, plan.work
-        for item in work.skipped:
-            log.info("clean: not reading %s (%s)", item["uri"], item["why"])
+        for item in work.skipped:  # licenses and READMEs are expected beside data; anything else is worth a look
+            level = logging.INFO if item["reason"].startswith("not_data") else logging.WARNING
+            log.log(level, "clean: not reading %s (%s)", item["uri"], item["reason"])
         log.info("clean: %d input shards -> %s", len(work.shards), ref.uri)
         timings: dict[str, float] = {}
         models = _quality_models(config, storage, ref, work.prior, timings)
@@ -130,6 +134,8 @@ class CleanStage(Stage):
         with executor_session(config.executor):
             _run_phases(DedupRun(config, storage, ref, work.shards, history), models, timings)
         output = _output(storage, ref, work, models, timings, config)
+        for item in output.extra["damaged_inputs"]:
+            log.warning("clean: %s is damaged; what could be read of it was (%s)", item["uri"], item["reason"])
         log.info("clean: %d -> %d documents", output.counts["docs_in"], output.counts["docs_out"])
         return output
 
@@ -278,6 +284,7 @@ class FilterShard:
 
     def __call__(self, index: int) -> None:
         shard = self.shards[index]
+        reader = self.steps[0]
         docs = None
         for step in self.steps:
             docs = step.run(docs, rank=index, world_size=len(self.shards))
@@ -301,6 +308,7 @@ class FilterShard:
                 progress.update()
         DoneRecords(self.storage, self.ref, "filter").mark(shard.shard_id, {
             "docs_in": kept.count + rejects.count, "kept": kept.count, "rejects": dict(reasons), "langs": dict(langs),
+            "damaged": reader.damaged.pop(shard.shard_id),
         })
 
 
@@ -425,12 +433,28 @@ def _output(storage: Storage, ref: StageRef, work: CleanWork, models: dict[str, 
         "input_files": [{"uri": s.uri, "shard_id": s.shard_id, "source": s.source, "format": s.format}
                         | ({"bytes": [s.piece.start, s.piece.end]} if s.piece else {}) for s in shards],
         "skipped_inputs": work.skipped,
+        "damaged_inputs": _damaged_inputs(shards, filtered),
         "prior": [prior.uri for prior in work.prior],
         "dedup_partitions": config.dedup.partitions,
         "dedup_history": {"kept_exact": KEPT_EXACT, "kept_bands": KEPT_BANDS, "line_counts": LINE_COUNTS},
         "plots": _plots(storage, ref, counts),
     }
     return StageOutput(counts=counts, shards=entries, timings=timings, extra=extra)
+
+
+def _damaged_inputs(shards: list[InputShard], filtered: dict[str, dict]) -> list[dict[str, str]]:
+    """One entry per input file that was read only in part or failed an integrity check (what its
+    shards' readers found), with every problem in file order."""
+    problems: dict[str, list[str]] = {}
+    for shard in shards:
+        problems.setdefault(shard.uri, []).extend(filtered[shard.shard_id]["damaged"])
+    entries = []
+    for uri, found in problems.items():
+        if len(found) > MAX_PROBLEMS_LISTED:
+            found = found[:MAX_PROBLEMS_LISTED] + [f"{len(found) - MAX_PROBLEMS_LISTED} more"]
+        if found:
+            entries.append({"uri": uri, "reason": "; ".join(found)})
+    return entries
 
 
 STAGE = CleanStage()
