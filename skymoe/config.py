@@ -1,8 +1,9 @@
 """Validated pipeline configuration.
 
 A config is a YAML file (presets live in ``configs/``; ``tiny`` is the default). Every field is
-checked before any work starts: unknown keys, wrong types and out-of-range values fail with a
-:class:`ConfigError` that names the file and the dotted path of the field. Relative paths inside a
+checked before any work starts: unknown keys, duplicate keys, wrong types, out-of-range or infinite
+values and URIs no installed filesystem can open fail with a :class:`ConfigError` that names the
+file and the dotted path of the field; :func:`check_paths` then finds the files the wanted stages read. Relative paths inside a
 config resolve against the config file's own folder, so a preset works from any working directory.
 A file may ``extends:`` a preset or another file and set only what differs; ``--set a.b=c`` items
 (:func:`parse_set_overrides`) override single fields from the command line. See docs/configuration.md.
@@ -11,14 +12,22 @@ A file may ``extends:`` a preset or another file and set only what differs; ``--
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, TypeVar
 
+import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
+
+from skymoe import PIPELINE_STAGES
+
+if TYPE_CHECKING:
+    from skymoe.storage import Storage
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "tiny"
@@ -29,7 +38,28 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf or nan anywhere: `capacity_factor: .inf` passes every `gt=0`, then breaks training hours later.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _usable_location(value: str) -> str:
+    """A path or URI some filesystem here can open: not blank (a blank would resolve to the config's
+    folder or the working directory), and a URI's scheme known to fsspec with its package installed."""
+    if not value.strip():
+        raise ValueError("empty: give a path or URI (or null where the field allows it)")
+    if "://" in value:
+        for protocol in value.split("://", 1)[0].split("::"):  # "simplecache::s3://..." chains filesystems
+            try:
+                fsspec.get_filesystem_class(protocol)
+            except ImportError as err:  # fsspec's message names the package: "Install s3fs to access S3"
+                raise ValueError(f"scheme {protocol}:// needs a package that is not installed: {err}") from None
+            except ValueError:
+                raise ValueError(f"unknown URI scheme {protocol}:// (not an fsspec protocol)") from None
+    return value
+
+
+# A local path or an fsspec URI (s3://bucket/key); relative local paths are resolved by load_config.
+Location = Annotated[str, AfterValidator(_usable_location)]
 
 
 # ----------------------------------------------------------------------------------------- storage
@@ -42,7 +72,7 @@ class S3Settings(_Strict):
 
 
 class StorageConfig(_Strict):
-    root: str = Field("./skymoe-out", description="fsspec URI under which every stage writes")
+    root: Location = Field("./skymoe-out", description="fsspec URI under which every stage writes")
     s3: S3Settings = S3Settings()
 
 
@@ -78,6 +108,12 @@ class ReaderConfig(_Strict):
         256 << 20, ge=1 << 10,
         description="uncompressed JSONL and text files larger than this are read as several shards (byte "
                     "ranges cut at line ends), so that one big file is spread over the workers",
+    )
+    hidden: Literal["skip", "read"] = Field(
+        "skip",
+        description="files and folders below an input whose name starts with '.' or '_' (editor and tool "
+                    "leftovers such as .ipynb_checkpoints/, _tmp/): 'skip' lists each in the manifest's "
+                    "skipped_inputs with the reason; 'read' reads them like any other input",
     )
 
 
@@ -156,7 +192,7 @@ class BlocklistConfig(_Strict):
     """Spam-term lists per language (gambling, adult, pills): the vocabulary of SEO spam pages."""
 
     enabled: bool = True
-    files: dict[str, str] = Field(
+    files: dict[str, Location] = Field(
         default_factory=lambda: {lang: str(CONFIGS_DIR / "blocklists" / f"{lang}.txt") for lang in ("en", "zh")}
     )
     min_hits: int = Field(2, ge=1, description="term occurrences (all terms together) that reject a page")
@@ -178,8 +214,8 @@ class QualityExamples(_Strict):
     line): pages a corpus should keep (``positive``) and pages it should not (``negative``), both
     in that language, so the model learns quality rather than language."""
 
-    positive: list[str] = Field(min_length=1)
-    negative: list[str] = Field(min_length=1)
+    positive: list[Location] = Field(min_length=1)
+    negative: list[Location] = Field(min_length=1)
     threshold: float | None = Field(
         None, gt=0, lt=1,
         description="keep documents scoring at least this; unset: calibrated on the held-out split at target_recall")
@@ -248,7 +284,7 @@ class DedupConfig(_Strict):
 
 
 class CleanConfig(_Strict):
-    inputs: list[str] = Field(default_factory=list, description="files, folders or globs")
+    inputs: list[Location] = Field(default_factory=list, description="files, folders or globs")
     executor: ExecutorConfig = ExecutorConfig()
     reader: ReaderConfig = ReaderConfig()
     extraction: ExtractionConfig = ExtractionConfig()
@@ -274,7 +310,7 @@ class TokenizerConfig(_Strict):
     """Train a byte-level BPE on the cleaned corpus, or load one given by ``path`` (a
     ``tokenizer.json`` or a tokenizer folder; never a hub name)."""
 
-    path: str | None = None
+    path: Location | None = None
     vocab_size: int = Field(4096, ge=259, le=2**32)
     min_frequency: int = Field(2, ge=1)
     train_docs: int = Field(50_000, ge=1, description="cleaned documents the tokenizer is trained on")
@@ -391,7 +427,8 @@ class TrainConfig(_Strict):
     model: ModelShapeConfig = ModelShapeConfig()
     moe: MoELayerConfig = MoELayerConfig()
     aux_loss: AuxLossConfig = AuxLossConfig()
-    dense_source: str | None = Field(None, description="a Hugging Face Llama checkpoint folder; null = train dense")
+    dense_source: Location | None = Field(
+        None, description="a Hugging Face Llama checkpoint folder; null = train dense")
     dense: PhaseConfig = PhaseConfig()
     upcycled: PhaseConfig | None = PhaseConfig(lr=1.8e-3)
     scratch: PhaseConfig | None = PhaseConfig()
@@ -445,7 +482,7 @@ class EvaluateConfig(_Strict):
     (mmlu/, cmmlu/data/, ceval/, gsm8k/, math/jsonl/, humaneval/, hellaswag/, piqa/)."""
 
     model: Literal["skymoe", "hf"] = Field("skymoe", description="skymoe's lm-eval model class or lm-eval's hf")
-    data_dir: str = str(CONFIGS_DIR.parent / "examples" / "bench")
+    data_dir: Location = str(CONFIGS_DIR.parent / "examples" / "bench")
     suites: dict[str, SuiteConfig] = Field(default_factory=lambda: {name: SuiteConfig() for name in
                                                                     ("mmlu", "gsm8k", "hellaswag", "piqa")})
     run_code: bool = Field(False, description="execute model-written code for HumanEval (sandboxed subprocess)")
@@ -532,12 +569,19 @@ class PipelineConfig(_Strict):
 
 def run_overrides(root: str | None = None, inputs: list[str] | None = None,
                   executor: str | None = None) -> dict[str, Any]:
-    """The nested overrides for the knobs a run exposes (CLI flags, deployment parameters)."""
+    """The nested overrides for the knobs a run exposes (CLI flags, deployment parameters); None (or no
+    inputs) keeps the config's value, an empty string is refused."""
     overrides: dict[str, Any] = {}
-    if root:
+    if root is not None:
+        if not root.strip():  # an empty flag is a mistake (an unset variable?), not a request for the default
+            raise ConfigError("--root (storage.root): empty; give a folder or URI, or leave --root out to use "
+                              "the config's storage.root")
         overrides["storage"] = {"root": root}
     clean: dict[str, Any] = {}
     if inputs:
+        blank = [uri for uri in inputs if not uri.strip()]
+        if blank:
+            raise ConfigError(f"--input (clean.inputs): empty input {blank[0]!r}; give a file, folder or glob")
         clean["inputs"] = list(inputs)
     if executor:
         clean["executor"] = {"kind": executor}
@@ -589,7 +633,7 @@ def _parse_set_item(item: str) -> tuple[list[str], Any]:
     if not all(k.strip() for k in keys):
         raise ConfigError(f"--set {item}: empty segment in the dotted key '{key.strip()}'")
     try:
-        value = yaml.safe_load(text)
+        value = _load_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {item}: value is not valid YAML: {_one_line(err)}") from None
     return [k.strip() for k in keys], value
@@ -664,12 +708,38 @@ def _read_mapping(config_file: Path) -> dict:
     if not config_file.is_file():
         raise ConfigError(f"{config_file}: config file not found")
     try:
-        raw = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+        raw = _load_yaml(config_file.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{config_file}: not valid YAML: {_one_line(err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_file}: top level must be a mapping, got {type(raw).__name__}")
     return raw
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping that names a key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key repeated in one mapping is an error. PyYAML keeps the
+    last value, so a second ``train:`` section would silently replace the first one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base" merges, and may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, Hashable):  # an unhashable key is the base loader's error to report
+                if key in first_line:
+                    raise _DuplicateKey(f"duplicate key {key!r} on line {line} (first on line {first_line[key]})")
+                first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
 
 
 def _extends_target(value: Any, config_file: Path) -> Path:
@@ -754,7 +824,8 @@ def _blame(field: str, sources: dict[str, str], default: str) -> str:
 
 
 def _is_relative_local(path: str) -> bool:
-    return "://" not in path and not os.path.isabs(path)
+    """A blank is not a path: left alone, validation names it rather than resolving it to a folder."""
+    return bool(path.strip()) and "://" not in path and not os.path.isabs(path)
 
 
 def _resolve(path: str, base: Path) -> str:
@@ -811,6 +882,83 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
         elif kind == "str" and isinstance(value, str):
             parent[keys[-1]] = _resolve(value, base)
     return resolved
+
+
+# ------------------------------------------------------------------------------------- path checks
+# The files a stage reads through a path field, named here so that a missing one is reported before
+# any work, naming the field, instead of by the stage that opens it hours later.
+_TOKENIZER_FILE = "tokenizer.json"  # in a tokenizer folder (pipelines/tokenize/tokenizer.py)
+_HF_CONFIG, _HF_WEIGHTS = "config.json", "*.safetensors"  # in a Hugging Face checkpoint (training/hf_import.py)
+
+
+def check_paths(config: PipelineConfig, stages: Sequence[str] = PIPELINE_STAGES) -> None:
+    """Raise one :class:`ConfigError` naming each path field whose files a stage in ``stages`` reads
+    but that do not exist, with what was written there and where it resolved from.
+
+    Not part of :func:`load_config`: ``skymoe show`` and a run of some stages need only some paths.
+    No path field names what an earlier stage of the same run makes (stages hand their outputs on as
+    references, not config paths), so every path a wanted stage reads must exist already.
+    """
+    from skymoe.storage import Storage  # here: storage imports this module
+
+    storage = Storage.from_config(config.storage)
+    problems = []
+    for keys, kind in _path_fields(config):
+        field, stage = ".".join(keys), keys[0]
+        if stage not in stages or not _is_read(config, field):
+            continue
+        value: Any = config
+        for key in keys:
+            value = value[key] if isinstance(value, dict) else getattr(value, key)
+        entries = value.items() if kind == "dict" else enumerate(value) if kind == "list" else [(None, value)]
+        for name, uri in entries:
+            if uri is None:
+                continue
+            try:
+                missing = _missing(storage, field, uri)
+            except Exception as err:  # an unreachable store, bad credentials, ...
+                missing = f"cannot check {uri}: {_one_line(err)}"
+            if missing:
+                key = f"{field}.{name}" if kind == "dict" else field
+                origin = config._path_origins.get(key)
+                if kind == "list" and origin is not None and isinstance(origin.value, list) \
+                        and len(origin.value) == len(value):
+                    origin = origin._replace(value=origin.value[name])  # the entry, not the whole list
+                problems.append(f"{key}: {missing}; written as {_describe(uri, origin)}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _is_read(config: PipelineConfig, field: str) -> bool:
+    """storage.root is written, not read; the files of a step turned off are never opened."""
+    clean = config.clean
+    if field.startswith("clean.classifier."):
+        return clean.classifier.enabled
+    if field.startswith("clean.heuristics.blocklist."):
+        return clean.heuristics.enabled and clean.heuristics.blocklist.enabled
+    return field != "storage.root"
+
+
+def _missing(storage: Storage, field: str, uri: str) -> str | None:
+    """What the stage reading ``field`` would not find at ``uri``; None when everything is there."""
+    fs, path = storage.fs(uri)
+    folder = path.rstrip("/")
+    if field == "clean.inputs":
+        if glob.has_magic(path):
+            return None if fs.glob(path) else f"no file matches {uri}"
+        return None if fs.exists(path) else f"no such file or folder: {uri}"
+    if field == "tokenize.tokenizer.path":
+        inside = "" if path.endswith(".json") else f"/{_TOKENIZER_FILE}"
+        return None if fs.isfile(folder + inside) else f"no such file: {uri.rstrip('/')}{inside}"
+    if field == "evaluate.data_dir":  # the suites' folders in it: the evaluate stage's check parses them
+        return None if fs.isdir(path) else f"no such folder: {uri}"
+    if field == "train.dense_source":
+        if not fs.isdir(path):
+            return f"no such folder: {uri}"
+        if not fs.isfile(f"{folder}/{_HF_CONFIG}"):
+            return f"no {_HF_CONFIG} in {uri}: not a Hugging Face checkpoint folder"
+        return None if fs.glob(f"{folder}/{_HF_WEIGHTS}") else f"no {_HF_WEIGHTS} weights in {uri}"
+    return None if fs.isfile(path) else f"no such file: {uri}"  # a resource file: examples, a blocklist
 
 
 # ---------------------------------------------------------------------------------------- provenance

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,7 @@ import pytest
 from skymoe.config import (
     CONFIGS_DIR,
     ConfigError,
+    check_paths,
     describe_path,
     load_config,
     merge_overrides,
@@ -205,3 +209,178 @@ def test_describe_path_of_the_default_preset_and_of_a_config_built_in_code():
                                  f'zh: "{CONFIGS_DIR / "blocklists" / "zh.txt"}" (from defaults)')
     built = type(config).model_validate(config.model_dump())
     assert describe_path(built, "clean.inputs") == f'"{REPO / "examples" / "corpus"}"'
+
+
+# ------------------------------------------------------------------- every config error before work
+@pytest.mark.parametrize("yaml_text, field", [
+    ("train:\n  moe: {capacity_factor: .inf}\n", "train.moe.capacity_factor"),
+    ("train:\n  dense: {lr: .nan}\n", "train.dense.lr"),
+    ("tokenize:\n  mixture: {weights: {en: .inf}}\n", "tokenize.mixture.weights.en"),
+    ("clean:\n  heuristics: {chinese: {top_char_ngram: {4: -.inf}}}\n", "clean.heuristics.chinese.top_char_ngram.4"),
+])
+def test_an_infinite_or_nan_number_is_refused_naming_the_field(tmp_path, yaml_text, field):
+    user = _write(tmp_path / "user.yaml", "extends: tiny\n" + yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_config(user)
+    assert str(err.value) == f"{user}: field '{field}': Input should be a finite number"
+
+
+def test_a_duplicate_yaml_key_is_refused_naming_the_key_and_its_lines(tmp_path):
+    top = _write(tmp_path / "top.yaml", "extends: tiny\ntrain:\n  dense: {steps: 7}\nname: x\ntrain:\n  seed: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(top)
+    assert str(err.value) == f"{top}: not valid YAML: duplicate key 'train' on line 5 (first on line 2)"
+    nested = _write(tmp_path / "nested.yaml", "clean:\n  language:\n    min_confidence: 0.5\n    keep: [en]\n"
+                                              "    min_confidence: 0.9\n")
+    user = _write(tmp_path / "user.yaml", "extends: nested.yaml\n")
+    with pytest.raises(ConfigError, match=rf"^{nested}: not valid YAML: duplicate key 'min_confidence' on line 5 "
+                                          r"\(first on line 3\)$"):
+        load_config(user)  # found in the base file, which is named
+    with pytest.raises(ConfigError, match=r"^--set tokenize.mixture.weights=\{en: 1, en: 2\}: .*duplicate key 'en'"):
+        parse_set_overrides(["tokenize.mixture.weights={en: 1, en: 2}"])
+    # YAML's merge key is not a duplicate: a mapping may override what it merges in.
+    anchors = _write(tmp_path / "anchors.yaml", "extends: tiny\ntrain:\n  dense: &phase {steps: 9, lr: 1.0e-3}\n"
+                                                "  upcycled: {<<: *phase, steps: 4}\n")
+    assert load_config(anchors).train.upcycled.steps == 4 and load_config(anchors).train.upcycled.lr == 1.0e-3
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"storage": {"root": "gs://bucket/runs"}},
+     "overrides: field 'storage.root': Value error, scheme gs:// needs a package that is not installed: "
+     "Please install gcsfs to access Google Storage"),
+    ({"clean": {"inputs": ["s3://bucket/raw", "az://container/raw"]}},
+     "overrides: field 'clean.inputs.1': Value error, scheme az:// needs a package that is not installed: "
+     "Install adlfs to access Azure Datalake Gen2 and Azure Blob Storage"),
+    ({"tokenize": {"tokenizer": {"path": "s4://bucket/tok"}}},
+     "overrides: field 'tokenize.tokenizer.path': Value error, unknown URI scheme s4:// (not an fsspec protocol)"),
+    ({"train": {"dense_source": "simplecache::nope://x"}},
+     "overrides: field 'train.dense_source': Value error, unknown URI scheme nope:// (not an fsspec protocol)"),
+])
+def test_a_uri_scheme_that_cannot_be_opened_is_refused_naming_the_package(overrides, message):
+    for missing in ("gcsfs", "adlfs"):
+        if importlib.util.find_spec(missing):
+            pytest.skip(f"{missing} is installed here")
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", overrides)
+    assert str(err.value) == message
+
+
+def test_an_installed_scheme_is_accepted():
+    config = load_config("tiny", {"storage": {"root": "s3://bucket/runs"}, "clean": {"inputs": ["memory://raw"]}})
+    assert config.storage.root == "s3://bucket/runs" and config.clean.inputs == ["memory://raw"]
+
+
+def test_an_empty_root_or_input_is_refused_not_replaced_by_a_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for root in ("", "  "):
+        with pytest.raises(ConfigError, match=r"^--root \(storage.root\): empty"):
+            run_overrides(root=root)
+    with pytest.raises(ConfigError, match=r"^--input \(clean.inputs\): empty input ''"):
+        run_overrides(inputs=["a.jsonl", ""])
+    assert run_overrides(root=None, inputs=None) == {}  # not given: the config's values
+    # In a file an empty path would resolve to the file's folder (or the working directory): refused instead.
+    for text, field in (("storage:\n  root: ''\n", "storage.root"), ("clean:\n  inputs: ['']\n", "clean.inputs.0"),
+                        ("evaluate:\n  data_dir: ' '\n", "evaluate.data_dir")):
+        user = _write(tmp_path / "user.yaml", "extends: tiny\n" + text)
+        with pytest.raises(ConfigError, match=rf"^{user}: field '{field}': Value error, empty"):
+            load_config(user)
+
+
+# ------------------------------------------------------------------------------------- check_paths
+def test_check_paths_names_each_missing_file_with_its_field_and_what_was_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    here = tmp_path.resolve()
+    (here / "raw").mkdir()
+    (here / "raw" / "a.jsonl").write_text('{"text": "x"}\n')
+    (here / "bench").mkdir()
+    (here / "llama").mkdir()
+    (here / "llama" / "config.json").write_text("{}")
+    user = _write(here / "cfg" / "user.yaml",
+                  "extends: tiny\nclean:\n  inputs: [../raw, ../absent, '../raw/*.parquet']\n"
+                  "  classifier: {languages: {en: {positive: [../good.jsonl]}}}\n"
+                  "  heuristics: {blocklist: {files: {en: ../spam.txt}}}\n"
+                  "tokenize:\n  tokenizer: {path: ../tok}\n"
+                  "train:\n  dense_source: ../llama\n"
+                  "evaluate:\n  data_dir: ../bench/full\n")
+    config = load_config(user)
+    assert load_config(user) == config  # loading never looks at the files: show needs only the root
+    with pytest.raises(ConfigError) as err:
+        check_paths(config)
+    assert str(err.value).split("; written as ") == [
+        f"clean.inputs: no such file or folder: {here}/absent",
+        f'"../absent" (relative to {user}); clean.inputs: no file matches {here}/raw/*.parquet',
+        f'"../raw/*.parquet" (relative to {user}); clean.classifier.languages.en.positive: no such file: '
+        f"{here}/good.jsonl",
+        f'"../good.jsonl" (relative to {user}); clean.heuristics.blocklist.files.en: no such file: {here}/spam.txt',
+        f'"../spam.txt" (relative to {user}); tokenize.tokenizer.path: no such file: {here}/tok/tokenizer.json',
+        f'"../tok" (relative to {user}); train.dense_source: no *.safetensors weights in {here}/llama',
+        f'"../llama" (relative to {user}); evaluate.data_dir: no such folder: {here}/bench/full',
+        f'"../bench/full" (relative to {user})',
+    ]
+    # Only what the wanted stages read.
+    with pytest.raises(ConfigError) as err:
+        check_paths(config, ("tokenize", "train"))
+    assert str(err.value).startswith("tokenize.tokenizer.path: ") and "train.dense_source" in str(err.value)
+    assert "clean." not in str(err.value) and "evaluate." not in str(err.value)
+
+
+def test_check_paths_passes_when_every_file_is_there(tmp_path):
+    check_paths(load_config("tiny"))  # the bundled preset's inputs, example files, blocklists and benchmarks
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    (tmp_path / "llama").mkdir()
+    for name in ("config.json", "model-00001-of-00002.safetensors"):
+        (tmp_path / "llama" / name).write_text("{}")
+    config = load_config("tiny", {"tokenize": {"tokenizer": {"path": str(tmp_path / "tok")}},
+                                  "train": {"dense_source": str(tmp_path / "llama"), "dense": {"steps": 0}}})
+    check_paths(config)
+    check_paths(load_config("tiny", {"tokenize": {"tokenizer": {"path": str(tmp_path / "tok" / "tokenizer.json")}}}))
+
+
+def test_check_paths_skips_the_files_of_steps_turned_off(tmp_path):
+    off = load_config("tiny", parse_set_overrides([
+        "clean.classifier.enabled=false", f"clean.classifier.languages.en.positive=[{tmp_path}/nope.jsonl]",
+        "clean.heuristics.blocklist.enabled=false", f"clean.heuristics.blocklist.files={{en: {tmp_path}/nope.txt}}"]))
+    check_paths(off)
+    on = load_config("tiny", parse_set_overrides([f"clean.heuristics.blocklist.files={{en: {tmp_path}/nope.txt}}"]))
+    with pytest.raises(ConfigError, match=r"^clean.heuristics.blocklist.files.en: no such file: .*nope.txt; written"):
+        check_paths(on)
+
+
+def test_check_paths_on_s3_names_the_missing_object(tmp_path, bucket):
+    client, name = bucket
+    client.put_object(Bucket=name, Key="checks/raw/a.jsonl", Body=b'{"text": "x"}\n')
+    config = load_config("tiny", {"clean": {"inputs": [f"s3://{name}/checks/raw", f"s3://{name}/checks/gone"]},
+                                  "tokenize": {"tokenizer": {"path": f"s3://{name}/checks/tok.json"}}})
+    with pytest.raises(ConfigError) as err:
+        check_paths(config, ("clean", "tokenize"))
+    assert str(err.value) == (
+        f"clean.inputs: no such file or folder: s3://{name}/checks/gone; written as \"s3://{name}/checks/gone\" "
+        f"(from overrides); tokenize.tokenizer.path: no such file: s3://{name}/checks/tok.json; written as "
+        f"\"s3://{name}/checks/tok.json\" (from overrides)")
+
+
+# ------------------------------------------------------------------------------------ end to end
+@pytest.mark.parametrize("case", ["duplicate key", "infinite number", "gs root", "empty root", "dense without weights"])
+def test_skymoe_run_refuses_a_bad_config_before_any_work(tmp_path, case):
+    """As a user meets it: `skymoe run` exits non-zero with one line naming the field, and writes nothing."""
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text("{}")  # a checkpoint folder without its weights
+    body, flags, expected = {
+        "duplicate key": ("train:\n  seed: 1\ntrain:\n  seed: 2\n", [],
+                          "run.yaml: not valid YAML: duplicate key 'train' on line 5 (first on line 3)"),
+        "infinite number": ("train:\n  moe: {capacity_factor: .inf}\n", [], "field 'train.moe.capacity_factor'"),
+        "gs root": ("", ["--root", "gs://bucket/runs"], "field 'storage.root': Value error, scheme gs:// needs a "
+                                                         "package that is not installed: Please install gcsfs"),
+        "empty root": ("", ["--root", ""], "--root (storage.root): empty"),
+        "dense without weights": ("train:\n  dense_source: llama\n", [],
+                                  f"train.dense_source: no *.safetensors weights in {tmp_path.resolve() / 'llama'}"),
+    }[case]
+    config = _write(tmp_path / "run.yaml", "extends: tiny\nstorage: {root: ./out}\n" + body)
+    before = sorted(tmp_path.rglob("*"))
+    done = subprocess.run([sys.executable, "-m", "skymoe.flows.cli", "run", "--config", str(config), *flags],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("skymoe: error: ") and expected in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1  # one line, no traceback
+    assert sorted(tmp_path.rglob("*")) == before  # no root, no stage output: not even the default ./skymoe-out
