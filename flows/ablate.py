@@ -54,7 +54,7 @@ def ablate_flow(ablation: Literal["gating-norm", "aux-coef", "init", "data-quali
         ablation: The report's ablation to reproduce, or data-quality: the same model trained on three
             cleanings of one raw corpus, scored on held-out clean text.
         config_path: A config file or a preset name; empty = tiny (its data and tokenizer settings are used).
-        root: Storage root URI; empty = the config's.
+        root: Storage root URI; unset (null) = the config's.
         seeds: Seeds per variant; more seeds add only the missing runs.
         size: Model and budget: smoke (tests), cpu (~30 min on 2 cores) or gpu.
         overrides: Config values that replace the file's, nested as in the YAML (what `--set a.b=c` gives).

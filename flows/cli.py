@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from skymoe import PIPELINE_STAGES as STAGES
@@ -37,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--until", choices=STAGES, default=STAGES[-1], help="last stage to run")
     run.add_argument("--executor", choices=("datatrove", "beam", "ray"),
                      help="cleaning executor (overrides the config)")
+    run.add_argument("--verify", action="store_true",
+                     help="checksum every file of a reused output (default: outputs under 64 MiB only; file sizes "
+                          "are always checked); a damaged output is rebuilt")
     _add_set_and_json(run)
 
     ablate = commands.add_parser("ablate", help="reproduce one of the report's ablations at small scale (Prefect flow)")
@@ -62,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="list every stage output under a root")
     show.add_argument("--root", help="storage root URI (default: the tiny preset's root)")
     show.add_argument("--config", help="config file or preset name, for its root and S3 settings")
+    show.add_argument("--verify", action="store_true",
+                      help="checksum every listed file (default: outputs under 64 MiB only; sizes always)")
     show.add_argument("--json", action="store_true", help="print one JSON object")
 
     serve = commands.add_parser("serve", help="local Prefect server + UI, work pool, deployments and worker")
@@ -80,7 +86,7 @@ def _add_set_and_json(command: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------- config
 def _local(uri: str) -> str:
     """A local path made absolute here: a flow may run with another working directory."""
-    return uri if "://" in uri else os.path.abspath(uri)
+    return uri if "://" in uri or not uri.strip() else os.path.abspath(uri)  # a blank is refused by the config
 
 
 def _set_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -109,6 +115,20 @@ def _print_summary(summary: dict[str, Any], as_json: bool, text: str | None = No
         print(text if text is not None else "\n".join(format_fields(summary)))
 
 
+@contextlib.contextmanager
+def _command_flow_runs() -> Iterator[None]:
+    """Around a flow run in this process: first mark Crashed the runs of earlier commands that were
+    killed (they would show Running forever), then tag this command's runs with its host and pid."""
+    from skymoe.flows.serve import command_tags, crash_killed_command_runs  # offline settings first
+    from prefect import tags
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        crash_killed_command_runs(client)
+    with tags(*command_tags()):
+        yield
+
+
 # -------------------------------------------------------------------------------------- commands
 def _cmd_run(args: argparse.Namespace) -> int:
     from skymoe.pipeline import check_stages, stage_range
@@ -123,9 +143,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     check_stages(config, storage, stage_range(until=args.until))
     from skymoe.flows.pipeline import pipeline_flow
 
-    with contextlib.redirect_stdout(sys.stderr):  # what a flow prints is log; stdout is the result's
+    with _command_flow_runs(), contextlib.redirect_stdout(sys.stderr):  # a flow's prints are log, not result
         summary = pipeline_flow(config_path=args.config, root=args.root, inputs=inputs, until=args.until,
-                                executor=args.executor or "config", overrides=overrides)
+                                executor=args.executor or "config", overrides=overrides, verify=args.verify)
     text = None
     if not args.json:
         trained = [result["uri"] for result in summary["results"] if result["stage"] == "train"]
@@ -152,7 +172,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     check_stages(config, Storage.from_config(config.storage), ("clean", "tokenize"))
     from skymoe.flows.ablate import ablate_flow
 
-    with contextlib.redirect_stdout(sys.stderr):  # what a flow prints is log; stdout is the result's
+    with _command_flow_runs(), contextlib.redirect_stdout(sys.stderr):  # a flow's prints are log, not result
         summary = ablate_flow(ablation=args.ablation, config_path=args.config, root=args.root, seeds=args.seeds,
                               size=size, overrides=overrides)
     _print_summary(summary, args.json)
@@ -160,13 +180,15 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def _cmd_incremental(args: argparse.Namespace) -> int:
+    from skymoe.config import check_paths
     from skymoe.flows.generations import load_ledger, plan_generation
     from skymoe.storage import Storage
 
-    prefix = _local(args.input_prefix) if args.input_prefix else None
+    prefix = _local(args.input_prefix) if args.input_prefix is not None else None
     budget = {"incremental": {"train_tokens": args.train_tokens}} if args.train_tokens is not None else None
     overrides = _set_overrides(args)
-    config = _load(args, overrides, [prefix] if prefix else None, extra=budget)
+    config = _load(args, overrides, [prefix] if prefix is not None else None, extra=budget)
+    check_paths(config)
     storage = Storage.from_config(config.storage)
     storage.check_writable_root(config.storage.root)
     ledger = load_ledger(storage, config)
@@ -177,7 +199,7 @@ def _cmd_incremental(args: argparse.Namespace) -> int:
         return 0
     from skymoe.flows.incremental import incremental_flow
 
-    with contextlib.redirect_stdout(sys.stderr):  # what a flow prints is log; stdout is the result's
+    with _command_flow_runs(), contextlib.redirect_stdout(sys.stderr):  # a flow's prints are log, not result
         summary = incremental_flow(root=config.storage.root, config_path=args.config, input_prefix=prefix,
                                    train_tokens=args.train_tokens, overrides=overrides)
     _print_summary(summary, args.json)
@@ -192,7 +214,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, run_overrides(args.root))
     storage, root = Storage.from_config(config.storage), config.storage.root
-    listings = list_stage_outputs(storage, root)
+    listings = list_stage_outputs(storage, root, args.verify)
     if args.json:
         print(json.dumps({"root": root, "stages": [item.to_dict() for item in listings]}, ensure_ascii=False))
     else:

@@ -31,8 +31,8 @@ def incremental_flow(root: str, config_path: str | None = None, input_prefix: st
         root: Storage root URI of the series (a folder or s3://bucket/prefix); required, so a schedule
             never writes into a default folder.
         config_path: A config file or a preset name; empty = tiny.
-        input_prefix: The folder or prefix new input files land in; empty = the config's clean.inputs.
-        train_tokens: Continued-training tokens per generation; empty = the config's incremental.train_tokens.
+        input_prefix: The folder or prefix new input files land in; unset (null) = the config's clean.inputs.
+        train_tokens: Continued-training tokens per generation; unset (null) = the config's incremental.train_tokens.
         overrides: Config values that replace the file's, nested as in the YAML (what `--set a.b=c` gives).
     """
     forward_stage_logs()

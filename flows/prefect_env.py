@@ -12,6 +12,8 @@ OFFLINE_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # the 20 s default fails on a cold SQLite DB
     "PREFECT_LOGGING_EXTRA_LOGGERS": "skymoe",  # stage logs (progress, rates, ETA) reach the run's logs
     "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+    # skymoe logs outside flow runs too (a command's checks, crashing a killed command's runs): no warning each time
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 
 

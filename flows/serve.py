@@ -7,7 +7,8 @@ a Ctrl-C in the terminal reaches only this process, which then stops the worker 
 
 A flow run whose process died without reporting (kill -9, OOM, a reboot, or a worker stopped
 mid-run) stays "Running" in the API forever; ``start_worker`` first marks such runs Crashed, and so
-does a clean shutdown, so the UI shows no ghost runs.
+does a clean shutdown, so the UI shows no ghost runs. A ``skymoe`` command that runs a flow in its
+own process does the same for the killed commands before it (:func:`crash_killed_command_runs`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
     FlowRunFilterState,
     FlowRunFilterStateType,
+    FlowRunFilterTags,
     TaskRunFilter,
     TaskRunFilterState,
     TaskRunFilterStateType,
@@ -53,6 +55,7 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 # started; a run this young with no process recorded may just be starting under another worker.
 PENDING_GRACE = timedelta(seconds=60)
 ACTIVE = [StateType.RUNNING, StateType.PENDING]
+COMMAND_TAG = "skymoe-command"
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback never goes through a proxy
 log = logging.getLogger(__name__)  # not under "skymoe": those records go to the flow run API
@@ -191,25 +194,57 @@ def crash_stale_runs(local: LocalPrefect) -> list[str]:
     the pool - and every flow-run process - is on this machine."""
     now = datetime.now(timezone.utc)
     live = flow_run_pids()
-    crashed = []
     with local.client() as client:
-        for run in _active_runs(client):
-            if str(run.id) in live:
-                continue
-            if (run.state.type == StateType.PENDING and not run.infrastructure_pid
-                    and now - run.state.timestamp < PENDING_GRACE):
-                continue
-            message = f"{run.state.name}, but its process is gone: killed, crashed, or stopped with its worker"
-            client.set_flow_run_state(run.id, Crashed(message=message), force=True)
-            task_runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
-                task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=ACTIVE))))
-            for task_run in task_runs:
-                client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
-            log.warning("flow run %r (%s) was %s with no live process: marked Crashed", run.name, run.id,
-                        run.state.name)
-            crashed.append(run.name)
+        gone = [run for run in _active_runs(client) if str(run.id) not in live
+                and not (run.state.type == StateType.PENDING and not run.infrastructure_pid
+                         and now - run.state.timestamp < PENDING_GRACE)]
+        return crash_runs(client, gone, "its process is gone: killed, crashed, or stopped with its worker")
+
+
+def crash_runs(client: SyncPrefectClient, runs: list[FlowRun], why: str) -> list[str]:
+    """Mark ``runs`` Crashed with their Running/Pending task runs, saying ``why``; return their names.
+    For runs known to have no live process: the API would show them Running forever."""
+    crashed = []
+    for run in runs:
+        message = f"{run.state.name}, but {why}"
+        client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+            task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=ACTIVE))))
+        for task_run in task_runs:
+            client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+        log.warning("flow run %r (%s) was %s with no live process: marked Crashed", run.name, run.id,
+                    run.state.name)
+        crashed.append(run.name)
     return crashed
+
+
+def command_tags() -> list[str]:
+    """Tags for the flow runs a ``skymoe`` command runs in its own process (``run``, ``ablate``,
+    ``incremental``): which host and process runs them, so a later command can tell one that was
+    killed (no worker records a process for them)."""
+    return [COMMAND_TAG, f"{COMMAND_TAG}-pid:{socket.gethostname()}:{os.getpid()}"]
+
+
+def crash_killed_command_runs(client: SyncPrefectClient) -> list[str]:
+    """Mark Crashed the Running/Pending flow runs of ``skymoe`` commands on this host whose process is
+    gone (kill -9, OOM, a closed terminal); a worker's runs are :func:`crash_stale_runs`'s."""
+    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=ACTIVE)), tags=FlowRunFilterTags(all_=[COMMAND_TAG])))
+    prefix = f"{COMMAND_TAG}-pid:{socket.gethostname()}:"
+    gone = [run for run in runs for tag in run.tags
+            if tag.startswith(prefix) and not _alive(int(tag.removeprefix(prefix)))]
+    return crash_runs(client, gone, "the skymoe command running it is gone: killed or crashed")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def end_orphaned_runs(local: LocalPrefect, grace: float = 15) -> None:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from skymoe import PIPELINE_STAGES
-from skymoe.config import ConfigError, PipelineConfig
-from skymoe.stage import Continuation, Plan, Stage, StageRef, StageResult, read_manifest, run_plan
+from skymoe.config import ConfigError, PipelineConfig, check_paths
+from skymoe.stage import Continuation, Plan, Stage, StageRef, StageResult, check_output, run_plan
 from skymoe.storage import Storage
 
 
@@ -34,7 +34,7 @@ PIPELINE: tuple[StageEntry, ...] = (
 )
 assert tuple(entry.name for entry in PIPELINE) == PIPELINE_STAGES
 
-Execute = Callable[[Stage, Plan, Storage], StageResult]
+Execute = Callable[[Stage, Plan, Storage, bool], StageResult]  # the bool: checksum large outputs on reuse too
 
 
 def load_stage(name: str) -> Stage:
@@ -57,16 +57,20 @@ def stage_range(from_stage: str = PIPELINE_STAGES[0], until: str = PIPELINE_STAG
 
 def check_stages(config: PipelineConfig, storage: Storage, wanted: Sequence[str]) -> None:
     """Every wanted stage's own checks, before any stage works (a bad benchmark folder should not
-    surface after hours of training)."""
+    surface after hours of training). Missing files come first: the root is not created for a run that
+    cannot start."""
+    check_paths(config, wanted)
     storage.check_writable_root(config.storage.root)
     for name in wanted:
         load_stage(name).check(config, storage)
 
 
 def run_pipeline(config: PipelineConfig, storage: Storage, wanted: Sequence[str] = PIPELINE_STAGES,
-                 execute: Execute = run_plan, continues: Continuation | None = None) -> list[StageResult]:
+                 execute: Execute = run_plan, continues: Continuation | None = None,
+                 verify: bool = False) -> list[StageResult]:
     """Plan and run the stages in order up to the last wanted one. A stage before the wanted range is
-    planned but not run: its output must be complete already (one-stage runs never redo their inputs)."""
+    planned but not run: its output must be complete and intact already (one-stage runs never redo
+    their inputs). ``verify`` checksums every reused output, not only small ones."""
     results: list[StageResult] = []
     upstream: dict[str, StageRef] = {}
     for name in PIPELINE_STAGES[: PIPELINE_STAGES.index(wanted[-1]) + 1]:
@@ -74,10 +78,11 @@ def run_pipeline(config: PipelineConfig, storage: Storage, wanted: Sequence[str]
         plans = stage.plan(config, storage, upstream, continues)
         for plan in plans:
             if name in wanted:
-                results.append(execute(stage, plan, storage))
-            elif read_manifest(storage, plan.ref) is None:
-                raise ConfigError(f"from_stage: the {name} output this run needs is missing ({plan.ref.uri}); "
-                                  f"run from an earlier stage first")
+                results.append(execute(stage, plan, storage, verify))
+            elif not (found := check_output(storage, plan.ref, verify)).intact:
+                what = "; ".join(found.problems()) or "no manifest"
+                raise ConfigError(f"from_stage: the {name} output this run needs is missing or damaged "
+                                  f"({plan.ref.uri}: {what}); run from an earlier stage first")
         upstream[name] = plans[0].ref
     return results
 

@@ -170,19 +170,28 @@ def _score_table(evaluations: Sequence[Mapping[str, Any]]) -> list[str]:
 # ------------------------------------------------------------------------------------------ show
 def format_listing(listings: Sequence[StageListing], root: str, other_folders: Sequence[str] = ()) -> str:
     """``skymoe show``: one row per output in the order given (pipeline order), with its size on
-    disk, when its manifest was written, complete or not, its key counts, and for an evaluation
-    which model it scored (the final export or a checkpoint) and the scores against chance."""
+    disk, when its manifest was written, its state, its key counts, and for an evaluation which
+    model it scored (the final export or a checkpoint) and the scores against chance. A damaged
+    output or an unreadable manifest is a row like the others, its problems on lines below the table."""
     if not listings:
         return f"no stage outputs under {root}"
     total = sum(item.bytes for item in listings)
     lines = [f"{len(listings)} stage outputs under {root}, {human_bytes(total)} in all"]
-    rows = [[item.name, item.fingerprint, "complete" if item.complete else "INCOMPLETE", human_bytes(item.bytes),
+    rows = [[item.name, item.fingerprint, _state(item), human_bytes(item.bytes),
              local_minute(item.created_at) if item.created_at is not None else "-", _listing_line(item)]
             for item in listings]
     lines += render_table(["stage", "fingerprint", "state", "size", "created", "what"], rows, right=frozenset({3}))
+    for item in listings:
+        lines += [f"{item.name}/{item.fingerprint} {item.state}: {problem}" for problem in item.problems]
     if other_folders:
         lines.append(f"also under the root, not stage outputs: {', '.join(other_folders)}")
     return "\n".join(lines)
+
+
+def _state(item: StageListing) -> str:
+    """What a rerun would do with the output: reuse it (complete) or not (the others, in capitals)."""
+    state = item.state or ("complete" if item.complete else "incomplete")
+    return state if item.complete else state.upper()
 
 
 def _listing_line(item: StageListing) -> str:

@@ -9,6 +9,10 @@ Inside a stage, work is split into shards with stable ids. A finished shard leav
 done-record (written after its data), so a rerun after a crash redoes only unfinished shards. The
 manifest is written last: no manifest means not done, and readers consume only what it lists.
 
+Reuse is verified: a manifest is trusted only while every file it lists is there with its
+recorded size (and checksum, see :func:`check_output`); a damaged output is rebuilt from the
+done-records that do not name a damaged file.
+
 A :class:`Plan` is made once, from one loaded config, and carries that config with it: whoever
 runs the plan (this process, a Prefect task, a cluster job) runs exactly what was fingerprinted,
 never a config re-read from a file that may have changed since. The manifest schema is the same
@@ -23,6 +27,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -36,6 +41,11 @@ from skymoe.storage import Storage, join
 
 MANIFEST = "manifest.json"
 DONE_DIR = "_done"
+# Outputs whose listed files add up to less than this are checksummed on every reuse (a second or
+# so of reading); larger ones only with ``verify`` (``skymoe run --verify``), their sizes always.
+SMALL_OUTPUT_BYTES = 64 * 2**20
+# What ``Storage.write_bytes``/``open_write`` leave behind when killed between write and rename.
+STALE_TEMP = re.compile(r"\.tmp-\d+$")
 
 
 log = logging.getLogger("skymoe.stage")
@@ -115,15 +125,118 @@ class Manifest:
         return cls(**json.loads(text))
 
 
+class ManifestError(ValueError):
+    """A manifest that cannot be read (truncated, not JSON, another schema): named by its path."""
+
+    def __init__(self, uri: str, reason: str):
+        super().__init__(f"unreadable manifest {uri}: {reason}")
+        self.uri, self.reason = uri, reason
+
+
+class DamagedOutputError(ValueError):
+    """A damaged output this run cannot rebuild (files of another output it builds on)."""
+
+
 def write_manifest(storage: Storage, ref: StageRef, manifest: Manifest) -> None:
     storage.write_text(ref.path(MANIFEST), manifest.to_json())
 
 
 def read_manifest(storage: Storage, ref: StageRef) -> Manifest | None:
+    """The output's manifest, None when there is none; :class:`ManifestError` naming the file when
+    it is unreadable (a bare JSON error would not say which of many manifests is broken)."""
     uri = ref.path(MANIFEST)
     if not storage.exists(uri):
         return None
-    return Manifest.from_json(storage.read_text(uri))
+    try:
+        return Manifest.from_json(storage.read_text(uri))
+    except (ValueError, TypeError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ManifestError(uri, str(err)) from None
+
+
+@dataclass(frozen=True)
+class ListedFile:
+    """One file a manifest lists, with what the manifest recorded of it."""
+
+    path: str  # as the manifest names it: relative to its output folder
+    uri: str
+    bytes: int
+    checksum: str
+    own: bool  # under this output's folder (an appending tokenize output also lists its base's files)
+
+
+def listed_files(manifest: Manifest, ref: StageRef) -> list[ListedFile]:
+    """Every file the manifest records a size and checksum for: ``shards``, and entry lists in
+    ``extra`` (clean's rejects and dedup index). An entry with ``output`` lives in that sibling
+    output's folder (the base an appending tokenize output extends)."""
+    entries = [*manifest.shards, *(item for value in manifest.extra.values() if isinstance(value, list)
+                                   for item in value)]
+    files = []
+    for entry in entries:
+        if not (isinstance(entry, dict) and {"path", "bytes", "checksum"} <= entry.keys()):
+            continue
+        owner = StageRef(ref.root, ref.stage, entry.get("output", ref.fingerprint))
+        files.append(ListedFile(entry["path"], owner.path(entry["path"]), int(entry["bytes"]), entry["checksum"],
+                                owner == ref))
+    return files
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """What reuse found at an output: its manifest, and what is wrong with it.
+
+    ``damaged`` maps a listed file's path to why it cannot be served (missing, another size, another
+    checksum); ``error`` says why the manifest itself could not be read."""
+
+    manifest: Manifest | None
+    damaged: dict[str, str] = field(default_factory=dict)
+    foreign: tuple[str, ...] = ()  # URIs of damaged files of another output (an appended base)
+    error: str = ""
+    checksummed: bool = False
+
+    @property
+    def intact(self) -> bool:
+        return self.manifest is not None and not self.damaged
+
+    @property
+    def state(self) -> str:
+        if self.error:
+            return "unreadable manifest"
+        if self.manifest is None:
+            return "incomplete"
+        return "damaged" if self.damaged else "complete"
+
+    def problems(self) -> list[str]:
+        """One line per problem, for logs and ``skymoe show``: the manifest's path and error, or
+        each damaged file's path and why."""
+        return [self.error] if self.error else [f"{path}: {why}" for path, why in self.damaged.items()]
+
+
+def check_output(storage: Storage, ref: StageRef, verify: bool = False) -> OutputCheck:
+    """Whether the output at ``ref`` can be reused: every listed file present with its recorded size,
+    and its recorded checksum when ``verify`` is set or the output is under :data:`SMALL_OUTPUT_BYTES`.
+    Sizes catch deleted and truncated files for one listing call per file; a flipped byte needs
+    the checksum, which reads every byte."""
+    try:
+        manifest = read_manifest(storage, ref)
+    except ManifestError as err:
+        return OutputCheck(None, error=f"{err.uri}: {err.reason}")
+    if manifest is None:
+        return OutputCheck(None)
+    files = listed_files(manifest, ref)
+    deep = verify or sum(f.bytes for f in files) < SMALL_OUTPUT_BYTES
+    damaged = {}
+    for listed in files:
+        try:
+            size = storage.size(listed.uri)
+        except FileNotFoundError:
+            damaged[listed.path] = "missing"
+            continue
+        if size != listed.bytes:
+            damaged[listed.path] = f"{size:,} bytes, the manifest says {listed.bytes:,}"
+        elif deep and storage.checksum(listed.uri) != listed.checksum:
+            damaged[listed.path] = f"checksum differs from the manifest's ({listed.checksum})"
+    foreign = tuple(f.uri for f in files if not f.own and f.path in damaged)
+    return OutputCheck(manifest, damaged, foreign, checksummed=deep)
 
 
 def shard_entry(storage: Storage, uri: str, ref: StageRef, **extra: Any) -> dict[str, Any]:
@@ -267,13 +380,18 @@ def _code_version(stage_type: type[Stage]) -> str:
     return f"{stage_type.name}-{code_digest(stage_type.code, stage_type.libraries)}"
 
 
-def run_plan(stage: Stage, plan: Plan, storage: Storage) -> StageResult:
-    """The one runner: reuse a complete output, else run the stage and write its manifest last."""
-    existing = read_manifest(storage, plan.ref)
-    if existing is not None:
-        log.info("%s: cache hit at %s", plan.name, plan.ref.uri)
-        return StageResult(plan.stage, plan.name, plan.ref, existing, cached=True, seconds=0.0)
+def run_plan(stage: Stage, plan: Plan, storage: Storage, verify: bool = False) -> StageResult:
+    """The one runner: reuse a complete, intact output, else run (or resume, or repair) the stage and
+    write its manifest last. ``verify`` checksums every listed file of a large output too."""
+    found = check_output(storage, plan.ref, verify)
+    if found.intact:
+        log.info("%s: cache hit at %s (%s checked)", plan.name, plan.ref.uri,
+                 "sizes and checksums" if found.checksummed else "sizes")
+        return StageResult(plan.stage, plan.name, plan.ref, found.manifest, cached=True, seconds=0.0)
     storage.check_writable_root(plan.ref.root)
+    if found.error or found.damaged:
+        prepare_rebuild(storage, plan, found)
+    remove_stale_temp_files(storage, plan.ref)
     started = time.monotonic()
     output = stage.run(plan, storage)
     seconds = round(time.monotonic() - started, 3)
@@ -285,3 +403,65 @@ def run_plan(stage: Stage, plan: Plan, storage: Storage) -> StageResult:
     write_manifest(storage, plan.ref, manifest)
     log.info("%s: done in %.1fs, manifest at %s", plan.name, seconds, plan.ref.path(MANIFEST))
     return StageResult(plan.stage, plan.name, plan.ref, manifest, cached=False, seconds=seconds)
+
+
+def prepare_rebuild(storage: Storage, plan: Plan, found: OutputCheck) -> None:
+    """Make a damaged output (or one whose manifest is unreadable) resumable: drop its manifest, the
+    damaged files and every done-record that names one of them, so the stage's own resume redoes
+    exactly those units. A damaged file no done-record names (clean's rejects, say) drops every
+    done-record: the stage reruns. Files of another output (an appended base) cannot be remade
+    from this one's records: that is an error naming them."""
+    if found.foreign:
+        raise DamagedOutputError(f"{plan.name}: files of the output it appends to are damaged: "
+                                 f"{', '.join(found.foreign)}; rebuild that output (or start a new series)")
+    log.warning("%s: not reusing %s (%s): %s", plan.name, plan.ref.uri, found.state, "; ".join(found.problems()))
+    _remove(storage, plan.ref.path(MANIFEST))
+    if found.error:
+        return  # the done-records are intact: the stage resumes from them
+    records = {uri: json.loads(storage.read_text(uri)) for phase in storage.listdir(plan.ref.path(DONE_DIR))
+               for uri in storage.listdir(phase) if uri.endswith(".json")}
+    naming = {uri: [path for path in found.damaged if _names(record, plan.ref, path)]
+              for uri, record in records.items()}
+    if {path for paths in naming.values() for path in paths} == found.damaged.keys():
+        stale = [uri for uri, paths in naming.items() if paths]
+    else:
+        log.warning("%s: a damaged file is named by no done-record: the stage reruns", plan.name)
+        stale = list(records)
+    for uri in stale:  # records first: a record never outlives the file it vouches for
+        _remove(storage, uri)
+    for path in found.damaged:
+        _remove(storage, plan.ref.path(path))
+    log.warning("%s: rebuilding %d damaged files (%d of %d done-records dropped)", plan.name, len(found.damaged),
+                len(stale), len(records))
+
+
+def _names(value: Any, ref: StageRef, path: str) -> bool:
+    """Whether a done-record names ``path`` (relative to the output): as that path, or as a URI
+    ending in ``<stage>/<fingerprint>/<path>`` (a record keeps the URI it was written with, which
+    names the root of that time)."""
+    if isinstance(value, dict):
+        return any(_names(key, ref, path) or _names(item, ref, path) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_names(item, ref, path) for item in value)
+    return isinstance(value, str) and (value == path or value.endswith(f"/{ref.stage}/{ref.fingerprint}/{path}"))
+
+
+def remove_stale_temp_files(storage: Storage, ref: StageRef) -> int:
+    """Remove the ``*.tmp-<pid>`` files a killed run left under the output (local storage writes a
+    temporary name, then renames it; object stores write whole objects and leave none)."""
+    fs, path = storage.fs(ref.uri)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" not in protocols or not fs.exists(path):
+        return 0
+    stale = [found for found in fs.find(path) if STALE_TEMP.search(found)]
+    for found in stale:
+        fs.rm(found)
+    if stale:
+        log.info("%s: removed %d stale temporary files left by a killed run", ref.stage, len(stale))
+    return len(stale)
+
+
+def _remove(storage: Storage, uri: str) -> None:
+    fs, path = storage.fs(uri)
+    if fs.exists(path):
+        fs.rm(path)

@@ -115,6 +115,7 @@ def test_run_until_clean_then_the_whole_pipeline_on_demo_corpus(tmp_path, prefec
     assert listed[0]["bytes"] > 0
     assert {k: v for k, v in listed[0].items() if k != "bytes"} == {
         "name": "clean", "fingerprint": clean["fingerprint"], "uri": clean["uri"], "complete": True,
+        "state": "complete", "problems": [],
         "counts": {k: v for k, v in clean["counts"].items() if not isinstance(v, dict)},
         "created_at": manifest["created_at"], "label": "", "scores": []}
     # Pipeline order, and within a stage the order the outputs were made in.
