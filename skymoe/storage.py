@@ -214,24 +214,39 @@ class Storage:
         if _protocol(uri) == "s3":
             bucket = path.split("/", 1)[0]
             try:
-                exists = fs.exists(bucket)
+                fs.info(bucket)  # not exists(): s3fs answers False for an endpoint it cannot reach, too
+            except FileNotFoundError:
+                raise StorageError(f"s3 bucket '{bucket}' does not exist (root {uri})") from None
             except Exception as err:  # endpoint unreachable, bad credentials, ...
                 raise StorageError(f"cannot reach s3 bucket '{bucket}' for root {uri}: {err}") from None
-            if not exists:
-                raise StorageError(f"s3 bucket '{bucket}' does not exist (root {uri})")
 
     def _retry(self, action: Callable[[], T]) -> T:
-        """Retry transient store errors with exponential backoff; missing things fail at once."""
+        """Retry transient store errors with exponential backoff; missing things fail at once. A store
+        that stays unreachable ends the run with a :class:`StorageError` that says how to go on, not a
+        botocore traceback: everything finished is recorded, so the same command resumes."""
         for attempt in range(self.retries + 1):
             try:
                 return action()
             except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
                 raise
-            except OSError:
-                if attempt == self.retries:
+            except (OSError, *_unreachable_store_errors()) as err:
+                if attempt < self.retries:
+                    time.sleep(0.2 * 2**attempt)
+                elif isinstance(err, _unreachable_store_errors()):
+                    raise StorageError(f"the object store did not answer ({self.retries + 1} attempts): {err}. "
+                                       "Finished work is recorded: run the same command again to resume") from err
+                else:
                     raise
-                time.sleep(0.2 * 2**attempt)
         raise AssertionError("unreachable")
+
+
+def _unreachable_store_errors() -> tuple[type[BaseException], ...]:
+    """botocore's "cannot connect" errors, which s3fs passes on untranslated (not OSErrors)."""
+    try:
+        from botocore.exceptions import ConnectionError as EndpointUnreachable, HTTPClientError
+    except ImportError:  # no S3 support installed: nothing of the kind can be raised
+        return ()
+    return EndpointUnreachable, HTTPClientError
 
 
 def join(uri: str, *parts: str) -> str:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import run_stage, upload_folder, write_config
+from conftest import free_port, run_stage, upload_folder, write_config
 from skymoe.pipelines.clean.readers import InputError
 from skymoe.catalog import list_stage_outputs
 from skymoe.config import load_config
@@ -65,3 +66,21 @@ def test_missing_bucket_fails_before_work(tmp_path, small_corpus, s3_server):
     missing_input = load_config(write_config(tmp_path / "d.yaml", str(tmp_path / "out"), ["s3://no-such-bucket/raw/"]))
     with pytest.raises(InputError, match="no-such-bucket"):
         run_stage("clean", missing_input, storage)
+
+
+def test_an_unreachable_store_is_one_clear_error_that_says_how_to_go_on(tmp_path, small_corpus, s3_server,
+                                                                         monkeypatch):
+    """An S3 outage (nothing listens on the endpoint): at the start, `run` names the bucket and the
+    endpoint problem in one line, exit 2, no traceback; mid-run, a storage call fails with an error
+    that says a rerun resumes, not botocore's EndpointConnectionError."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries: keep the test short
+    env = {**os.environ, "AWS_ENDPOINT_URL": dead}
+    ran = subprocess.run([sys.executable, "-m", "skymoe.flows.cli", "run", "--root", "s3://skymoe-test/runs",
+                          "--input", str(small_corpus)], capture_output=True, text=True, env=env, timeout=300)
+    assert ran.returncode == 2
+    assert "cannot reach s3 bucket 'skymoe-test'" in ran.stderr and "Traceback" not in ran.stderr
+
+    storage = Storage(s3_endpoint_url=dead, retries=1)
+    with pytest.raises(StorageError, match="did not answer .* run the same command again to resume"):
+        storage.read_bytes("s3://skymoe-test/runs/clean/manifest.json")
