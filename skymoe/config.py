@@ -236,6 +236,10 @@ class ClassifierConfig(_Strict):
     target_recall: float = Field(0.9, gt=0, le=1, description="share of held-out positives the threshold keeps")
     held_out: float = Field(0.2, gt=0, lt=1, description="share of each class kept out of training for calibration")
     n_features: int = Field(2**18, ge=2**10, le=2**24)
+    features: Literal["auto", "char1-3", "char2-5", "char2-5+word1-2"] = Field(
+        "auto",
+        description="n-gram features of each model; auto: per language, the set with the best 5-fold "
+                    "cross-validated ROC AUC on the training split (never on the held-out share)")
     seed: int = 0
 
     @model_validator(mode="after")

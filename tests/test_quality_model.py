@@ -4,6 +4,7 @@ calibrated on a held-out split, saved without pickles, and bad example files ref
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from skymoe.pipelines.clean.classifier import (
     QualityModel,
     QualityScorer,
     calibrated_threshold,
+    select_features,
     train_quality_model,
 )
 from skymoe.pipelines.clean.steps import REJECT, reject
@@ -141,3 +143,23 @@ def test_config_refuses_a_model_for_a_language_that_is_not_kept(tmp_path):
     overrides = {"clean": {"language": {"keep": ["en"]}}}
     with pytest.raises(ConfigError, match=r"classifier.languages \['zh'\]"):
         load_config("tiny", overrides)
+
+
+def test_a_richer_feature_set_is_chosen_only_when_it_clearly_wins():
+    """Good pages pair colour i with fruit i, bad ones with fruit i+1: the same words and character
+    n-grams within words on both sides, so only n-grams across the space separate them. The
+    cross-validated choice leaves the default set for one that sees across words. When every set
+    separates the pages (the sides use different words), the default is kept."""
+    rng = random.Random(0)
+    colours, fruits = ["red", "green", "blue", "pink"], ["apple", "pear", "plum", "fig"]
+
+    def page(shift: int) -> str:
+        return " ".join(f"{colours[i]} {fruits[(i + shift) % 4]}." for i in (rng.randrange(4) for _ in range(12)))
+
+    texts = [page(0) for _ in range(40)] + [page(1) for _ in range(40)]
+    labels = np.array([1] * 40 + [0] * 40)
+    chosen, aucs = select_features(texts, labels, 2**12, seed=0)
+    assert aucs["char1-3"] < 0.7 and chosen != "char1-3" and aucs[chosen] > 0.95
+    by_words = [page(0) for _ in range(40)] + [page(0).replace("pear", "kiwi") for _ in range(40)]
+    chosen, aucs = select_features(by_words, labels, 2**12, seed=0)
+    assert chosen == "char1-3" and min(aucs.values()) > 0.95

@@ -1,9 +1,11 @@
 """SkyPile's quality classifier, one model per language, each with an absolute score threshold.
 
-Each model is a logistic regression over hashed character n-grams (1-3, within word boundaries),
-so Chinese and English need no tokenizer, trained on positives and negatives *of its own
-language*: a model that sees Chinese positives against English negatives learns language, not
-quality. A stratified share of the examples is held out; the threshold is calibrated there (the
+Each model is a logistic regression over hashed n-grams, so Chinese and English need no tokenizer,
+trained on positives and negatives *of its own language*: a model that sees Chinese positives
+against English negatives learns language, not quality. Which n-grams (:data:`FEATURE_SETS`) is
+chosen per language by cross-validation on the training split: short character n-grams suit
+Chinese, where a character is nearly a word; English separates better on longer character
+n-grams and word pairs, which carry its phrasing (boilerplate, sales copy). A stratified share of the examples is held out; the threshold is calibrated there (the
 highest score that still keeps ``target_recall`` of the held-out positives) and the model's ROC AUC
 measured there, so the threshold means the same on every corpus instead of cutting a fixed share.
 
@@ -28,7 +30,16 @@ from skymoe.config import ClassifierConfig, QualityExamples
 from skymoe.storage import Storage
 
 MAX_CHARS = 4000
-NGRAM_RANGE = (1, 3)
+# name -> the hashed n-gram vectorizers whose features are concatenated (analyzer, n-gram range)
+FEATURE_SETS: dict[str, tuple[tuple[str, tuple[int, int]], ...]] = {
+    "char1-3": (("char_wb", (1, 3)),),
+    "char2-5": (("char", (2, 5)),),
+    "char2-5+word1-2": (("char", (2, 5)), ("word", (1, 2))),
+}
+SELECTION_FOLDS = 5
+# A richer feature set replaces the first (smallest) one only when it wins by this much mean fold AUC:
+# smaller gaps are within fold-to-fold noise on a few hundred examples, and the small set is then kept.
+SELECTION_MARGIN = 0.01
 MIN_EXAMPLES = 10  # per class: fewer leaves nothing to hold out and calibrate on
 LANGUAGE_CHECK_DOCS = 50  # examples per file whose language is checked (lingua: a few ms each)
 MIN_LANGUAGE_SHARE = 0.5  # of them, at least this share must be in the model's language
@@ -38,11 +49,36 @@ class ClassifierError(ValueError):
     """Example files or a stored model that cannot make a quality model; raised before any shard is read."""
 
 
-def _vectorizer(n_features: int):
+def featurize(texts: list[str], feature_set: str, n_features: int):
+    """Sparse features of the texts' first MAX_CHARS characters: each vectorizer of the set, L2-normed, side by side."""
+    from scipy.sparse import hstack
     from sklearn.feature_extraction.text import HashingVectorizer
 
-    return HashingVectorizer(analyzer="char_wb", ngram_range=NGRAM_RANGE, n_features=n_features,
-                             alternate_sign=False, norm="l2", lowercase=True)
+    texts = [t[:MAX_CHARS] for t in texts]
+    blocks = [HashingVectorizer(analyzer=analyzer, ngram_range=ngrams, n_features=n_features, alternate_sign=False,
+                                norm="l2", lowercase=True).transform(texts)
+              for analyzer, ngrams in FEATURE_SETS[feature_set]]
+    return hstack(blocks, format="csr") if len(blocks) > 1 else blocks[0]
+
+
+def _logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=4.0, max_iter=2000, class_weight="balanced")
+
+
+def select_features(texts: list[str], labels: np.ndarray, n_features: int, seed: int) -> tuple[str, dict[str, float]]:
+    """The feature set with the best mean ROC AUC over stratified folds of the training texts (the first
+    set unless another beats it by SELECTION_MARGIN), and every candidate's AUC for the manifest."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    folds = StratifiedKFold(min(SELECTION_FOLDS, int(np.bincount(labels).min())), shuffle=True, random_state=seed)
+    aucs = {name: round(float(cross_val_score(_logistic_regression(), featurize(texts, name, n_features), labels,
+                                              cv=folds, scoring="roc_auc").mean()), 4)
+            for name in FEATURE_SETS}
+    default = next(iter(FEATURE_SETS))
+    best = max(aucs, key=aucs.get)
+    return (best if aucs[best] >= aucs[default] + SELECTION_MARGIN else default), aucs
 
 
 def read_examples(storage: Storage, uri: str) -> list[str]:
@@ -77,21 +113,21 @@ class QualityModel:
     weights: np.ndarray
     bias: float
     threshold: float
+    feature_set: str
     n_features: int
     metrics: dict
 
     def score(self, texts: list[str]) -> np.ndarray:
-        features = _vectorizer(self.n_features).transform([t[:MAX_CHARS] for t in texts])
-        logits = features @ self.weights + self.bias
+        logits = featurize(texts, self.feature_set, self.n_features) @ self.weights + self.bias
         return 1.0 / (1.0 + np.exp(-logits))
 
     def save(self, storage: Storage, folder: str) -> dict[str, str]:
         """Writes the two files; returns their checksums by name (for the done-record)."""
         buffer = io.BytesIO()
         np.savez(buffer, weights=self.weights, bias=np.float64(self.bias))  # float64: loading changes no score
-        meta = {"kind": "hashed-char-ngram-logreg", "lang": self.lang, "threshold": self.threshold,
-                "n_features": self.n_features, "ngram_range": NGRAM_RANGE, "analyzer": "char_wb",
-                "max_chars": MAX_CHARS, "metrics": self.metrics}
+        meta = {"kind": "hashed-ngram-logreg", "lang": self.lang, "threshold": self.threshold,
+                "feature_set": self.feature_set, "vectorizers": FEATURE_SETS[self.feature_set],
+                "n_features": self.n_features, "max_chars": MAX_CHARS, "metrics": self.metrics}
         files = {f"{self.lang}.npz": buffer.getvalue(), f"{self.lang}.json": json.dumps(meta, indent=2).encode()}
         for name, data in files.items():
             storage.write_bytes(f"{folder}/{name}", data)
@@ -109,8 +145,11 @@ class QualityModel:
                 raise ClassifierError(f"quality model file changed since it was written: {uri}")
         meta = json.loads(storage.read_text(f"{folder}/{lang}.json"))
         arrays = np.load(io.BytesIO(storage.read_bytes(f"{folder}/{lang}.npz")), allow_pickle=False)
+        if meta.get("feature_set") not in FEATURE_SETS:
+            raise ClassifierError(f"quality model {folder}/{lang}.json was written by an older skymoe (no known "
+                                  "feature_set); delete the classifier folder and its done-record to retrain it")
         return cls(lang, arrays["weights"].astype(np.float64), float(arrays["bias"]), float(meta["threshold"]),
-                   int(meta["n_features"]), meta["metrics"])
+                   meta["feature_set"], int(meta["n_features"]), meta["metrics"])
 
 
 def _check_examples(lang: str, side: str, uris: list[str], texts: list[str]) -> None:
@@ -148,8 +187,8 @@ def calibrated_threshold(positive_scores: np.ndarray, target_recall: float) -> f
 
 def train_quality_model(storage: Storage, lang: str, examples: QualityExamples,
                         config: ClassifierConfig) -> QualityModel:
-    """Fit on the examples minus the held-out share; calibrate the threshold and measure on that share."""
-    from sklearn.linear_model import LogisticRegression
+    """Choose the features and fit on the examples minus the held-out share; calibrate the threshold and
+    measure on that share, which neither the choice nor the fit has seen."""
     from sklearn.metrics import roc_auc_score
 
     positives = [t for uri in examples.positive for t in read_examples(storage, uri)]
@@ -160,11 +199,16 @@ def train_quality_model(storage: Storage, lang: str, examples: QualityExamples,
     if len(shared) > 0.5 * min(len(positives), len(negatives)):
         raise ClassifierError(f"classifier.languages.{lang}: {len(shared)} documents are both positive and "
                               "negative; the two sides must be different pages")
-    texts = [t[:MAX_CHARS] for t in positives + negatives]
+    texts = positives + negatives
     labels = np.array([1] * len(positives) + [0] * len(negatives))
-    features = _vectorizer(config.n_features).transform(texts)
     held_out = _held_out_mask(labels, config.held_out, config.seed)
-    model = LogisticRegression(C=4.0, max_iter=2000, class_weight="balanced")
+    training = [text for text, out in zip(texts, held_out) if not out]
+    if config.features == "auto":
+        feature_set, selection = select_features(training, labels[~held_out], config.n_features, config.seed)
+    else:
+        feature_set, selection = config.features, {}
+    features = featurize(texts, feature_set, config.n_features)
+    model = _logistic_regression()
     model.fit(features[~held_out], labels[~held_out])
     scores = model.predict_proba(features[held_out])[:, 1]
     truth = labels[held_out]
@@ -173,12 +217,13 @@ def train_quality_model(storage: Storage, lang: str, examples: QualityExamples,
     metrics = {
         "positive_docs": len(positives), "negative_docs": len(negatives), "held_out_docs": int(held_out.sum()),
         "held_out_auc": round(float(roc_auc_score(truth, scores)), 4),
+        "feature_set": feature_set, "feature_selection_cv_auc": selection,
         "threshold_source": "config" if examples.threshold is not None else f"held-out recall {config.target_recall}",
         "held_out_positive_kept": round(float((scores[truth == 1] >= threshold).mean()), 4),
         "held_out_negative_kept": round(float((scores[truth == 0] >= threshold).mean()), 4),
     }
     return QualityModel(lang, model.coef_[0].astype(np.float64), float(model.intercept_[0]), round(threshold, 6),
-                        config.n_features, metrics)
+                        feature_set, config.n_features, metrics)
 
 
 class QualityScorer(PipelineStep):

@@ -41,6 +41,10 @@ _PUNCTUATION = set(
 ) | {chr(c) for c in [*range(0, 9), *range(11, 32), *range(127, 160)]}
 _STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])
 _CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
+# A "read more" link after a news digest's item ("……。详情点击>>", "……。[详细]"): page furniture,
+# cut before the line's end is judged, so the sentence it follows still counts.
+_MORE_LINK_WORDS = "详情点击|点击查看|查看详情|详情|详细|阅读全文|全文|更多"
+_MORE_LINK_ZH = re.compile(rf"\s*(?:[\[【(（](?:{_MORE_LINK_WORDS})[\]】)）]|(?:{_MORE_LINK_WORDS})?\s*(?:>>|＞＞|》》|»|→))\s*$")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 
 
@@ -204,7 +208,8 @@ class GopherQuality(DocFilter):
 class C4Lines(DocFilter):
     """C4's line rules: keep lines that end in terminal punctuation and have enough words; drop
     lines about javascript or cookie policies; drop the page on "lorem ipsum", a curly bracket, or
-    too few sentences. Chinese lines count characters and end in Chinese punctuation."""
+    too few sentences. Chinese lines count characters, end in Chinese punctuation, lose a trailing
+    "read more" link, and keep their sentences up to the last one that ends (see _terminated_part)."""
 
     name = "c4"
 
@@ -228,6 +233,8 @@ class C4Lines(DocFilter):
             if max(map(len, words), default=0) > c.max_word_length:
                 continue
             line = _CITATION.sub("", line)
+            if self.lang == "zh":
+                line = _terminated_part(_MORE_LINK_ZH.sub("", line), self.terminal)
             if not line.endswith(self.terminal) or (self.lang == "en" and line.endswith("...")):
                 continue
             if self.lang == "zh":
@@ -250,6 +257,13 @@ class C4Lines(DocFilter):
             return "too_few_sentences"
         doc.text = "\n".join(kept).strip()
         return None
+
+
+def _terminated_part(line: str, terminal: tuple[str, ...]) -> str:
+    """A Chinese line up to its last sentence end. Chinese pages often hold a whole paragraph, or a
+    whole article, on one line, so C4's rule of dropping a line that does not end in punctuation would
+    drop every sentence of a paragraph cut off mid-sentence; only the unfinished tail goes."""
+    return line[: max(line.rfind(mark) for mark in terminal) + 1]
 
 
 class FineWebQuality(DocFilter):
