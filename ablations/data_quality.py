@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from skymoe.ablations.run import _NOT_FINGERPRINTED, AblationPlan, AblationRun, done_record
+from skymoe.ablations.run import _NOT_FINGERPRINTED, AblationPlan, AblationRun, done_record, seeds_for
 from skymoe.ablations.variants import SIZES, Size, Variant, _merge, _phase, sized_train
 from skymoe.config import CONFIGS_DIR, ConfigError, PipelineConfig, ReaderConfig
 from skymoe.pipeline import run_pipeline
@@ -356,8 +356,9 @@ class DataQualityPlan(AblationPlan):
     budget_steps: int = 0
 
 
-def check(config: PipelineConfig, seeds: int, size: str) -> None:
+def check(config: PipelineConfig, seeds: int | None, size: str) -> None:
     """What can fail before any data is written: seeds, the cleaning the variants need, the train settings."""
+    seeds = seeds_for(seeds, size)
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     clean = config.clean
@@ -428,9 +429,10 @@ def _overlaps(storage: Storage, ref: StageRef, manifest, index: OverlapIndex) ->
                 yield match.id, doc_id
 
 
-def plan_data_quality(config: PipelineConfig, storage: Storage, seeds: int, size_name: str) -> DataQualityPlan:
+def plan_data_quality(config: PipelineConfig, storage: Storage, seeds: int | None, size_name: str) -> DataQualityPlan:
     """Data for every variant (made or found), then one run per (variant, seed): same model, same budget."""
     check(config, seeds, size_name)
+    seeds = seeds_for(seeds, size_name)
     corpus, held_out, data = prepare_data(config, storage, size_name)
     size = SIZES[size_name]
     base = sized_train(config.train, size)
@@ -527,7 +529,6 @@ def held_out_loss(storage: Storage, weights_uri: str, tokenizer_uri: str, held_o
 
 # ----------------------------------------------------------------------------------- report
 REFERENCE = "reference (first variant)"
-INCONCLUSIVE = "inconclusive (differences within seed spread)"  # report.compare's wording
 EXPECTED = (("b-heuristics-neardup", "a-langid-exact"), ("c-quality-models", "b-heuristics-neardup"),
             ("c-quality-models", "a-langid-exact"))
 
@@ -552,21 +553,9 @@ def corpora_table(plan: DataQualityPlan) -> list[dict[str, Any]]:
     return [{key: row.get(key, 0) for key in keys} for row in rows]
 
 
-def _compare(finding: str, name_a: str, a: list[float], name_b: str, b: list[float], what: str) -> dict[str, str]:
-    """docs/results.md's verdict on "``name_a`` is lower"; with one seed there is no spread to judge a
-    difference against, so it stays inconclusive whatever its size."""
-    from skymoe.ablations.report import compare
-
-    verdict = compare(finding, name_a, a, name_b, b, "lower", what)
-    if len(a) < 2:
-        verdict["status"] = INCONCLUSIVE
-        verdict["measured"] += "; one seed: no spread to judge the difference against"
-    return verdict
-
-
 def build_report(plan: DataQualityPlan, storage: Storage, records: dict[tuple[str, int], dict], trained: list[str]):
     """Tables (corpora, held-out loss per variant and language), verdicts and the plot."""
-    from skymoe.ablations.report import Report, _markdown_table, _tail, histories, spread
+    from skymoe.ablations.report import Report, _markdown_table, _tail, compare, histories, spread
 
     names = [v.name for v in plan.variants]
     losses = {(name, lang): [records[(name, seed)]["held_out"][lang]["loss"] for seed in range(plan.seeds)]
@@ -586,15 +575,15 @@ def build_report(plan: DataQualityPlan, storage: Storage, records: dict[tuple[st
                 row.update({"vs": "", "difference": "", "verdict": REFERENCE})
             else:
                 previous = names[index - 1]
-                verdict = _compare(f"{lang}: {name} has a lower held-out loss than {previous}", name, values,
-                                   previous, losses[(previous, lang)], "held-out loss")
+                verdict = compare(f"{lang}: {name} has a lower held-out loss than {previous}", name, values,
+                                  previous, losses[(previous, lang)], "lower", "held-out loss")
                 row.update({"vs": previous, "difference": f"{mean - spread(losses[(previous, lang)])[0]:+.4f}",
                             "verdict": verdict["status"]})
             table.append(row)
         for better, worse in EXPECTED:
-            findings.append(_compare(f"{lang}: cleaning variant {better} gives a lower held-out {lang} loss than "
-                                     f"{worse}", better, losses[(better, lang)], worse, losses[(worse, lang)],
-                                     f"held-out {lang} loss"))
+            findings.append(compare(f"{lang}: cleaning variant {better} gives a lower held-out {lang} loss than "
+                                    f"{worse}", better, losses[(better, lang)], worse, losses[(worse, lang)],
+                                    "lower", f"held-out {lang} loss"))
     seconds = sum(record["seconds"] for record in records.values())
     title = f"Ablation {plan.ablation} ({plan.size} size, {plan.seeds} seed{'s' * (plan.seeds > 1)})"
     corpus, held_out = plan.corpus, plan.held_out
@@ -625,8 +614,8 @@ def build_report(plan: DataQualityPlan, storage: Storage, records: dict[tuple[st
         "tokenize stage's language mixture.",
         f"- {len(plan.runs)} runs ({len(plan.runs) - len(trained)} cached, {len(trained)} trained now); "
         f"{seconds / 60:.1f} minutes of training in all.",
-        "- Verdicts: mean ± sample standard deviation over seeds; a difference counts only when it is larger "
-        "than the two spreads added (docs/results.md); the paired count says in how many seeds it held.", "",
+        "- Verdicts: a paired t-test over seeds (seed s: the same initial weights and data order for every "
+        "variant) at 5%, with the mean difference and its 95% CI (docs/results.md); one seed decides nothing.", "",
         "## Corpora", "", _markdown_table(corpora), "",
         "## Held-out loss", "", _markdown_table(table), "",
         "## Findings", "",

@@ -95,8 +95,14 @@ def size_of(smoke: bool, preset: str | None) -> str:
     return name
 
 
-def check_ablation(config: PipelineConfig, ablation: str, seeds: int, size: str) -> None:
+def seeds_for(seeds: int | None, size: str) -> int:
+    """The seeds per variant: as asked, or the size's default (8 for ``cpu``) when None."""
+    return SIZES[size].seeds if seeds is None else seeds
+
+
+def check_ablation(config: PipelineConfig, ablation: str, seeds: int | None, size: str) -> None:
     """Everything that can fail before tokens exist: the ablation name, seeds, and every variant's config."""
+    seeds = seeds_for(seeds, size)
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     train = sized_train(config.train, SIZES[size])
@@ -109,10 +115,15 @@ def prepare_tokens(config: PipelineConfig, storage: Storage) -> StageRef:
     return run_pipeline(config, storage, ("clean", "tokenize"))[-1].ref
 
 
-def plan_ablation(config: PipelineConfig, storage: Storage, ablation: str, tokens_ref: StageRef, seeds: int,
+def plan_ablation(config: PipelineConfig, storage: Storage, ablation: str, tokens_ref: StageRef, seeds: int | None,
                   size_name: str) -> AblationPlan:
-    """Every run of ``ablation`` with its fingerprinted folder; cheap, touches no weights."""
+    """Every run of ``ablation`` with its fingerprinted folder; cheap, touches no weights.
+
+    Runs are paired by seed: run (variant, s) trains with seed s - the initial weights and the data
+    order - and an upcycled run starts from the dense run of seed s, so the report can test the
+    per-seed differences between variants. ``seeds`` None = the size's default."""
     size: Size = SIZES[size_name]
+    seeds = seeds_for(seeds, size_name)
     tokens = read_manifest(storage, tokens_ref)
     if tokens is None:
         raise ConfigError(f"no complete tokenize output at {tokens_ref.uri}")

@@ -26,25 +26,28 @@ class Size:
     train: dict[str, Any]
     moe_steps: int  # gating-norm and aux-coef runs
     dense_steps: int  # the init ablation's dense run (a multiple of 3: a checkpoint at one third)
+    seeds: int  # the default number of seeds per variant
 
 
-# cpu: at most ~30 minutes per ablation on two CPU cores shared with other jobs (measured: 31, 16 and
-# the init time in docs/results.md; most of a short run is launching DeepSpeed). smoke: a handful of
-# steps of a 2-layer model, for the test suite. gpu: a wider, deeper model and ~17x the steps, for one
-# GPU (one rank; not measured yet).
+# cpu: ~30 minutes per ablation and 3 seeds on two CPU cores shared with other jobs (measured: 31, 16
+# and 22 min in docs/results.md; most of a short run is launching DeepSpeed), so about 80 minutes at its
+# default 8 seeds: with fewer, a paired t-test needs an effect of several times the seed-to-seed spread
+# of the differences (t quantile 4.3 at 3 seeds, 2.36 at 8). smoke: a handful of steps of a 2-layer
+# model, for the test suite (one seed: nothing is decided). gpu: a wider, deeper model and ~17x the
+# steps, for one GPU (one rank; not measured yet), 4 seeds by default.
 _INTERVALS = {"eval_batches": 4, "log_every": 10}
 SIZES: dict[str, Size] = {
     "smoke": Size({"model": {"preset": "tiny", "dim": 32, "n_layers": 2, "n_heads": 2, "ffn_dim": 64},
                    "moe": {"num_experts": 4}, "micro_batch_size": 2, "eval_every": 4, "eval_batches": 1,
                    "similarity_every": 2, "log_every": 2},
-                  moe_steps=4, dense_steps=6),
+                  moe_steps=4, dense_steps=6, seeds=1),
     "cpu": Size({"model": {"preset": "tiny"}, "micro_batch_size": 4, "eval_every": 40, "similarity_every": 10,
                  **_INTERVALS},
-                moe_steps=120, dense_steps=45),
+                moe_steps=120, dense_steps=45, seeds=8),
     "gpu": Size({"model": {"preset": "tiny", "dim": 512, "n_layers": 8, "n_heads": 8, "ffn_dim": 1376},
                  "parallel": {"world_size": 1, "ep_size": 1}, "micro_batch_size": 16, "eval_every": 200,
                  "similarity_every": 50, **_INTERVALS},
-                moe_steps=2000, dense_steps=1500),
+                moe_steps=2000, dense_steps=1500, seeds=4),
 }
 
 

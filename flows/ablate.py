@@ -46,7 +46,7 @@ def held_out_task(plan: Any, run: AblationRun, storage_config: StorageConfig) ->
 
 @flow(name="skymoe-ablate", log_prints=True)
 def ablate_flow(ablation: Literal["gating-norm", "aux-coef", "init", "data-quality"], config_path: str | None = None,
-                root: str | None = None, seeds: int = 3, size: Literal["smoke", "cpu", "gpu"] = "cpu",
+                root: str | None = None, seeds: int | None = None, size: Literal["smoke", "cpu", "gpu"] = "cpu",
                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train the missing runs of an ablation, then report on all of them.
 
@@ -55,7 +55,8 @@ def ablate_flow(ablation: Literal["gating-norm", "aux-coef", "init", "data-quali
             cleanings of one raw corpus, scored on held-out clean text.
         config_path: A config file or a preset name; empty = tiny (its data and tokenizer settings are used).
         root: Storage root URI; unset (null) = the config's.
-        seeds: Seeds per variant; more seeds add only the missing runs.
+        seeds: Seeds per variant; unset (null) = the size's (cpu 8, gpu 4, smoke 1). More seeds add only the
+            missing runs.
         size: Model and budget: smoke (tests), cpu (~30 min on 2 cores) or gpu.
         overrides: Config values that replace the file's, nested as in the YAML (what `--set a.b=c` gives).
     """
@@ -82,7 +83,7 @@ def ablate_flow(ablation: Literal["gating-norm", "aux-coef", "init", "data-quali
     create_markdown_artifact(key=f"ablate-{ablation}", markdown=report.inlined(), description=report.title)
     create_table_artifact(key=f"ablate-{ablation}-table", table=report.table, description=report.title)
     log.info("ablate %s: report at %s/report.md", ablation, uri)
-    summary = {"ablation": ablation, "size": size, "seeds": seeds, "report": f"{uri}/report.md",
+    summary = {"ablation": ablation, "size": size, "seeds": plan.seeds, "report": f"{uri}/report.md",
                "runs": len(plan.runs), "trained": trained, "cached": len(plan.runs) - len(trained),
                "table": report.table, "findings": report.findings}
     if ablation == "data-quality":

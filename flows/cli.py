@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
                              "one raw corpus, scored on held-out clean text")
     ablate.add_argument("--config", help="config file or preset name (default: the 'tiny' preset)")
     ablate.add_argument("--root", help="storage root URI (overrides storage.root)")
-    ablate.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3); more seeds add runs")
+    ablate.add_argument("--seeds", type=int, default=None,
+                        help="seeds per variant (default: the size's, cpu 8, gpu 4, smoke 1); more seeds add runs")
     ablate.add_argument("--smoke", action="store_true", help="a handful of steps of a 2-layer model (tests)")
     ablate.add_argument("--preset", choices=("cpu", "gpu"), help="size: cpu (default, ~30 min on 2 cores) or gpu")
     _add_set_and_json(ablate)

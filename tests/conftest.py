@@ -176,3 +176,10 @@ def prefect_env(tmp_path, monkeypatch):
     monkeypatch.setenv("DO_NOT_TRACK", "1")
     monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     return tmp_path
+
+
+def is_verdict(status: str) -> bool:
+    """One of the report's verdicts, or "not decided (<why>)" (one seed, a diverged run)."""
+    from skymoe.ablations.report import NOT_DECIDED, STATUSES
+
+    return status in STATUSES or (status.startswith(f"{NOT_DECIDED} (") and status.endswith(")"))

@@ -11,11 +11,10 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import SMALL_TRAIN, write_config
+from conftest import SMALL_TRAIN, is_verdict, write_config
 
 from skymoe.flows.cli import main
 
-STATUSES = ("reproduced", "not reproduced at this scale", "inconclusive (differences within seed spread)")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,7 @@ def check_report(summary: dict, variants: set[str], key: str = "variant") -> str
         for column, cell in row.items():
             if column not in (key, "budget", "peak lr") and cell != "":
                 assert numbers(cell) and all(math.isfinite(x) for x in numbers(cell)), (column, cell)
-    assert summary["findings"] and all(f["status"] in STATUSES for f in summary["findings"])
+    assert summary["findings"] and all(is_verdict(f["status"]) for f in summary["findings"])
     images = re.findall(r"!\[[^]]*\]\((plots/[^)]+)\)", text)
     assert images and all((report.parent / image).stat().st_size > 5000 for image in images)
     return text

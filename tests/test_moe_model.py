@@ -227,20 +227,72 @@ def test_aux_loss_matches_formula_and_is_differentiable(lam):
     torch.manual_seed(6)
     router = Router(args)
     torch.nn.init.normal_(router.weight, std=0.5)
+    torch.nn.init.normal_(router.bias, std=0.5)
     x = torch.randn(64, args.dim)
     routing = router.train()(x)
 
     weight = router.weight.detach().double().requires_grad_()
-    probs = hand_probs(x.double() @ weight.t(), lam)
+    bias = router.bias.detach().double().requires_grad_()
+    probs = hand_probs(x.double() @ weight.t() + bias, lam)
     expected = ((1.0 / args.num_experts - probs.mean(0)) ** 2).sum()
     assert routing.aux_loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-9)
 
     assert routing.aux_loss.requires_grad
     routing.aux_loss.backward()
     expected.backward()
-    grad = router.weight.grad
-    assert grad is not None and grad.norm() > 0
-    assert ((grad.double() - weight.grad).norm() / weight.grad.norm()).item() < 1e-4
+    for learned, reference in ((router.weight, weight), (router.bias, bias)):  # the bias is learned too
+        grad = learned.grad
+        assert grad is not None and grad.norm() > 0
+        assert ((grad.double() - reference.grad).norm() / reference.grad.norm()).item() < 1e-4
+
+
+def test_router_bias_starts_at_zero_in_new_and_upcycled_models():
+    moe = seeded_model(TINY_MOE, 5)
+    dense = seeded_model(dense_args(TINY_MOE), 5)
+    for model in (moe, upcycle(dense, TINY_MOE, seed=3)):
+        routers = [layer.router for layer in model.moe_layers()]
+        assert routers and all(torch.equal(r.bias, torch.zeros(TINY_MOE.num_experts)) for r in routers)
+        assert all(r.weight.abs().sum() > 0 for r in routers)
+
+
+@pytest.mark.parametrize("lam", [None, 1.0])
+def test_router_bias_shifts_each_expert_before_normalization(lam):
+    """z = W x + b, then normalization: a per-expert bias changes the gate even though normalization
+    removes any shift shared by all experts."""
+    args = dataclasses.replace(TINY_MOE, num_experts=6, gate_norm_lambda=lam)
+    torch.manual_seed(4)
+    router = Router(args)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    x = torch.randn(32, args.dim)
+    unbiased = router(x).probs
+    with torch.no_grad():
+        router.bias.copy_(torch.linspace(-1.0, 1.5, args.num_experts))
+    probs = router(x).probs
+    torch.testing.assert_close(probs.double(), hand_probs(x.double() @ router.weight.detach().double().t()
+                                                         + router.bias.detach().double(), lam), atol=1e-5, rtol=0)
+    assert (probs - unbiased).abs().max() > 0.01
+    with torch.no_grad():
+        router.bias.fill_(3.0)  # the same shift for every expert
+    torch.testing.assert_close(router(x).probs, unbiased, atol=1e-5, rtol=0)
+
+
+def test_weights_saved_without_a_router_bias_load_with_a_zero_one():
+    """Weights written before the gate had a bias (strict load) compute what they computed then."""
+    model = seeded_model(TINY_MOE, 13)
+    ids = tiny_ids(TINY_MOE)
+    with torch.no_grad():
+        expected = model.eval()(ids)
+    old = {name: tensor for name, tensor in model.state_dict().items() if not name.endswith(".router.bias")}
+    assert len(old) < len(model.state_dict())
+    loaded = seeded_model(TINY_MOE, 99)
+    with torch.no_grad():
+        for layer in loaded.moe_layers():
+            layer.router.bias.fill_(0.5)
+    loaded.load_state_dict(old)
+    assert all(not layer.router.bias.any() for layer in loaded.moe_layers())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(ids), expected, atol=0, rtol=0)
+    assert ".router.bias" not in "".join(old)  # the caller's dict is left as it was
 
 
 def test_model_aux_loss_sums_alpha_weighted_layers():
@@ -347,6 +399,7 @@ def test_moe_feedforward_matches_brute_force(train, capacity_factor, lam):
     torch.manual_seed(11)
     moe = MoEFeedForward(args).train(train)
     torch.nn.init.normal_(moe.router.weight, std=0.5)
+    torch.nn.init.normal_(moe.router.bias, std=0.5)
     for expert in moe.experts:
         for p in expert.parameters():
             torch.nn.init.normal_(p, std=0.2)
@@ -356,7 +409,7 @@ def test_moe_feedforward_matches_brute_force(train, capacity_factor, lam):
     assert out.shape == x.shape
 
     tokens = x.reshape(-1, args.dim)
-    probs = hand_probs(tokens @ moe.router.weight.detach().t(), lam)
+    probs = hand_probs(tokens @ moe.router.weight.detach().t() + moe.router.bias.detach(), lam)
     factor = capacity_factor if train else args.eval_capacity_factor
     capacity = expert_capacity(tokens.shape[0], args.num_experts, args.top_k, factor, args.min_capacity)
     choices, experts, _, _ = brute_route(probs, args.top_k, capacity)
@@ -603,3 +656,13 @@ def test_expert_parallel_two_ranks_matches_local(tmp_path):
     assert set(merged) == set(expected)
     for name, tensor in expected.items():
         assert torch.equal(merged[name], tensor), name
+
+
+def test_export_gives_weights_saved_without_a_router_bias_a_zero_one():
+    from skymoe.training.export import _checked_state
+
+    model = seeded_model(TINY_MOE, 14)
+    old = {name: tensor for name, tensor in model.state_dict().items() if not name.endswith(".router.bias")}
+    state = _checked_state(TINY_MOE, old, "old-weights")
+    biases = [name for name in state if name.endswith(".router.bias")]
+    assert len(biases) == len(model.moe_layers()) and all(not state[name].any() for name in biases)

@@ -83,6 +83,9 @@ def _checked_state(args: ModelArgs, state: dict[str, torch.Tensor], folder: str)
     expected = dict(model.state_dict())
     if args.tie_embeddings:
         del expected["lm_head.weight"]
+    for key, value in expected.items():  # weights from before the gate bias: b = 0, the function they had
+        if key.endswith(".router.bias") and key not in state and key.removesuffix("bias") + "weight" in state:
+            state[key] = torch.zeros(value.shape, dtype=state[key.removesuffix("bias") + "weight"].dtype)
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     if missing or unexpected:

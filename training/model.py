@@ -1,7 +1,7 @@
 """A Llama-like decoder (RMSNorm, RoPE, SwiGLU) whose FFN is dense or a top-k MoE layer, per layer.
 
-Read top to bottom: config, norm, rotary embedding, attention, feed-forward, the router (gating
-logit normalization, top-k with renormalised weights, capacity dropping), the MoE layer, the
+Read top to bottom: config, norm, rotary embedding, attention, feed-forward, the router (gate
+bias, gating logit normalization, top-k with renormalised weights, capacity dropping), the MoE layer, the
 block and the model. This file is plain PyTorch with no project imports on purpose: the Hugging
 Face export ships it as the remote modeling code, and DeepSpeed's expert-parallel layer in
 ``training/parallel.py`` reuses its router and expert modules.
@@ -120,9 +120,11 @@ class FeedForward(nn.Module):
 
 # ---------------------------------------------------------------------------------------- routing
 def normalize_logits(logits: torch.Tensor, lam: float | None) -> torch.Tensor:
-    """Gating logit normalization (Skywork-MoE 4.1): lambda * (z - mean(z)) / std(z) over the experts.
+    """Gating logit normalization (Skywork-MoE 4.1): lambda * (z - mean(z)) / (std(z) + 1e-6) over the experts.
 
-    lam=None leaves the logits as they are (plain softmax gate)."""
+    lam=None leaves the logits as they are (plain softmax gate). The population std; the 1e-6 (not in
+    the report) keeps a token whose logits are all equal (a zero input, or a zero router) at the uniform
+    gate instead of 0/0."""
     if lam is None:
         return logits
     mean = logits.mean(-1, keepdim=True)
@@ -182,20 +184,31 @@ def route(logits: torch.Tensor, top_k: int, capacity: int, lam: float | None) ->
 
 
 class Router(nn.Module):
-    """The gate: a bias-free linear map to expert logits, routed in fp32."""
+    """The gate: expert logits ``z = W x + b`` (the report's section 2), routed in fp32.
+
+    The bias starts at zero (new models and upcycling alike) and is learned. Normalization comes
+    after it: subtracting the mean over experts removes only a shift shared by every expert, so
+    ``b`` still sets a per-expert offset."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(args.num_experts, args.dim))
+        self.bias = nn.Parameter(torch.zeros(args.num_experts))
         self.top_k, self.lam = args.top_k, args.gate_norm_lambda
         self.capacity_factor, self.eval_capacity_factor = args.capacity_factor, args.eval_capacity_factor
         self.min_capacity = args.min_capacity
 
     def forward(self, x: torch.Tensor) -> Routing:
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(x.float(), self.weight.float(), self.bias.float())
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         capacity = expert_capacity(x.shape[0], self.weight.shape[0], self.top_k, factor, self.min_capacity)
         return route(logits, self.top_k, capacity, self.lam)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Weights saved before the gate had a bias load with a zero one: the function they computed."""
+        if prefix + "weight" in state_dict and prefix + "bias" not in state_dict:
+            state_dict[prefix + "bias"] = torch.zeros_like(self.bias)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class MoEFeedForward(nn.Module):
@@ -257,6 +270,7 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, std=self.args.init_std)
         elif isinstance(module, Router):
             nn.init.normal_(module.weight, std=self.args.init_std)
+            nn.init.zeros_(module.bias)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         seq = input_ids.shape[1]
@@ -294,8 +308,9 @@ def parameter_counts(args: ModelArgs) -> dict[str, int]:
         total += attn + norms
         activated += attn + norms
         if args.is_moe_layer(layer):
-            total += args.num_experts * ffn + args.num_experts * args.dim
-            activated += args.top_k * ffn + args.num_experts * args.dim
+            router = args.num_experts * (args.dim + 1)  # W and b
+            total += args.num_experts * ffn + router
+            activated += args.top_k * ffn + router
         else:
             total += ffn
             activated += ffn

@@ -93,6 +93,7 @@ class SkyMoeForCausalLM(PreTrainedModel, GenerationMixin):
         with torch.no_grad():
             if isinstance(module, Router):
                 module.weight.normal_(std=self.config.init_std)
+                module.bias.zero_()  # the gate bias starts at zero, as in Transformer
             elif isinstance(module, MoEFeedForward):
                 module.aux_alpha.zero_()
             elif isinstance(module, Transformer):
