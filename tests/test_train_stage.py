@@ -86,7 +86,8 @@ def test_expert_parallel_training_lowers_loss_and_exports(demo_tokens):
     similarity = [row["expert_similarity"] for row in steps if "expert_similarity" in row]
     assert min(similarity[0]) > 0.999  # upcycled experts start as copies
     assert max(similarity[-1]) < min(similarity[0])  # and drift apart
-    assert steps[-1]["tokens_per_s"] > 0 and 0 < steps[-1]["mfu"]
+    # On CPU there is no data-sheet peak: MFU is null, and the figure against the measured matmul is kept apart.
+    assert steps[-1]["tokens_per_s"] > 0 and steps[-1]["mfu"] is None and 0 < steps[-1]["mfu_vs_measured_matmul"] < 1
     # The manifest, the plots and a Hugging Face folder are there; a rerun is a cache hit.
     assert result.manifest.counts["upcycled_steps"] == 30
     for plot in result.manifest.extra["plots"]:

@@ -1,8 +1,11 @@
 """Checkpoints of a run in the configured storage, resumable after a kill.
 
 DeepSpeed writes its own checkpoint (module, ZeRO optimizer partitions, expert files) to a local
-folder; a remote root gets a copy uploaded. Next to it each rank saves its RNG state (DeepSpeed
-does not) and its share of the plain weights (``weights/``: what export and upcycling read).
+folder; a remote root gets a copy uploaded, and a resume downloads it, file by file through
+fsspec's ``put_file``/``get_file`` (multipart and ranged on S3) with at most
+``TRANSFER_CONCURRENCY`` parts of ``TRANSFER_PART_BYTES`` in flight, whatever the files' size.
+Next to it each rank saves its RNG state (DeepSpeed does not) and its share of the plain weights
+(``weights/``: what export and upcycling read).
 A checkpoint exists only once rank 0 has written ``COMPLETE`` after every rank finished, so a
 kill in the middle of a save leaves the previous checkpoint as the latest.
 
@@ -23,6 +26,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import pickle
 import random
@@ -48,6 +52,12 @@ RNG_FORMAT = "skymoe-rng-1"
 # torch.serialization.get_unsafe_globals_in_checkpoint): a static loss scaler, an int enum and a
 # two-int dataclass, none with code that runs when rebuilt. A file asking for anything else is refused.
 DEEPSPEED_SAFE_GLOBALS: list[Callable] = [LossScaler, ZeroStageEnum, fragment_address]
+# s3fs's own defaults keep up to 10 parts of 50 MiB per file in memory; these bound a transfer to
+# 4 x 8 MiB in flight (about twice that in process memory: the HTTP client holds a copy of each
+# part). S3 allows 10,000 parts per object, so a file over 80 GB gets larger parts.
+TRANSFER_PART_BYTES = 8 << 20
+TRANSFER_CONCURRENCY = 4
+S3_MAX_PARTS = 10_000
 
 
 class CheckpointError(RuntimeError):
@@ -123,7 +133,7 @@ def save(storage: Storage, run_uri: str, local_dir: str, engine, model: torch.nn
     if deepspeed_dir != checkpoints_uri(run_uri) and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         staged = os.path.join(deepspeed_dir, name)
         for file in sorted(os.listdir(staged)):
-            storage.write_bytes(join(uri, file), _read(os.path.join(staged, file)))
+            _upload(storage, os.path.join(staged, file), join(uri, file))
         shutil.rmtree(staged)  # the store holds it now; a long run must not fill the local disk
     dist.barrier()
     if dist.get_rank() == 0:
@@ -152,8 +162,7 @@ def load(storage: Storage, run_uri: str, local_dir: str, engine, step: int) -> d
             os.makedirs(staged, exist_ok=True)
             for file_uri in storage.listdir(uri):
                 if file_uri.endswith(".pt"):
-                    with open(os.path.join(staged, file_uri.rsplit("/", 1)[1]), "wb") as handle:
-                        handle.write(storage.read_bytes(file_uri))
+                    _download(storage, file_uri, os.path.join(staged, file_uri.rsplit("/", 1)[1]))
         dist.barrier()
     engine.checkpoint_engine.load = _load_deepspeed_file  # DeepSpeed's own unpickles; its saving is untouched
     engine.load_checkpoint(deepspeed_dir, tag=name, load_module_strict=True)
@@ -309,9 +318,25 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _read(path: str) -> bytes:
-    with open(path, "rb") as handle:
-        return handle.read()
+def _upload(storage: Storage, local_path: str, uri: str) -> None:
+    """Stream a local file to ``uri``; on S3 a multipart upload, visible only once complete."""
+    fs, path = storage.fs(uri)
+    part = max(TRANSFER_PART_BYTES, math.ceil(os.path.getsize(local_path) / S3_MAX_PARTS))
+    fs.put_file(local_path, path, **_transfer_options(fs, part))
+
+
+def _download(storage: Storage, uri: str, local_path: str) -> None:
+    """Stream ``uri`` to a local file; on S3 ranged reads of ``TRANSFER_PART_BYTES``."""
+    fs, path = storage.fs(uri)
+    fs.get_file(path, local_path, **_transfer_options(fs, TRANSFER_PART_BYTES))
+
+
+def _transfer_options(fs, part_bytes: int) -> dict[str, int]:
+    """s3fs's part size and concurrency (other filesystems stream on their own and take no such options)."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    if "s3" not in protocols:
+        return {}
+    return {"chunksize": part_bytes, "max_concurrency": TRANSFER_CONCURRENCY}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -30,6 +32,7 @@ from skymoe.storage import Storage, join
 from skymoe.training.export import export_hf
 from skymoe.training.hf_import import import_llama, llama_args
 from skymoe.training.launch import launch
+from skymoe.training.metrics import peak_override
 from skymoe.training.model import ModelArgs, parameter_counts
 from skymoe.training.plots import comparison_plot, run_plots
 from skymoe.training.presets import dense_shape, with_moe
@@ -75,6 +78,7 @@ class TrainStage(Stage):
 
     def check(self, config: PipelineConfig, storage: Storage) -> None:
         _check_devices(config.train)
+        _check_peak_override()
         if config.train.dense_source:
             try:
                 _import_dense(storage, config.train, llama_args)
@@ -89,6 +93,7 @@ class TrainStage(Stage):
         train, tokens_ref = config.train, upstream["tokenize"]
         seq_len, vocab = _token_shape(storage, tokens_ref)
         _check_devices(train)
+        _check_peak_override()
         settings = _weight_settings(train)
         if train.dense_source:
             dense = dataclasses.replace(_import_dense(storage, train, llama_args), max_seq_len=seq_len)
@@ -187,6 +192,9 @@ def _run(config: PipelineConfig, storage: Storage, ref: StageRef, work: TrainWor
         counts[f"{name}_tokens"] = summary["tokens"]
         if summary.get("final_loss") is not None:
             counts[f"{name}_final_loss"] = round(summary["final_loss"], 4)
+        for key in ("mfu", "mfu_vs_measured_matmul"):
+            if summary.get(key) is not None:
+                counts[f"{name}_{key}"] = round(summary[key], 4)
     log.info("train: %s exported to %s", work.export, export_uri)
     return StageOutput(counts=counts, timings=timings, extra={
         "runs": summaries, "export": "hf", "exported_run": work.export, "plots": _plots(storage, ref, work),
@@ -216,7 +224,21 @@ def execute_run(train: TrainConfig, storage_config: StorageConfig, tokens_uri: s
     last_val = next((row["val_loss"] for row in reversed(rows) if "val_loss" in row), None)
     tokens = max((row["tokens"] for row in rows), default=0)
     return {"steps": run.phase.steps, "tokens": tokens, "final_loss": losses[-1] if losses else None,
-            "final_val_loss": last_val, "seconds": round(time.monotonic() - started, 1), "uri": run_uri}
+            "final_val_loss": last_val, "seconds": round(time.monotonic() - started, 1), "uri": run_uri,
+            **utilisation_summary(rows)}
+
+
+def utilisation_summary(rows: list[dict]) -> dict:
+    """Median MFU (data-sheet peak; None without one) and ``mfu_vs_measured_matmul`` over a run's
+    steps, leaving out the first, which pays for warm-up; with the peak per device they were taken
+    against. Empty for a run without steps."""
+    steps = [row for row in rows if "mfu_vs_measured_matmul" in row]
+    steps = steps[1:] or steps
+    if not steps:
+        return {}
+    spec = [row["mfu"] for row in steps if row["mfu"] is not None]
+    return {"mfu": statistics.median(spec) if spec else None, "peak_tflops": steps[-1]["peak_tflops"],
+            "mfu_vs_measured_matmul": statistics.median(row["mfu_vs_measured_matmul"] for row in steps)}
 
 
 def _check_devices(train: TrainConfig) -> None:
@@ -227,9 +249,19 @@ def _check_devices(train: TrainConfig) -> None:
                          f"{torch.cuda.device_count()} GPUs of this machine (one rank per GPU)")
 
 
+def _check_peak_override() -> None:
+    """A malformed ``SKYMOE_PEAK_TFLOPS`` fails at plan time, not in every rank after start-up."""
+    try:
+        peak_override()
+    except ValueError as err:
+        raise TrainError(f"{err} (read from the environment)") from None
+
+
 def _copy_weights(storage: Storage, source: str, target: str) -> None:
+    """Streamed file by file: an imported checkpoint can be larger than memory."""
     for uri in storage.listdir(source):
-        storage.write_bytes(join(target, uri.rsplit("/", 1)[1]), storage.read_bytes(uri))
+        with storage.open_read(uri) as reader, storage.open_write(join(target, uri.rsplit("/", 1)[1])) as writer:
+            shutil.copyfileobj(reader, writer, 1 << 24)
 
 
 def _import_dense(storage: Storage, train: TrainConfig, read: Callable[[Storage, str], T]) -> T:

@@ -6,8 +6,10 @@ it in a DeepSpeed engine (ZeRO-1 by default, a client AdamW so nothing is JIT-co
 resume from the latest complete checkpoint if any, then step through the token shards. After
 each step the per-layer drop rates, summed over all ranks, drive the adaptive aux-loss
 coefficients, so every rank takes the same decision. Metrics go to ``metrics.jsonl`` in the run
-folder, checkpoints every ``checkpoint_every`` steps (the newest ``keep_checkpoints`` and those the
-evaluate stage reads are kept), the final weights to ``final/weights``.
+folder (per step also MFU against the accelerators' data-sheet peak and, separately, against the
+matmul peak measured at start-up), checkpoints every ``checkpoint_every`` steps (the newest
+``keep_checkpoints`` and those the evaluate stage reads are kept), the final weights to
+``final/weights``.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from skymoe.config import AuxLossConfig, PhaseConfig, StorageConfig
 from skymoe.progress import Progress
 from skymoe.storage import Storage, join
 from skymoe.training import checkpoint
-from skymoe.training.metrics import RoutingTotals, expert_similarity, validation_loss
-from skymoe.training.model import ModelArgs, Transformer, training_flops_per_token
+from skymoe.training.metrics import (RoutingTotals, expert_similarity, spec_peak_tflops, step_model_flops,
+                                     validation_loss)
+from skymoe.training.model import ModelArgs, Transformer
 from skymoe.training.parallel import make_expert_parallel
 from skymoe.training.schedule import learning_rate, next_alpha
 from skymoe.training.spec import RunSpec
@@ -81,7 +84,6 @@ class Trainer:
         self.micro_batch = spec.train["micro_batch_size"]
         self.accum = spec.train["grad_accum"]
         self.tokens_per_step = self.micro_batch * self.accum * self.world * self.args.max_seq_len
-        self.flops_per_token = training_flops_per_token(self.args, self.args.max_seq_len)
         self.metrics: list[dict[str, Any]] = []
         self.step = 0
         consumed = 0
@@ -97,7 +99,12 @@ class Trainer:
                                   dp_world_size=self.world, consumed_samples=consumed)
         self.validation = TokenReader(self.storage, spec.tokens_uri, "validation").by_domain() \
             if _has_validation(self.storage, spec.tokens_uri) else {}
-        self.peak_flops = _measured_peak_flops(self.bf16, self.device)
+        self.measured_peak_flops = _measured_peak_flops(self.bf16, self.device)
+        self.peak_tflops, source = spec_peak_tflops(
+            torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None)
+        log.info("%s: MFU against %s per device (%s); mfu_vs_measured_matmul against %.1f TFLOP/s measured "
+                 "over %d ranks", spec.name, f"{self.peak_tflops:g} TFLOP/s" if self.peak_tflops else "no peak",
+                 source, self.measured_peak_flops / 1e12, self.world)
 
     # ------------------------------------------------------------------------------ set-up
     def _build_model(self) -> Transformer:
@@ -167,8 +174,7 @@ class Trainer:
             self.step += 1
             elapsed = time.monotonic() - started
             row.update(step=self.step, tokens=self.step * self.tokens_per_step,
-                       tokens_per_s=self.tokens_per_step / elapsed,
-                       mfu=self.flops_per_token * self.tokens_per_step / elapsed / self.peak_flops)
+                       tokens_per_s=self.tokens_per_step / elapsed, **self._utilisation(row, elapsed))
             if self.args.num_experts and (self.step % self.train_cfg["similarity_every"] == 0 or self.step == 1):
                 row["expert_similarity"] = expert_similarity(self.model)
             if self.validation and (self.step % self.train_cfg["eval_every"] == 0 or self.step == total):
@@ -176,9 +182,10 @@ class Trainer:
             self.metrics.append(row)
             progress.update()
             if self.step % self.train_cfg["log_every"] == 0 or self.step == total:
-                log.info("%s step %d/%d loss %.4f lr %.2e %s%.0f tokens/s", spec.name, self.step, total, row["loss"],
-                         lr, f"drop {np.mean(row['drop_rate']):.3f} " if "drop_rate" in row else "",
-                         row["tokens_per_s"])
+                log.info("%s step %d/%d loss %.4f lr %.2e %s%.0f tokens/s MFU %s (%.1f%% of measured matmul)",
+                         spec.name, self.step, total, row["loss"], lr,
+                         f"drop {np.mean(row['drop_rate']):.3f} " if "drop_rate" in row else "", row["tokens_per_s"],
+                         "n/a" if row["mfu"] is None else f"{row['mfu']:.1%}", 100 * row["mfu_vs_measured_matmul"])
             if self.step % self.train_cfg["checkpoint_every"] == 0 or self.step == total:
                 self._save_checkpoint()
         progress.close()
@@ -210,6 +217,17 @@ class Trainer:
             for moe, drop_rate in zip(self.model.moe_layers(), routing["drop_rate"]):
                 moe.aux_alpha.fill_(next_alpha(moe.aux_alpha.item(), drop_rate, self.aux))
         return row
+
+    def _utilisation(self, row: dict[str, Any], seconds: float) -> dict[str, Any]:
+        """The step's model FLOPs (only the expert routes computed count) and its MFU: against the
+        data-sheet peak of all ranks' accelerators (None without one, as on a CPU), and separately
+        against the matmul FLOP/s the ranks measured at start-up."""
+        flops = step_model_flops(self.args, self.tokens_per_step, self.args.max_seq_len,
+                                 row.get("routes_computed", []))
+        spec_peak = self.peak_tflops * 1e12 * self.world if self.peak_tflops else None
+        return {"model_flops": flops, "peak_tflops": self.peak_tflops,
+                "mfu": flops / seconds / spec_peak if spec_peak else None,
+                "mfu_vs_measured_matmul": flops / seconds / self.measured_peak_flops}
 
     def _batches(self) -> Iterator[torch.Tensor]:
         for rows in self.reader.batches(self.micro_batch):
@@ -249,10 +267,11 @@ def _has_validation(storage: Storage, tokens_uri: str) -> bool:
 
 
 def _measured_peak_flops(bf16: bool, device: torch.device) -> float:
-    """This machine's matmul FLOP/s summed over the ranks: the denominator of the MFU estimate."""
+    """This machine's matmul FLOP/s summed over the ranks: the denominator of ``mfu_vs_measured_matmul``.
+    Its own generator: this runs after a resume restored the global RNG, which it must not move."""
     n, repeats = (4096, 20) if device.type == "cuda" else (1024, 4)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=torch.Generator(device=device).manual_seed(0))
     a @ a  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
