@@ -21,7 +21,9 @@ tokenizer is ``tokenizer.json`` read with ``tokenizers``. It computes what lm-ev
   the final norm, output layer and log-softmax only at the scored positions.
 * Generation is greedy with a key/value cache (the exported model recomputes the whole sequence at
   every step), stops at EOS or as soon as a stop string appears in the decoded text, and is cut at
-  ``max_gen_toks`` (per request, default: the constructor's ``max_gen_tokens``). The context is
+  ``max_gen_toks`` (per request, default: the constructor's ``max_gen_tokens``, itself by default
+  HFLM's 256 where that fits the window and ``max_length // 2`` where it does not, so a task
+  that sets no length runs at default settings on a small model). The context is
   left-truncated to ``max_length - max_gen_toks`` tokens as HFLM does; where HFLM refuses
   (``max_gen_toks >= max_length``), the context keeps its last ``max_length // 2`` tokens and, once
   the sequence fills the window, every step sees the last ``max_length`` tokens (recomputed).
@@ -32,8 +34,10 @@ factor, capacity is shared by the batch: results then depend on batching, for HF
 counts pads), and the two classes agree only approximately.
 
 Construct it from Python (``SkyMoeLM("path/to/hf")``) or through lm-eval with
-``--model skymoe --model_args pretrained=path,batch_size=16,max_gen_tokens=256,device=cpu``
-(``skymoe.evaluation.lm`` must be imported first; importing it registers the class).
+``--model skymoe --model_args pretrained=path,max_gen_tokens=128 --batch_size 16 --device cpu``
+(lm-eval's command line passes ``batch_size`` and ``device`` itself, so they cannot be model_args
+there). ``skymoe.evaluation.lm`` must be imported first (importing it registers the class), which
+``python -m skymoe.evaluation.cli`` (lm-eval's command line) does.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ logger = logging.getLogger(__name__)
 CONFIG_RENAMED = {"top_k": "num_experts_per_tok"}  # ModelArgs field -> config.json key (training/export.py)
 SPECIAL_KEYS = ("bos", "eos", "pad")
 DEFAULT_BATCH_SIZE = 16
+DEFAULT_MAX_GEN_TOKENS = 256  # HFLM's fixed max_gen_toks
 
 
 class SkyMoeEvalError(ValueError):
@@ -148,6 +153,12 @@ def load_tokenizer(folder: Path) -> tuple[Tokenizer, dict[str, int | None]]:
     return tokenizer, ids
 
 
+def default_max_gen_tokens(max_length: int) -> int:
+    """HFLM's 256 where it leaves room for a context, else half the window: HFLM refuses a task
+    without ``max_gen_toks`` on a model of 256 tokens or fewer, and SkyMoeLM should run it as is."""
+    return DEFAULT_MAX_GEN_TOKENS if DEFAULT_MAX_GEN_TOKENS < max_length else max(1, max_length // 2)
+
+
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -166,7 +177,8 @@ class SkyMoeLM(TemplateLM):
 
     pretrained: the exported Hugging Face folder; batch_size: HFLM's meaning for generation (rows),
     for loglikelihood a bound of ``batch_size x max_length`` padded tokens per forward ("auto" =
-    16); max_gen_tokens: the generation cap when a request sets none; device: default cuda when
+    16); max_gen_tokens: the generation cap when a request sets none (default
+    :func:`default_max_gen_tokens`); device: default cuda when
     available, else cpu; dtype: of the weights (float32 default; log-softmax is always fp32);
     max_length: the context window (default: the model's max_seq_len, as HFLM reads it);
     share_context: pack requests with the same context into one row (exact; off = one row per
@@ -174,7 +186,7 @@ class SkyMoeLM(TemplateLM):
     the first; a model_args string shared with ``hf`` may carry the second)."""
 
     def __init__(self, pretrained: str, batch_size: int | str | None = DEFAULT_BATCH_SIZE,
-                 max_gen_tokens: int = 256, device: str | None = None, dtype: str | torch.dtype = "float32",
+                 max_gen_tokens: int | None = None, device: str | None = None, dtype: str | torch.dtype = "float32",
                  max_length: int | None = None, share_context: bool = True, max_batch_size: int | None = None,
                  trust_remote_code: bool | None = None) -> None:
         super().__init__()
@@ -195,7 +207,8 @@ class SkyMoeLM(TemplateLM):
                            DEFAULT_BATCH_SIZE)
             batch_size = DEFAULT_BATCH_SIZE
         self.batch_size = max(1, int(batch_size or DEFAULT_BATCH_SIZE))
-        self._max_gen_tokens = int(max_gen_tokens)
+        self._max_gen_tokens = (default_max_gen_tokens(self._max_length) if max_gen_tokens is None
+                                else int(max_gen_tokens))
         if self._max_gen_tokens < 1:
             raise SkyMoeEvalError(f"max_gen_tokens must be >= 1, got {max_gen_tokens}")
         self.share_context = bool(share_context)

@@ -214,6 +214,17 @@ def build_tasks(data_dir: str, suites: dict[str, SuiteConfig], out_dir: Path) ->
     return TaskSet(include_path=out, suites=built)
 
 
+def select_suites(configured: dict[str, SuiteConfig], names: list[str] | None = None,
+                  limit: int | None = None) -> dict[str, SuiteConfig]:
+    """The suites to build: ``names`` (None = the configured ones), each with its configured
+    settings (the suite's defaults for one the config leaves out), and ``limit`` (when given) in
+    place of every configured limit. Unknown names are left for :func:`build_tasks` to refuse."""
+    chosen = {name: configured.get(name) or SuiteConfig() for name in (names or configured)}
+    if limit is None:
+        return chosen
+    return {name: suite.model_copy(update={"limit": limit}) for name, suite in chosen.items()}
+
+
 def _data_root(data_dir: str) -> Path:
     text = str(data_dir)
     if "://" in text and not text.startswith("file://"):

@@ -75,7 +75,30 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=4200, help="port of the server and UI on 127.0.0.1")
     serve.add_argument("--home", help="Prefect state folder: database, results, logs (default: .prefect in the "
                                       "checkout)")
+
+    tasks = commands.add_parser("tasks", help="the benchmark suites as lm-eval tasks, for the lm_eval command line")
+    tasks_commands = tasks.add_subparsers(dest="tasks_command", required=True)
+    export = tasks_commands.add_parser(
+        "export", help="write the suites' task YAMLs and data into a folder (lm_eval --include_path DIR)")
+    export.add_argument("dir", metavar="DIR", help="output folder: new, empty, or written by an earlier export "
+                                                  "(then replaced)")
+    export.add_argument("--config", help="config file or preset name, for evaluate.data_dir and evaluate.suites "
+                                         "(default: the 'tiny' preset)")
+    export.add_argument("--data-dir", help="benchmark folder laid out like ../shared/data/bench "
+                                           "(overrides evaluate.data_dir)")
+    export.add_argument("--suites", nargs="+", metavar="SUITE",
+                        help="suites to export, such as mmlu gsm8k piqa (default: the config's evaluate.suites)")
+    export.add_argument("--limit", type=_positive_int, metavar="N",
+                        help="items per task, per subject for the MMLU family and MATH (overrides the config's limits)")
+    export.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
 
 
 def _add_set_and_json(command: argparse.ArgumentParser) -> None:
@@ -238,6 +261,37 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def _cmd_tasks_export(args: argparse.Namespace) -> int:
+    """build_tasks into the user's folder: the same YAMLs and data the evaluate stage writes into
+    its scratch folder, there for ``lm_eval --include_path``."""
+    from pathlib import Path
+
+    from skymoe.config import load_config
+    from skymoe.evaluation.tasks import build_tasks, select_suites
+
+    overrides = {"evaluate": {"data_dir": _local(args.data_dir)}} if args.data_dir is not None else None
+    evaluate = load_config(args.config, overrides).evaluate
+    task_set = build_tasks(evaluate.data_dir, select_suites(evaluate.suites, args.suites, args.limit), Path(args.dir))
+    summary = {"include_path": str(task_set.include_path), "tasks": task_set.names, "suites": task_set.summary(),
+               "unsafe_code": task_set.unsafe_code}
+    _print_summary(summary, args.json, _format_export(summary))
+    return 0
+
+
+def _format_export(summary: dict[str, Any]) -> str:
+    """A line per suite, then the lm_eval arguments that select the tasks."""
+    lines = [f"lm-eval tasks written to {summary['include_path']}"]
+    for suite, info in summary["suites"].items():
+        limit = "all items" if info["limit"] is None else f"limit {info['limit']}"
+        lines.append(f"  {info['lm_eval_name']:<18} {suite}: {info['tasks']} task(s), {info['items']} items "
+                     f"({limit}), {info['num_fewshot']}-shot")
+    lines.append(f"lm_eval arguments: --include_path {summary['include_path']} --tasks {','.join(summary['tasks'])}")
+    if summary["unsafe_code"]:
+        lines.append("skymoe_humaneval runs model-written code: it needs --confirm_run_unsafe_code and "
+                     "SKYMOE_RUN_MODEL_CODE=1 (docs/evaluation.md)")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------- logging
 def is_user_error(err: BaseException | None) -> bool:
     """skymoe's own errors about what it was given (a config field, an input, a root): the message
@@ -296,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging()
     try:
         return {"run": _cmd_run, "ablate": _cmd_ablate, "incremental": _cmd_incremental, "show": _cmd_show,
-                "serve": _cmd_serve}[args.command](args)
+                "serve": _cmd_serve, "tasks": _cmd_tasks_export}[args.command](args)
     except Exception as err:
         if not is_user_error(err):
             raise
