@@ -493,12 +493,12 @@ def held_out_loss(storage: Storage, weights_uri: str, tokenizer_uri: str, held_o
     import torch
     import torch.nn.functional as F
 
-    from skymoe.pipelines.tokenize.tokenizer import EOS, load_tokenizer
+    from skymoe.pipelines.tokenize.tokenizer import load_tokenizer_folder
     from skymoe.training.model import Transformer
     from skymoe.training.weights import load_args, load_state
 
-    tokenizer = load_tokenizer(storage, tokenizer_uri)
-    eos = tokenizer.token_to_id(EOS)
+    folder = load_tokenizer_folder(storage, tokenizer_uri)  # the tokenizer's own EOS, whatever its name
+    tokenizer, eos = folder.tokenizer, folder.eos_id
     model = Transformer(load_args(storage, weights_uri))
     model.load_state_dict(load_state(storage, weights_uri))
     model.eval()

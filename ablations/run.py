@@ -20,7 +20,7 @@ from typing import Any
 
 from skymoe.ablations.gates import gate_profile
 from skymoe.ablations.variants import SIZES, Size, Variant, sized_train, variants
-from skymoe.config import ConfigError, PipelineConfig, StorageConfig, TrainConfig
+from skymoe.config import PLACEMENT_FIELDS, ConfigError, PipelineConfig, StorageConfig, TrainConfig
 from skymoe.pipeline import run_pipeline
 from skymoe.progress import Progress
 from skymoe.stage import DoneRecords, StageRef, canonical_json, fingerprint, read_manifest
@@ -35,7 +35,7 @@ from skymoe.training.stage import PlannedRun, execute_run
 log = logging.getLogger("skymoe.ablate")
 
 # Train fields that cannot change a run's weights, or that the variant's phase replaces.
-_NOT_FINGERPRINTED = {"seed": True, "log_every": True, "keep_checkpoints": True, "parallel": {"launcher"},
+_NOT_FINGERPRINTED = {"seed": True, "log_every": True, "keep_checkpoints": True, "parallel": set(PLACEMENT_FIELDS),
                       "dense": True, "upcycled": True, "scratch": True, "export": True, "dense_source": True}
 
 

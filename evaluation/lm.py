@@ -114,7 +114,7 @@ def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype) -> 
     model.load_state_dict(state, strict=False, assign=True)
     if args.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    cos, sin = rotary_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+    cos, sin = rotary_tables(args.head_dim, args.max_seq_len, args.rope_theta, scaling=args.rope_freq_scaling)
     model.rope_cos, model.rope_sin = cos, sin  # plain buffer assignment (registered, non-persistent)
     model = model.to(device=device, dtype=dtype)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)  # the model's own tables stay fp32
@@ -214,7 +214,7 @@ class SkyMoeLM(TemplateLM):
         self.share_context = bool(share_context)
         args = self.model.args
         cos, sin = rotary_tables(args.head_dim, max(self._max_length, args.max_seq_len), args.rope_theta,
-                                 self._device)
+                                 self._device, scaling=args.rope_freq_scaling)
         self._rope = (cos, sin)
         self._pad_id = next((i for i in (self._special_ids["pad"], self._special_ids["eos"], 0)
                              if i is not None and 0 <= i < args.vocab_size), 0)

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -75,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=4200, help="port of the server and UI on 127.0.0.1")
     serve.add_argument("--home", help="Prefect state folder: database, results, logs (default: .prefect in the "
                                       "checkout)")
+
+    node = commands.add_parser("train-node", help="on each machine but the first of a multi-node training run: join "
+                               "the runs the first publishes (train.parallel.nodes > 1)")
+    node.add_argument("--node-rank", type=int, required=True, help="this machine's node number, 1 to nodes - 1")
+    node.add_argument("--config", help="the config the first machine runs (for storage.root and S3 settings)")
+    node.add_argument("--root", help="storage root URI (overrides storage.root): the one the first machine uses")
+    node.add_argument("--runs", type=int, help="stop after joining this many runs (default: until stopped)")
 
     tasks = commands.add_parser("tasks", help="the benchmark suites as lm-eval tasks, for the lm_eval command line")
     tasks_commands = tasks.add_subparsers(dest="tasks_command", required=True)
@@ -261,6 +269,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def _cmd_train_node(args: argparse.Namespace) -> int:
+    from skymoe.config import load_config, run_overrides
+    from skymoe.storage import Storage
+    from skymoe.training.nodes import serve_node
+
+    config = load_config(args.config, run_overrides(args.root))
+    signal.signal(signal.SIGTERM, _interrupt)  # a stopped node stops its ranks too (launch.run_ranks)
+    try:
+        serve_node(Storage.from_config(config.storage), config.storage.root, args.node_rank, runs=args.runs)
+    except KeyboardInterrupt:
+        logging.getLogger("skymoe.train").info("train-node %d: stopped", args.node_rank)
+    return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _cmd_tasks_export(args: argparse.Namespace) -> int:
     """build_tasks into the user's folder: the same YAMLs and data the evaluate stage writes into
     its scratch folder, there for ``lm_eval --include_path``."""
@@ -350,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging()
     try:
         return {"run": _cmd_run, "ablate": _cmd_ablate, "incremental": _cmd_incremental, "show": _cmd_show,
-                "serve": _cmd_serve, "tasks": _cmd_tasks_export}[args.command](args)
+                "serve": _cmd_serve, "train-node": _cmd_train_node, "tasks": _cmd_tasks_export}[args.command](args)
     except Exception as err:
         if not is_user_error(err):
             raise

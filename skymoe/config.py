@@ -312,7 +312,8 @@ class CleanConfig(_Strict):
 # ---------------------------------------------------------------------------------------- tokenize
 class TokenizerConfig(_Strict):
     """Train a byte-level BPE on the cleaned corpus, or load one given by ``path`` (a
-    ``tokenizer.json`` or a tokenizer folder; never a hub name)."""
+    ``tokenizer.json``, or a Hugging Face tokenizer folder used as it is, special tokens read from
+    its config; never a hub name)."""
 
     path: Location | None = None
     vocab_size: int = Field(4096, ge=259, le=2**32)
@@ -416,11 +417,41 @@ class PhaseConfig(_Strict):
 
 
 class ParallelConfig(_Strict):
-    world_size: int = Field(2, ge=1, description="DeepSpeed ranks on this machine")
+    """Ranks and where they run. ``nodes > 1``: this machine is node 0 and each other machine runs
+    ``skymoe train-node --node-rank i`` with the same config (``training/nodes.py``)."""
+
+    world_size: int = Field(2, ge=1, description="DeepSpeed ranks in all, over every node")
     ep_size: int = Field(2, ge=1, description="expert-parallel group size; divides world_size and num_experts")
     zero_stage: int = Field(1, ge=0, le=2)
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
     launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    nodes: int = Field(1, ge=1, description="machines the ranks are spread over, world_size / nodes on each")
+    master_addr: str = Field("127.0.0.1", min_length=1,
+                             description="node 0's address as the other nodes reach it (nodes > 1)")
+    master_port: int | None = Field(None, ge=1, le=65535,
+                                    description="node 0's rendezvous port; required with nodes > 1, "
+                                                "null = any free port on one node")
+    join_timeout_s: int = Field(600, ge=1, description="how long ranks wait for every node to join a run")
+
+    @model_validator(mode="after")
+    def _placement(self) -> "ParallelConfig":
+        if self.world_size % self.nodes:
+            raise ValueError(f"nodes ({self.nodes}) must divide world_size ({self.world_size}): the same number "
+                             "of ranks on every node")
+        if self.nodes > 1 and self.master_port is None:
+            raise ValueError("master_port is required with nodes > 1: every node must know where to meet node 0")
+        if self.nodes > 1 and self.launcher != "torchrun":
+            raise ValueError("launcher 'deepspeed' runs on one node here (its multi-node path starts ranks over "
+                             "ssh/pdsh); use launcher: torchrun with nodes > 1")
+        return self
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.world_size // self.nodes
+
+
+# Where the ranks run, not what they compute: left out of the train stage's fingerprint.
+PLACEMENT_FIELDS = frozenset({"launcher", "nodes", "master_addr", "master_port", "join_timeout_s"})
 
 
 class TrainConfig(_Strict):
@@ -432,7 +463,7 @@ class TrainConfig(_Strict):
     moe: MoELayerConfig = MoELayerConfig()
     aux_loss: AuxLossConfig = AuxLossConfig()
     dense_source: Location | None = Field(
-        None, description="a Hugging Face Llama checkpoint folder; null = train dense")
+        None, description="a Hugging Face Llama, Mistral or Qwen2 checkpoint folder (safetensors); null = train dense")
     dense: PhaseConfig = PhaseConfig()
     upcycled: PhaseConfig | None = PhaseConfig(lr=1.8e-3)
     scratch: PhaseConfig | None = PhaseConfig()

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from skymoe.pipelines.tokenize.tokenizer import save_tokenizer, train_tokenizer
 from skymoe.storage import Storage
 from skymoe.training.export import ExportError, export_hf
-from skymoe.training.hf_import import HfImportError, import_llama
+from skymoe.training.hf_import import HfImportError, import_checkpoint
 from skymoe.training.model import ModelArgs, Transformer
 from skymoe.training.weights import save_args, save_part
 
@@ -189,7 +189,7 @@ def test_import_llama_matches_llama_logits(tmp_path, gqa, tied, shard):
     llama = llama_checkpoint(tmp_path, gqa, tied, shard)
     assert (tmp_path / "model.safetensors.index.json").exists() == shard
 
-    args, state = import_llama(STORAGE, str(tmp_path))
+    args, state = import_checkpoint(STORAGE, str(tmp_path), 64)
     assert (args.n_kv_heads, args.tie_embeddings, args.rope_theta, args.norm_eps) == (2 if gqa else 4, tied,
                                                                                       5000.0, 1e-5)
     model = Transformer(args).eval()
@@ -218,14 +218,14 @@ def broken_copy(source: Path, target: Path, **config_changes) -> Path:
 def test_import_refuses_what_it_cannot_reproduce(tmp_path, llama_folder):
     def refused(folder: Path, match: str) -> None:
         with pytest.raises(HfImportError, match=match):
-            import_llama(STORAGE, str(folder))
+            import_checkpoint(STORAGE, str(folder), 64)
 
     (tmp_path / "empty").mkdir()
     refused(tmp_path / "empty", "no config.json")
-    refused(broken_copy(llama_folder, tmp_path / "mistral", model_type="mistral"),
-            r"config\.json: model_type is 'mistral'")
-    refused(broken_copy(llama_folder, tmp_path / "scaled", rope_scaling={"rope_type": "linear", "factor": 2.0}),
-            "rope_scaling")
+    refused(broken_copy(llama_folder, tmp_path / "gemma", model_type="gemma"),
+            r"config\.json: model_type is 'gemma'")
+    refused(broken_copy(llama_folder, tmp_path / "scaled", rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+            "rope_scaling of type 'dynamic'")
     refused(broken_copy(llama_folder, tmp_path / "yarn", rope_parameters={"rope_type": "yarn", "factor": 4.0,
                                                                           "rope_theta": 5000.0}),
             "rope_parameters")
@@ -253,7 +253,7 @@ def test_llama_to_weights_to_hf_through_s3(tmp_path, s3_server):
         client.upload_file(str(path), "skymoe-export", f"llama/{path.name}")
     save_tokenizer(train_tokenizer(TEXTS, vocab_size=300), STORAGE, "s3://skymoe-export/tokenizer")
 
-    args, state = import_llama(STORAGE, "s3://skymoe-export/llama")
+    args, state = import_checkpoint(STORAGE, "s3://skymoe-export/llama", 64)
     save_part(STORAGE, "s3://skymoe-export/weights", "shared", state)
     save_args(STORAGE, "s3://skymoe-export/weights", args)
     export_hf(STORAGE, "s3://skymoe-export/weights", "s3://skymoe-export/tokenizer", "s3://skymoe-export/hf")

@@ -446,6 +446,7 @@ def test_parameter_counts_skywork_moe_146b():
         dict(num_experts=4, moe_every=1, tie_embeddings=False),
         dict(num_experts=4, moe_every=2, tie_embeddings=True),
         dict(num_experts=3, moe_every=1, top_k=1, n_kv_heads=2),
+        dict(num_experts=4, n_kv_heads=2, qkv_bias=True),  # Qwen2's q/k/v biases
     ],
 )
 def test_parameter_counts_match_instantiated_model(overrides):

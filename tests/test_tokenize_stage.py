@@ -12,7 +12,7 @@ import pytest
 from conftest import kill_after_done_records, run_stage, with_root, write_config
 from skymoe.pipelines.tokenize.stage import STAGE as TOKENIZE_STAGE
 from skymoe.pipelines.tokenize.stage import TokenizeError, is_validation
-from skymoe.pipelines.tokenize.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from skymoe.pipelines.tokenize.tokenizer import load_tokenizer, load_tokenizer_folder, save_tokenizer, train_tokenizer
 from skymoe.config import load_config
 from skymoe.stage import StageRef
 from skymoe.storage import Storage
@@ -275,14 +275,14 @@ def test_encode_task_pickles_without_its_tokenizer(cleaned, tmp_path):
 
     config, clean_ref = cleaned
     result = _tokenize(config, clean_ref)
-    tokenizer = load_tokenizer(Storage(), result.ref.path("tokenizer"))
+    folder = load_tokenizer_folder(Storage(), result.ref.path("tokenizer"))
     task = EncodeShard(config.tokenize, Storage(), result.ref, _plan(config, clean_ref).work.units, np.dtype(np.uint16),
-                       tokenizer)
-    expected = tokenizer.encode("a </s> b").ids
-    assert tokenizer.token_to_id("</s>") not in expected
+                       folder)
+    expected = folder.tokenizer.encode("a </s> b").ids
+    assert folder.eos_id not in expected
     for copied in (pickle.loads(pickle.dumps(task)), copy.deepcopy(task)):
-        assert copied.units == task.units and copied.tokenizer is not tokenizer
-        assert copied.tokenizer.encode("a </s> b").ids == expected
+        assert copied.units == task.units and copied.tokenizer is not folder
+        assert copied.tokenizer.tokenizer.encode("a </s> b").ids == expected
 
 
 def test_pack_against_a_plain_loop():

@@ -27,9 +27,9 @@ from skymoe.training.weights import load_args, load_state
 HF_CODE = Path(__file__).parent / "hf"
 CODE_FILES = (HF_CODE / "configuration_skymoe.py", HF_CODE / "modeling_skymoe.py", Path(__file__).parent / "model.py")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-# The config's special-token ids come from the tokenizer; these are its tokens (and their ids
-# when no tokenizer is exported, as pipelines/tokenize/tokenizer.py trains them).
-SPECIAL_TOKENS = {"bos_token_id": "<s>", "eos_token_id": "</s>", "pad_token_id": "<pad>"}
+# The config's special-token ids come from the tokens tokenizer_config.json names; without a
+# tokenizer, those of a trained skymoe tokenizer (<s>, </s>, <pad>).
+SPECIAL_KEYS = ("bos", "eos", "pad")
 DEFAULT_SPECIAL_IDS = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
 
 
@@ -54,7 +54,7 @@ def export_hf(storage: Storage, weights_folder: str, tokenizer_folder: str | Non
         storage.write_bytes(join(out_folder, source.name), source.read_bytes())
 
 
-def hf_config(args: ModelArgs, special_ids: dict[str, int]) -> dict:
+def hf_config(args: ModelArgs, special_ids: dict[str, int | None]) -> dict:
     """config.json: the ModelArgs fields, ``top_k`` under the name ``configuration_skymoe.py`` gives
     it (``num_experts_per_tok``: transformers would take a ``top_k`` for a sampling parameter)."""
     fields = args.to_dict()
@@ -98,9 +98,10 @@ def _checked_state(args: ModelArgs, state: dict[str, torch.Tensor], folder: str)
     return {key: state[key] for key in expected}
 
 
-def _copy_tokenizer(storage: Storage, folder: str, out_folder: str, vocab_size: int) -> dict[str, int]:
+def _copy_tokenizer(storage: Storage, folder: str, out_folder: str, vocab_size: int) -> dict[str, int | None]:
     """Copy the tokenizer files; returns the special-token ids. Refuses a tokenizer whose ids do not
-    fit the embedding (the model would fail on the first such token) or that lacks a special token."""
+    fit the embedding (the model would fail on the first such token) or that lacks a special token
+    its config names."""
     files = {}
     for name in TOKENIZER_FILES:
         uri = join(folder, name)
@@ -109,16 +110,32 @@ def _copy_tokenizer(storage: Storage, folder: str, out_folder: str, vocab_size: 
         files[name] = storage.read_bytes(uri)
     tokenizer = json.loads(files["tokenizer.json"])
     added = {token["content"]: token["id"] for token in tokenizer.get("added_tokens", [])}
-    missing = [token for token in SPECIAL_TOKENS.values() if token not in added]
-    if missing:
-        raise ExportError(f"{folder}/tokenizer.json: special tokens {missing} are missing")
     largest = max([*tokenizer["model"]["vocab"].values(), *added.values()])
     if largest >= vocab_size:
         raise ExportError(f"{folder}/tokenizer.json: token id {largest} does not fit the model's vocab_size "
                           f"{vocab_size}")
+    special_ids = _special_ids(json.loads(files["tokenizer_config.json"]), added, f"{folder}/tokenizer_config.json")
     for name, data in files.items():
         storage.write_bytes(join(out_folder, name), data)
-    return {key: added[token] for key, token in SPECIAL_TOKENS.items()}
+    return special_ids
+
+
+def _special_ids(config: dict, added: dict[str, int], where: str) -> dict[str, int | None]:
+    """``bos/eos/pad_token_id`` of the tokens ``config`` names (an AddedToken dict or its text). EOS
+    is required; no BOS stays None (Qwen2 has none); no PAD pads with EOS, as generation does."""
+    names = {key: _token_name(config.get(f"{key}_token")) for key in SPECIAL_KEYS}
+    if names["eos"] is None:
+        raise ExportError(f"{where}: no eos_token")
+    missing = [f"{key}_token" for key, name in names.items() if name is not None and name not in added]
+    if missing:
+        raise ExportError(f"{where}: special tokens missing from the tokenizer: {missing}")
+    ids = {f"{key}_token_id": added.get(name) for key, name in names.items()}
+    return {**ids, "pad_token_id": ids["eos_token_id"] if ids["pad_token_id"] is None else ids["pad_token_id"]}
+
+
+def _token_name(value: str | dict | None) -> str | None:
+    """A special token as a tokenizer config writes it: its text, or an AddedToken dict holding it."""
+    return value.get("content") if isinstance(value, dict) else value
 
 
 def _json(value: dict) -> str:

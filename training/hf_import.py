@@ -1,10 +1,12 @@
-"""Import a Hugging Face Llama checkpoint as ``ModelArgs`` and a plain ``Transformer`` state dict.
+"""Import a Hugging Face Llama, Mistral or Qwen2 checkpoint as ``ModelArgs`` and a plain ``Transformer`` state dict.
 
 This is how a dense run can start from published weights instead of training from scratch. The
-model in ``training/model.py`` is Llama with the same parameter names and rotary convention, so the
-import is a prefix strip plus checks; what it cannot reproduce (scaled RoPE, biases, another
-activation, a head size that is not dim / heads) is refused here, naming the file and field, rather
-than imported into a model that would silently compute something else.
+model in ``training/model.py`` is Llama with the same parameter names and rotary convention; Mistral
+is Llama with a sliding attention window, Qwen2 Llama with q/k/v biases. So the import is a prefix
+strip plus checks: what the model cannot reproduce (another architecture, a RoPE scaling other than
+"linear" and "llama3", Llama's o_proj/MLP biases, another activation, a head size that is not dim /
+heads, a sliding window shorter than the training sequences) is refused here, naming the file and
+field, rather than imported into a model that would silently compute something else.
 
 Only safetensors files are read, never pickle (``pytorch_model.bin``): loading a pickle runs code.
 Tensors keep their stored dtype; ``load_state_dict`` casts them to the model's.
@@ -24,74 +26,130 @@ CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 # Older exports store the rotary frequencies; they are recomputed from rope_theta.
 IGNORED_SUFFIX = "rotary_emb.inv_freq"
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+# The RoPE scalings model.py computes exactly, with the parameters each needs.
+ROPE_SCALINGS = {"linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
 class HfImportError(ValueError):
-    """The folder is not a Llama checkpoint this model can reproduce exactly."""
+    """The folder is not a checkpoint this model can reproduce exactly."""
 
 
-def import_llama(storage: Storage, folder: str) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """The model shape and its state dict, ready for ``Transformer(args).load_state_dict(state)``.
+class SequenceLengthError(HfImportError):
+    """The checkpoint was not trained to attend over sequences as long as the training ones."""
+
+
+def import_checkpoint(storage: Storage, folder: str, seq_len: int) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """The model shape for sequences of ``seq_len`` and its state dict, ready for
+    ``Transformer(args).load_state_dict(state)``.
 
     With tied embeddings ``lm_head.weight`` is a copy of ``embed_tokens.weight`` (not the same tensor,
     so the dict can be written with safetensors, which refuses tensors that share memory)."""
-    args = llama_args(storage, folder)
+    args = checkpoint_args(storage, folder, seq_len)
     tensors, sources = _read_tensors(storage, folder)
     return args, _plain_state(args, tensors, sources, folder)
 
 
-def llama_args(storage: Storage, folder: str) -> ModelArgs:
-    """The model shape from ``config.json`` alone: cheap enough to plan with before any weights are read."""
+def checkpoint_args(storage: Storage, folder: str, seq_len: int) -> ModelArgs:
+    """The model shape for sequences of ``seq_len`` from ``config.json`` alone: cheap enough to plan
+    with before any weights are read."""
     uri = join(folder, CONFIG_FILE)
-    if not storage.exists(uri):
-        raise HfImportError(f"{folder}: no {CONFIG_FILE}; not a Hugging Face checkpoint folder")
-    try:
-        config = json.loads(storage.read_text(uri))
-    except json.JSONDecodeError as err:
-        raise HfImportError(f"{uri}: not valid JSON: {err}") from None
-    if config.get("model_type") != "llama":
-        raise HfImportError(f"{uri}: model_type is {config.get('model_type')!r}; only 'llama' checkpoints import")
-    for field in ("attention_bias", "mlp_bias"):
+    config = _read_config(storage, folder)
+    if config.get("model_type") not in MODEL_TYPES:
+        raise HfImportError(f"{uri}: model_type is {config.get('model_type')!r}; only {', '.join(MODEL_TYPES)} "
+                            "checkpoints import")
+    for field in ("attention_bias", "mlp_bias"):  # Llama's: o_proj / MLP biases the model does not have
         if config.get(field):
-            raise HfImportError(f"{uri}: {field} is true; the model has no biases")
+            raise HfImportError(f"{uri}: {field} is true; the model has biases on q/k/v only (as Qwen2)")
     if config.get("hidden_act", "silu") != "silu":
         raise HfImportError(f"{uri}: hidden_act is {config['hidden_act']!r}; the model's FFN is SwiGLU (silu)")
     missing = [field for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                    "intermediate_size") if field not in config]
     if missing:
         raise HfImportError(f"{uri}: missing the fields {missing}")
+    _check_sequence_length(config, uri, seq_len)
 
     dim, heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim")
     if head_dim is not None and head_dim * heads != dim:
         raise HfImportError(f"{uri}: head_dim {head_dim} is not hidden_size / num_attention_heads ({dim} / {heads})")
+    theta, scaling = _rope(config, uri)
     return ModelArgs(
         vocab_size=config["vocab_size"],
         dim=dim,
         n_layers=config["num_hidden_layers"],
         n_heads=heads,
         n_kv_heads=config.get("num_key_value_heads") or heads,
+        qkv_bias=config["model_type"] == "qwen2",
         ffn_dim=config["intermediate_size"],
-        max_seq_len=config.get("max_position_embeddings", 2048),
-        rope_theta=_rope_theta(config, uri),
+        max_seq_len=seq_len,
+        rope_theta=theta,
+        rope_freq_scaling=scaling,
         norm_eps=config.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         num_experts=0,
     )
 
 
-def _rope_theta(config: dict, uri: str) -> float:
-    """The rotary base. Only plain RoPE is supported: any scaling (linear, dynamic, yarn, llama3 ...)
-    changes the frequencies in ways ``model.py`` does not implement. transformers 5 writes
-    ``rope_parameters``; older versions ``rope_theta`` and ``rope_scaling``."""
-    if config.get("rope_scaling"):
-        raise HfImportError(f"{uri}: rope_scaling {config['rope_scaling']} is not supported (plain RoPE only)")
-    parameters = config.get("rope_parameters") or {}
-    kind = parameters.get("rope_type", "default")
-    extra = sorted(parameters.keys() - {"rope_type", "rope_theta"})
-    if kind != "default" or extra:
-        raise HfImportError(f"{uri}: rope_parameters {parameters} is not supported (plain RoPE only)")
-    return float(parameters.get("rope_theta", config.get("rope_theta", 10000.0)))
+def _read_config(storage: Storage, folder: str) -> dict:
+    uri = join(folder, CONFIG_FILE)
+    if not storage.exists(uri):
+        raise HfImportError(f"{folder}: no {CONFIG_FILE}; not a Hugging Face checkpoint folder")
+    try:
+        return json.loads(storage.read_text(uri))
+    except json.JSONDecodeError as err:
+        raise HfImportError(f"{uri}: not valid JSON: {err}") from None
+
+
+def _check_sequence_length(config: dict, uri: str, seq_len: int) -> None:
+    """Positions past ``max_position_embeddings`` were never trained; a sliding window shorter than the
+    sequence would make the model attend differently from the full causal attention used here."""
+    limit = config.get("max_position_embeddings")
+    if limit is not None and seq_len > limit:
+        raise SequenceLengthError(f"{uri}: max_position_embeddings is {limit}, below the training sequence "
+                                  f"length {seq_len}")
+    window = _sliding_window(config)
+    if window is not None and seq_len > window:
+        raise SequenceLengthError(f"{uri}: sliding_window is {window}, below the training sequence length {seq_len} "
+                                  "(the model attends over the whole sequence)")
+
+
+def _sliding_window(config: dict) -> int | None:
+    """The attention window the checkpoint uses, None for full attention. Qwen2 uses its
+    ``sliding_window`` only with ``use_sliding_window`` (its config files carry a window they never
+    use); ``layer_types``, where written, says whether any layer slides."""
+    if config.get("use_sliding_window") is False:
+        return None
+    layer_types = config.get("layer_types")
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return config.get("sliding_window")
+
+
+def _rope(config: dict, uri: str) -> tuple[float, dict | None]:
+    """The rotary base and its scaling (None: plain RoPE). transformers 5 writes ``rope_parameters``
+    (the base and the scaling in one dict); older versions ``rope_theta`` and ``rope_scaling`` (whose
+    kind may be under ``type``), which wins where both are written, as in transformers."""
+    legacy = dict(config.get("rope_scaling") or {})
+    if "type" in legacy:
+        legacy["rope_type"] = legacy.pop("type")
+    parameters = {**(config.get("rope_parameters") or {}), **legacy}
+    field = "rope_scaling" if legacy else "rope_parameters"
+    kind = parameters.pop("rope_type", "default")
+    theta = float(parameters.pop("rope_theta", config.get("rope_theta", 10000.0)))
+    if parameters.pop("partial_rotary_factor", 1.0) != 1.0:
+        raise HfImportError(f"{uri}: {field} has a partial_rotary_factor; the model rotates whole heads")
+    if kind == "default" and not parameters:
+        return theta, None
+    needed = ROPE_SCALINGS.get(kind)
+    if needed is None:
+        raise HfImportError(f"{uri}: {field} of type {kind!r} is not supported (plain RoPE, "
+                            f"{', '.join(ROPE_SCALINGS)})")
+    missing = [name for name in needed if name not in parameters]
+    if missing:
+        raise HfImportError(f"{uri}: {field} of type {kind!r} lacks {missing}")
+    return theta, {"rope_type": kind, **{name: parameters[name] for name in needed}}
 
 
 def _read_tensors(storage: Storage, folder: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

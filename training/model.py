@@ -7,8 +7,9 @@ Face export ships it as the remote modeling code, and DeepSpeed's expert-paralle
 ``training/parallel.py`` reuses its router and expert modules.
 
 Parameter names follow Hugging Face Llama (``embed_tokens``, ``self_attn.q_proj``, ``mlp.gate_proj``,
-``input_layernorm`` ...), so a Llama checkpoint imports without renaming and rotary embeddings use
-the same half-split convention.
+``input_layernorm`` ...), so a Llama, Mistral or Qwen2 checkpoint imports without renaming and rotary
+embeddings use the same half-split convention. Two options exist only for imported checkpoints: Qwen2's
+q/k/v biases (``qkv_bias``) and a rescaled RoPE (``rope_freq_scaling``); both are off in a new model.
 """
 
 from __future__ import annotations
@@ -28,9 +29,13 @@ class ModelArgs:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int | None = None  # None = n_heads (no grouped-query attention)
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2); o_proj never has one
     ffn_dim: int = 344
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    # None = plain RoPE; else Hugging Face's rope parameters for "linear" ({"rope_type", "factor"}) or
+    # "llama3" (also low_freq_factor, high_freq_factor, original_max_position_embeddings).
+    rope_freq_scaling: dict | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     # MoE: num_experts = 0 keeps every FFN dense; otherwise every moe_every-th layer is an MoE layer.
@@ -72,11 +77,35 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rotary_tables(head_dim: int, seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+def rotary_tables(head_dim: int, seq_len: int, theta: float, device=None,
+                  scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = rotary_frequencies(head_dim, theta, scaling, device)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
+
+
+def rotary_frequencies(head_dim: int, theta: float, scaling: dict | None = None, device=None) -> torch.Tensor:
+    """The rotary inverse frequencies: plain RoPE, or rescaled the way a checkpoint was trained
+    (``ModelArgs.rope_freq_scaling``), in Hugging Face's operations and order so an imported model's
+    frequencies are bit-identical. "linear" divides every frequency by ``factor``; "llama3" divides
+    the low ones, keeps the high ones and blends smoothly between."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+        smooth = (context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < context / high) * ~(wavelen > context / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"rope_type {kind!r} is not implemented (default, linear, llama3)")
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -90,9 +119,9 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -260,7 +289,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rotary_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        cos, sin = rotary_tables(args.head_dim, args.max_seq_len, args.rope_theta, scaling=args.rope_freq_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -268,6 +297,8 @@ class Transformer(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.args.init_std)
+            if getattr(module, "bias", None) is not None:  # q/k/v biases (qkv_bias) start at zero
+                nn.init.zeros_(module.bias)
         elif isinstance(module, Router):
             nn.init.normal_(module.weight, std=self.args.init_std)
             nn.init.zeros_(module.bias)
@@ -275,7 +306,8 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         seq = input_ids.shape[1]
         if seq > self.rope_cos.shape[0]:
-            cos, sin = rotary_tables(self.args.head_dim, seq, self.args.rope_theta, input_ids.device)
+            cos, sin = rotary_tables(self.args.head_dim, seq, self.args.rope_theta, input_ids.device,
+                                     self.args.rope_freq_scaling)
         else:
             cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         h = self.embed_tokens(input_ids)
@@ -300,6 +332,8 @@ def parameter_counts(args: ModelArgs) -> dict[str, int]:
     """Total and activated (per token: top-k experts) parameters, computed from the shape alone so
     a 146B preset can be sized on a laptop."""
     attn = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.kv_heads)
+    if args.qkv_bias:
+        attn += args.head_dim * (args.n_heads + 2 * args.kv_heads)
     ffn = 3 * args.dim * args.ffn_dim
     norms = 2 * args.dim
     embed = args.vocab_size * args.dim * (1 if args.tie_embeddings else 2) + args.dim

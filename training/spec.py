@@ -39,6 +39,9 @@ class RunSpec:
 
     @classmethod
     def read(cls, path: Path) -> "RunSpec":
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "RunSpec":
         """Fields with defaults may be absent: a spec written before they existed still reads."""
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
         return cls(**{**raw, "init": RunInit(**raw["init"])})

@@ -26,14 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from skymoe.config import PhaseConfig, PipelineConfig, StorageConfig, TrainConfig, describe_path
+from skymoe.config import (PLACEMENT_FIELDS, PhaseConfig, PipelineConfig, StorageConfig, TokenizeConfig, TrainConfig,
+                           describe_path)
 from skymoe.stage import Continuation, DoneRecords, Plan, Stage, StageOutput, StageRef, read_manifest
 from skymoe.storage import Storage, join
 from skymoe.training.export import export_hf
-from skymoe.training.hf_import import import_llama, llama_args
+from skymoe.training.hf_import import SequenceLengthError, checkpoint_args, import_checkpoint
 from skymoe.training.launch import launch
 from skymoe.training.metrics import peak_override
 from skymoe.training.model import ModelArgs, parameter_counts
+from skymoe.training.nodes import NodeBoard
 from skymoe.training.plots import comparison_plot, run_plots
 from skymoe.training.presets import dense_shape, with_moe
 from skymoe.training.spec import RunInit, RunSpec
@@ -77,13 +79,22 @@ class TrainStage(Stage):
     libraries = ("torch", "deepspeed")
 
     def check(self, config: PipelineConfig, storage: Storage) -> None:
+        """Besides the devices: a dense checkpoint that cannot be imported, or that does not fit the
+        tokenizer or the sequence length, fails here, before cleaning starts."""
         _check_devices(config.train)
         _check_peak_override()
         if config.train.dense_source:
             try:
-                _import_dense(storage, config.train, llama_args)
+                dense = _import_dense(storage, config.train, config.tokenize.seq_len, checkpoint_args)
             except TrainError as err:
                 raise TrainError(f"{err}; written as {describe_path(config, 'train.dense_source')}") from None
+            ids, field = _tokenizer_ids(storage, config.tokenize)
+            _check_vocab(ids, field, dense.vocab_size, f"train.dense_source ({config.train.dense_source})")
+            if ids < dense.vocab_size:
+                log.warning("train: %s gives %d token ids, train.dense_source's vocab_size is %d: the last %d "
+                            "embedding rows are never an input (as in a vocabulary padded to a round size; "
+                            "otherwise check that this is the checkpoint's own tokenizer)",
+                            field, ids, dense.vocab_size, dense.vocab_size - ids)
 
     def plan(self, config: PipelineConfig, storage: Storage, upstream: Mapping[str, StageRef],
              continues: Continuation | None = None) -> list[Plan]:
@@ -96,14 +107,14 @@ class TrainStage(Stage):
         _check_peak_override()
         settings = _weight_settings(train)
         if train.dense_source:
-            dense = dataclasses.replace(_import_dense(storage, train, llama_args), max_seq_len=seq_len)
+            dense = _import_dense(storage, train, seq_len, checkpoint_args)
             settings["dense_source"] = [storage.checksum(uri) for uri in storage.expand(train.dense_source)
                                         if uri.endswith((".json", ".safetensors"))]
         else:
             dense = dense_shape(train, seq_len, vocab)
         moe = with_moe(dense, train.moe)
-        if dense.vocab_size < vocab:
-            raise TrainError(f"train.model: vocab_size {dense.vocab_size} is smaller than the tokenizer's {vocab}")
+        _check_vocab(vocab, _tokenizer_field(config.tokenize), dense.vocab_size,
+                     f"train.dense_source ({train.dense_source})" if train.dense_source else "train.model.vocab_size")
         if dense.dim % dense.n_heads or dense.head_dim % 2:
             raise TrainError(f"train.model: dim {dense.dim} must split into {dense.n_heads} heads of even size")
         plan = self.make_plan(config, settings, {"tokenize": tokens_ref.fingerprint}, {"tokenize": tokens_ref})
@@ -154,7 +165,8 @@ def _token_shape(storage: Storage, tokens_ref: StageRef) -> tuple[int, int]:
 
 def _weight_settings(train: TrainConfig) -> dict:
     """Everything in the train config that changes the trained weights; logging and the launcher do not."""
-    return train.model_dump(mode="json", exclude={"log_every": True, "keep_checkpoints": True, "parallel": {"launcher"}})
+    return train.model_dump(mode="json", exclude={"log_every": True, "keep_checkpoints": True,
+                                                  "parallel": set(PLACEMENT_FIELDS)})
 
 
 def _run(config: PipelineConfig, storage: Storage, ref: StageRef, work: TrainWork) -> StageOutput:
@@ -163,7 +175,7 @@ def _run(config: PipelineConfig, storage: Storage, ref: StageRef, work: TrainWor
     started = time.monotonic()
     imports = any(run.init.uri == ref.path("import", "weights") for run in work.runs)
     if imports and not DoneRecords(storage, ref, "import").get("dense"):
-        _, state = _import_dense(storage, train, import_llama)
+        _, state = _import_dense(storage, train, work.dense_args.max_seq_len, import_checkpoint)
         save_part(storage, ref.path("import", "weights"), "shared", state)
         save_args(storage, ref.path("import", "weights"), work.dense_args)
         DoneRecords(storage, ref, "import").mark("dense", {"source": train.dense_source})
@@ -218,7 +230,7 @@ def execute_run(train: TrainConfig, storage_config: StorageConfig, tokens_uri: s
         _copy_weights(storage, run.init.uri, join(run_uri, "final", "weights"))
         rows = []
     else:
-        launch(spec, train.parallel, scratch / "specs")
+        launch(spec, train.parallel, scratch / "specs", NodeBoard(storage, storage_config.root))
         rows = [json.loads(line) for line in storage.read_text(join(run_uri, "metrics.jsonl")).splitlines()]
     losses = [row["loss"] for row in rows if "loss" in row]
     last_val = next((row["val_loss"] for row in reversed(rows) if "val_loss" in row), None)
@@ -244,9 +256,11 @@ def utilisation_summary(rows: list[dict]) -> dict:
 def _check_devices(train: TrainConfig) -> None:
     import torch
 
-    if torch.cuda.is_available() and train.parallel.world_size > torch.cuda.device_count():
-        raise TrainError(f"train.parallel.world_size {train.parallel.world_size} exceeds the "
-                         f"{torch.cuda.device_count()} GPUs of this machine (one rank per GPU)")
+    parallel = train.parallel
+    if torch.cuda.is_available() and parallel.ranks_per_node > torch.cuda.device_count():
+        raise TrainError(f"train.parallel: {parallel.ranks_per_node} ranks per node (world_size {parallel.world_size} "
+                         f"over {parallel.nodes} nodes) exceed the {torch.cuda.device_count()} GPUs of this machine "
+                         "(one rank per GPU)")
 
 
 def _check_peak_override() -> None:
@@ -264,12 +278,41 @@ def _copy_weights(storage: Storage, source: str, target: str) -> None:
             shutil.copyfileobj(reader, writer, 1 << 24)
 
 
-def _import_dense(storage: Storage, train: TrainConfig, read: Callable[[Storage, str], T]) -> T:
-    """``read`` (the shape only, or shape and weights) with errors that name the config field."""
+def _import_dense(storage: Storage, train: TrainConfig, seq_len: int, read: Callable[[Storage, str, int], T]) -> T:
+    """``read`` (the shape only, or shape and weights) with errors that name the config fields."""
     try:
-        return read(storage, train.dense_source)
+        return read(storage, train.dense_source, seq_len)
+    except SequenceLengthError as err:
+        raise TrainError(f"tokenize.seq_len {seq_len} is too long for train.dense_source: {err}") from None
     except ValueError as err:
         raise TrainError(f"train.dense_source: {err}") from None
+
+
+def _tokenizer_field(tokenize: TokenizeConfig) -> str:
+    """The field that decides the tokenizer's size: a given tokenizer, or the size to train."""
+    return "tokenize.tokenizer.path" if tokenize.tokenizer.path else "tokenize.tokenizer.vocab_size"
+
+
+def _tokenizer_ids(storage: Storage, tokenize: TokenizeConfig) -> tuple[int, str]:
+    """The ids the tokenize stage's tokenizer will have, known before it runs (a trained one has at
+    most ``vocab_size``), and the field that decides it. The tokenize stage's own check has refused a
+    tokenizer it cannot load."""
+    path = tokenize.tokenizer.path
+    if not path:
+        return tokenize.tokenizer.vocab_size, _tokenizer_field(tokenize)
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(storage.read_text(path if path.endswith(".json") else join(path, "tokenizer.json")))
+    return tokenizer.get_vocab_size(), _tokenizer_field(tokenize)
+
+
+def _check_vocab(tokenizer_ids: int, tokenizer_field: str, model_vocab: int, model_field: str) -> None:
+    """A token id past the embedding would fail the first batch that holds it. (A tokenizer smaller
+    than the embedding only leaves rows unused.)"""
+    if tokenizer_ids > model_vocab:
+        raise TrainError(f"{tokenizer_field}: the tokenizer has {tokenizer_ids} token ids, more than the vocab_size "
+                         f"{model_vocab} of {model_field}; use a tokenizer whose ids fit the model (for an imported "
+                         "checkpoint its own, with no tokens added)")
 
 
 def _plots(storage: Storage, ref: StageRef, work: TrainWork) -> list[str]:

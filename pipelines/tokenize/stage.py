@@ -37,17 +37,19 @@ from skymoe.pipelines.tokenize.chart import bar_chart_png
 from skymoe.pipelines.tokenize.mixture import repeat_factors
 from skymoe.pipelines.tokenize.packing import PackedRows, pack, rows_table
 from skymoe.pipelines.tokenize.tokenizer import (
-    EOS,
+    TokenizerError,
+    TokenizerFolder,
     check_token_dtype,
-    load_tokenizer,
+    load_tokenizer_folder,
     save_tokenizer,
     smallest_token_dtype,
+    tokenizer_files,
     train_tokenizer,
 )
 from skymoe.config import ExecutorConfig, PipelineConfig, TokenizeConfig, describe_path
 from skymoe.progress import Progress
 from skymoe.stage import Continuation, DoneRecords, Plan, Stage, StageOutput, StageRef, read_manifest
-from skymoe.storage import Storage, join
+from skymoe.storage import Storage
 
 SPLITS = ("train", "validation")
 # Rows per Parquet record batch read: a cleaned shard becomes Python strings a batch at a time, so
@@ -85,11 +87,16 @@ class TokenizeStage(Stage):
     libraries = ("tokenizers", "pyarrow")
 
     def check(self, config: PipelineConfig, storage: Storage) -> None:
+        """A given tokenizer is loaded and its special tokens checked, before any stage works."""
         try:
             _settings(config.tokenize, storage)
-        except TokenizeError as err:
-            where = describe_path(config, "tokenize.tokenizer.path") if config.tokenize.tokenizer.path else ""
-            raise TokenizeError(f"{err}; written as {where}" if where else str(err)) from None
+            if config.tokenize.tokenizer.path:
+                load_tokenizer_folder(storage, config.tokenize.tokenizer.path)
+        except (TokenizeError, TokenizerError) as err:
+            if not config.tokenize.tokenizer.path:
+                raise
+            where = describe_path(config, "tokenize.tokenizer.path")
+            raise TokenizeError(f"tokenize.tokenizer.path: {err}; written as {where}") from None
 
     def plan(self, config: PipelineConfig, storage: Storage, upstream: Mapping[str, StageRef],
              continues: Continuation | None = None) -> list[Plan]:
@@ -122,10 +129,10 @@ def _settings(config: TokenizeConfig, storage: Storage) -> dict:
         check_token_dtype(config.token_dtype, config.tokenizer.vocab_size)
     settings = config.model_dump(mode="json", exclude={"encode_batch", "executor"})  # the same bytes either way
     if config.tokenizer.path:
-        tokenizer_file = _tokenizer_file(config.tokenizer.path)
-        if not storage.exists(tokenizer_file):
-            raise TokenizeError(f"tokenize.tokenizer.path: no tokenizer at {tokenizer_file}")
-        settings["tokenizer"]["path"] = storage.checksum(tokenizer_file)
+        files = tokenizer_files(storage, config.tokenizer.path)
+        if not storage.exists(files[0]):
+            raise TokenizeError(f"no tokenizer at {files[0]}")
+        settings["tokenizer"]["path"] = [storage.checksum(uri) for uri in files]  # its special tokens too
     return settings
 
 
@@ -133,27 +140,25 @@ def _source_of(inputs: list[dict], input_uri: str) -> str:
     return next(item["source"] for item in inputs if item["uri"] == input_uri)
 
 
-def _tokenizer_file(path: str) -> str:
-    return path if path.endswith(".json") else join(path, "tokenizer.json")
-
-
 def _run(config: TokenizeConfig, storage: Storage, ref: StageRef, work: TokenizeWork) -> StageOutput:
     started = time.monotonic()
     tokenizer_uri = ref.path("tokenizer")
     done = DoneRecords(storage, ref, "tokenizer")
     if done.get("tokenizer") is None:
-        if work.base is not None:  # appended ids must mean what the base's ids mean
-            tokenizer = load_tokenizer(storage, work.base.path("tokenizer"))
-        elif config.tokenizer.path:
-            tokenizer = load_tokenizer(storage, config.tokenizer.path)
+        # An appending run uses its base's tokenizer: appended ids must mean what the base's ids mean.
+        given = work.base.path("tokenizer") if work.base is not None else config.tokenizer.path
+        if given:
+            source = load_tokenizer_folder(storage, given)
+            tokenizer, tokenizer_config = source.tokenizer, source.config
         else:
             tokenizer = train_tokenizer(_training_texts(storage, work.units, config), config.tokenizer.vocab_size,
                                         config.tokenizer.min_frequency)
-        save_tokenizer(tokenizer, storage, tokenizer_uri)
+            tokenizer_config = None
+        save_tokenizer(tokenizer, storage, tokenizer_uri, tokenizer_config)
         done.mark("tokenizer", {"vocab_size": tokenizer.get_vocab_size()})
         log.info("tokenize: tokenizer with %d ids at %s", tokenizer.get_vocab_size(), tokenizer_uri)
-    tokenizer = load_tokenizer(storage, tokenizer_uri)
-    vocab_size = tokenizer.get_vocab_size()
+    tokenizer = load_tokenizer_folder(storage, tokenizer_uri)
+    vocab_size = tokenizer.tokenizer.get_vocab_size()
     dtype = check_token_dtype(config.token_dtype, vocab_size) if config.token_dtype else smallest_token_dtype(vocab_size)
     timings = {"tokenizer": round(time.monotonic() - started, 3)}
 
@@ -243,7 +248,7 @@ def is_validation(doc_id: str, text: str, permille: int) -> bool:
 
 # Per process: the tokenizer an encode task loaded last (its URI, the tokenizer), so a worker that runs
 # many units loads it once.
-_LOADED: dict[str, Tokenizer] = {}
+_LOADED: dict[str, TokenizerFolder] = {}
 
 
 class EncodeShard:
@@ -252,22 +257,22 @@ class EncodeShard:
     (computed where the file was written, not again by the stage's process)."""
 
     def __init__(self, config: TokenizeConfig, storage: Storage, ref: StageRef, units: list[TokenizeUnit],
-                 dtype: np.dtype, tokenizer: Tokenizer | None = None):
+                 dtype: np.dtype, tokenizer: TokenizerFolder | None = None):
         self.config, self.storage, self.ref, self.units, self.dtype = config, storage, ref, units, dtype
         self.tokenizer_uri = ref.path("tokenizer")
         self._tokenizer = tokenizer
 
     def __getstate__(self) -> dict:
         # A pickled (or deep-copied) Tokenizer is its JSON, which drops encode_special_tokens: a literal
-        # "</s>" in a page would become an EOS id. Each process loads it with load_tokenizer instead.
+        # "</s>" in a page would become an EOS id. Each process loads it with load_tokenizer_folder instead.
         return {**self.__dict__, "_tokenizer": None}
 
     @property
-    def tokenizer(self) -> Tokenizer:
+    def tokenizer(self) -> TokenizerFolder:
         if self._tokenizer is None:
             if self.tokenizer_uri not in _LOADED:
                 _LOADED.clear()
-                _LOADED[self.tokenizer_uri] = load_tokenizer(self.storage, self.tokenizer_uri)
+                _LOADED[self.tokenizer_uri] = load_tokenizer_folder(self.storage, self.tokenizer_uri)
             self._tokenizer = _LOADED[self.tokenizer_uri]
         return self._tokenizer
 
@@ -295,8 +300,8 @@ def _read_unit(storage: Storage, unit: TokenizeUnit, permille: int) -> tuple[lis
     return texts, langs, held_out
 
 
-def _encode_unit(unit: TokenizeUnit, config: TokenizeConfig, storage: Storage, ref: StageRef, tokenizer: Tokenizer,
-                 dtype: np.dtype) -> dict:
+def _encode_unit(unit: TokenizeUnit, config: TokenizeConfig, storage: Storage, ref: StageRef,
+                 tokenizer: TokenizerFolder, dtype: np.dtype) -> dict:
     """Encode one cleaned shard and write its Arrow files; returns the unit's done-record."""
     texts, langs, held_out = _read_unit(storage, unit, config.validation_permille)
     # Training documents in a seeded order (the seed and the unit id, never Python's hash()).
@@ -308,12 +313,12 @@ def _encode_unit(unit: TokenizeUnit, config: TokenizeConfig, storage: Storage, r
             counts["empty_docs"] += 1  # nothing to learn from; an EOS alone would only add noise
             continue
         groups[("validation" if held_out[i] else "train", langs[i])].append(int(i))
-    eos = tokenizer.token_to_id(EOS)
     files = []
-    for (split, lang), ids, lengths in _encoded(tokenizer, texts, sorted(groups.items()), config.encode_batch, dtype):
+    for (split, lang), ids, lengths in _encoded(tokenizer.tokenizer, texts, sorted(groups.items()), config.encode_batch,
+                                                dtype):
         # Long documents simply continue over several rows; counted so the spread is visible.
         counts["docs_longer_than_a_sequence"] += int((lengths >= config.seq_len).sum())
-        rows = pack(ids, lengths, eos, config.seq_len + 1, dtype)
+        rows = pack(ids, lengths, tokenizer.eos_id, config.seq_len + 1, dtype)
         counts[f"{split}_docs"] += len(lengths)
         counts[f"{split}_dropped_tokens"] += rows.dropped_tokens
         files += _write_rows(storage, ref, unit, split, lang, rows, config.sequences_per_file)

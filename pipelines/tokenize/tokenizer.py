@@ -6,11 +6,19 @@ every digit before BPE sees the text (so no merge can ever join two digits), and
 alphabet is all 256 byte symbols, so every input has a spelling and nothing is ever unknown.
 There is no normalizer and no prefix space, so ``decode(encode(text)) == text`` exactly.
 
-Special tokens are BOS ``<s>`` (id 0), EOS ``</s>`` (id 1) and PAD ``<pad>`` (id 2). They are
-control ids, never text: a document that contains the literal string ``</s>`` is encoded as its
+A trained tokenizer's special tokens are BOS ``<s>`` (id 0), EOS ``</s>`` (id 1) and PAD ``<pad>``
+(id 2). They are control ids, never text: a document that contains the literal string ``</s>`` is encoded as its
 bytes (``encode_special_tokens`` here, ``split_special_tokens`` in the Hugging Face config), so a
-web page cannot forge a document boundary, and the stage places BOS/EOS ids itself. Nothing is
+web page cannot forge a document boundary, and the stage places EOS ids itself. Nothing is
 added by a post-processor for the same reason.
+
+A given tokenizer (a Hugging Face folder, e.g. a Llama's, Mistral's or Qwen2's) is used as it is:
+no token is added, and its special tokens are the ones its ``tokenizer_config.json`` and
+``special_tokens_map.json`` name, whatever they are called. Only EOS is required (the packer ends
+every document with it); Qwen2 has no BOS, and a missing PAD is padded with EOS downstream. Its
+post-processor still runs (a Llama's puts BOS before every document), but one that adds EOS is
+refused: EOS would come twice. A bare ``tokenizer.json`` has no config: it must hold this project's
+three tokens. Special-token text stays text here too.
 
 ``tokenizers`` does not store ``encode_special_tokens`` in ``tokenizer.json``: load a tokenizer
 with :func:`load_tokenizer` (which sets it), not ``Tokenizer.from_file``.
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -29,13 +38,44 @@ from skymoe.storage import Storage, join
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)  # trained in this order: ids 0, 1, 2
-TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILE, CONFIG_FILE, MAP_FILE = "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"
+# The Hugging Face config of a trained tokenizer (and what a bare tokenizer.json is taken to have).
+# transformers 5 would name its own TokenizersBackend class, which transformers 4 cannot load, while
+# PreTrainedTokenizerFast loads in both; clean_up_tokenization_spaces is off because transformers 4
+# would otherwise rewrite " ." as "." when decoding.
+TRAINED_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
+                  "pad_token": PAD, "split_special_tokens": True, "clean_up_tokenization_spaces": False}
+# The special-token attributes transformers keeps in special_tokens_map.json.
+MAP_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+            "additional_special_tokens")
 _BYTE_ALPHABET = pre_tokenizers.ByteLevel.alphabet()
 
 
 class TokenizerError(ValueError):
     """A tokenizer that cannot be used: missing, unreadable, without its special tokens, or too big
     for the integer type chosen to store its ids."""
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The special tokens a tokenizer's config names; only EOS is required."""
+
+    eos: str
+    bos: str | None = None
+    pad: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenizerFolder:
+    """A loaded tokenizer with its Hugging Face config (special tokens included) and those tokens."""
+
+    tokenizer: Tokenizer
+    config: dict
+    specials: SpecialTokens
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer.token_to_id(self.specials.eos)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
@@ -63,22 +103,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     return tokenizer
 
 
-def save_tokenizer(tokenizer: Tokenizer, storage: Storage, folder_uri: str) -> list[str]:
+def save_tokenizer(tokenizer: Tokenizer, storage: Storage, folder_uri: str, config: dict | None = None) -> list[str]:
     """Write a Hugging Face tokenizer folder; returns the URIs written.
 
-    The two config files are written here rather than by ``save_pretrained``: transformers 5 names
-    its own ``TokenizersBackend`` class there, which transformers 4 cannot load, while
-    ``PreTrainedTokenizerFast`` loads in both. ``clean_up_tokenization_spaces`` is off because
-    transformers 4 would otherwise rewrite " ." as "." when decoding.
+    ``config`` is the ``tokenizer_config.json`` to write (None: a trained tokenizer's,
+    :data:`TRAINED_CONFIG`); ``split_special_tokens`` is always on, so the folder encodes text as the
+    stage did. ``special_tokens_map.json`` repeats its special tokens.
     """
-    _check_special_tokens(tokenizer, folder_uri)
-    specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials,
-              "split_special_tokens": True, "clean_up_tokenization_spaces": False}
+    config = {**(TRAINED_CONFIG if config is None else config), "split_special_tokens": True}
+    _special_tokens(tokenizer, config, folder_uri)
     files = {
         TOKENIZER_FILE: tokenizer.to_str().encode("utf-8"),
-        "tokenizer_config.json": _json_bytes(config),
-        "special_tokens_map.json": _json_bytes(specials),
+        CONFIG_FILE: _json_bytes(config),
+        MAP_FILE: _json_bytes({key: config[key] for key in MAP_KEYS if config.get(key) is not None}),
     }
     written = []
     for name, data in files.items():
@@ -90,6 +127,12 @@ def save_tokenizer(tokenizer: Tokenizer, storage: Storage, folder_uri: str) -> l
 
 def load_tokenizer(storage: Storage, uri: str) -> Tokenizer:
     """Load a ``tokenizer.json`` file, or the one inside a tokenizer folder (local or ``s3://``)."""
+    return load_tokenizer_folder(storage, uri).tokenizer
+
+
+def load_tokenizer_folder(storage: Storage, uri: str) -> TokenizerFolder:
+    """A ``tokenizer.json`` file, or a tokenizer folder, with its config and special tokens, checked:
+    the tokens the config names must be special tokens of the tokenizer."""
     path = uri if uri.endswith(".json") else join(uri, TOKENIZER_FILE)
     try:
         raw = storage.read_bytes(path)
@@ -99,9 +142,37 @@ def load_tokenizer(storage: Storage, uri: str) -> Tokenizer:
         tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
     except Exception as err:  # tokenizers raises a bare Exception for any malformed file
         raise TokenizerError(f"{path} is not a valid tokenizer.json: {err}") from None
-    _check_special_tokens(tokenizer, path)
+    config, where = (TRAINED_CONFIG, path) if uri.endswith(".json") else _folder_config(storage, uri)
+    specials = _special_tokens(tokenizer, config, where)
     tokenizer.encode_special_tokens = True
-    return tokenizer
+    return TokenizerFolder(tokenizer, config, specials)
+
+
+def tokenizer_files(storage: Storage, uri: str) -> list[str]:
+    """The files that define the tokenizer at ``uri`` (what its fingerprint hashes): a
+    ``tokenizer.json`` alone, or a folder's ``tokenizer.json`` and the config files it has."""
+    if uri.endswith(".json"):
+        return [uri]
+    return [join(uri, TOKENIZER_FILE)] + [join(uri, name) for name in (CONFIG_FILE, MAP_FILE)
+                                          if storage.exists(join(uri, name))]
+
+
+def _special_tokens(tokenizer: Tokenizer, config: dict, where: str) -> SpecialTokens:
+    """The special tokens ``config`` names, refused when EOS is not named, when a named token is not a
+    special token of ``tokenizer`` (text could then forge it, or it has no id), or when the
+    post-processor adds EOS (the packer adds one after every document)."""
+    names = {key: _token_name(config.get(f"{key}_token")) for key in ("bos", "eos", "pad")}
+    if names["eos"] is None:
+        raise TokenizerError(f"{where}: no eos_token; the packer ends every document with EOS")
+    registered = {token.content for token in tokenizer.get_added_tokens_decoder().values() if token.special}
+    missing = {f"{key}_token": name for key, name in names.items() if name is not None and name not in registered}
+    if missing:
+        raise TokenizerError(f"{where}: tokenizer lacks the special tokens {list(missing.values())} (its config's "
+                             f"{', '.join(missing)})")
+    if tokenizer.token_to_id(names["eos"]) in tokenizer.encode("").ids:
+        raise TokenizerError(f"{where}: the tokenizer's post-processor adds eos_token {names['eos']!r} to every "
+                             "text; the packer adds it after every document itself")
+    return SpecialTokens(**names)
 
 
 def smallest_token_dtype(vocab_size: int) -> np.dtype:
@@ -127,11 +198,32 @@ def check_token_dtype(dtype: npt.DTypeLike, vocab_size: int) -> np.dtype:
     return resolved
 
 
-def _check_special_tokens(tokenizer: Tokenizer, where: str) -> None:
-    registered = {token.content for token in tokenizer.get_added_tokens_decoder().values() if token.special}
-    missing = [token for token in SPECIAL_TOKENS if token not in registered]
-    if missing:
-        raise TokenizerError(f"{where}: tokenizer lacks the special tokens {missing}")
+def _folder_config(storage: Storage, folder: str) -> tuple[dict, str]:
+    """A folder's ``tokenizer_config.json`` with ``special_tokens_map.json`` over it (as
+    transformers 4 reads them; older folders name their special tokens only in the map), and where
+    its special tokens come from. A folder with neither file is taken as a trained one."""
+    config_uri, map_uri = join(folder, CONFIG_FILE), join(folder, MAP_FILE)
+    config = _read_json(storage, config_uri) if storage.exists(config_uri) else None
+    specials = _read_json(storage, map_uri) if storage.exists(map_uri) else None
+    if config is None and specials is None:
+        return TRAINED_CONFIG, join(folder, TOKENIZER_FILE)
+    merged = {**(config or {}), **{key: value for key, value in (specials or {}).items() if value is not None}}
+    return merged, f"{folder} ({CONFIG_FILE}, {MAP_FILE})"
+
+
+def _read_json(storage: Storage, uri: str) -> dict:
+    try:
+        value = json.loads(storage.read_text(uri))
+    except json.JSONDecodeError as err:
+        raise TokenizerError(f"{uri}: not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise TokenizerError(f"{uri}: not a JSON object")
+    return value
+
+
+def _token_name(value: str | dict | None) -> str | None:
+    """A special token as a config writes it: its text, or an AddedToken dict holding it."""
+    return value.get("content") if isinstance(value, dict) else value
 
 
 def _json_bytes(value: dict) -> bytes:

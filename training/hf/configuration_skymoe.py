@@ -41,9 +41,12 @@ class SkyMoeConfig(PretrainedConfig):
     n_layers: int = ModelArgs.n_layers
     n_heads: int = ModelArgs.n_heads
     n_kv_heads: int | None = ModelArgs.n_kv_heads
+    qkv_bias: bool = ModelArgs.qkv_bias
     ffn_dim: int = ModelArgs.ffn_dim
     max_seq_len: int = ModelArgs.max_seq_len
     rope_theta: float = ModelArgs.rope_theta
+    # Not "rope_scaling": transformers 5 makes that name a deprecated alias of rope_parameters.
+    rope_freq_scaling: dict | None = ModelArgs.rope_freq_scaling
     norm_eps: float = ModelArgs.norm_eps
     tie_embeddings: bool = ModelArgs.tie_embeddings
     num_experts: int = ModelArgs.num_experts
@@ -55,7 +58,7 @@ class SkyMoeConfig(PretrainedConfig):
     gate_norm_lambda: float | None = ModelArgs.gate_norm_lambda
     init_std: float = ModelArgs.init_std
 
-    # The skymoe tokenizer's special tokens: <s>, </s>, <pad>.
+    # The skymoe tokenizer's special tokens: <s>, </s>, <pad> (export writes the exported tokenizer's).
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
     pad_token_id: int | None = 2

@@ -98,6 +98,7 @@ class SkyMoeForCausalLM(PreTrainedModel, GenerationMixin):
                 module.aux_alpha.zero_()
             elif isinstance(module, Transformer):
                 args = module.args
-                cos, sin = rotary_tables(args.head_dim, args.max_seq_len, args.rope_theta, module.rope_cos.device)
+                cos, sin = rotary_tables(args.head_dim, args.max_seq_len, args.rope_theta, module.rope_cos.device,
+                                         args.rope_freq_scaling)
                 module.rope_cos.copy_(cos)
                 module.rope_sin.copy_(sin)
