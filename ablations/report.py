@@ -342,6 +342,7 @@ def _aux_coef(plan: AblationPlan, runs: Histories, records: dict) -> tuple[list,
                                                          for i in range(layers)]),
         "alpha-per-layer.png": _panels(runs, names, [("alpha", i, f"alpha, MoE layer {i}") for i in range(layers)],
                                        smooth=False),
+        "adaptive-alpha-against-drop-rate.png": _alpha_against_drops(runs["adaptive"], aux),
     }
     return table, findings, plots, []
 
@@ -522,6 +523,26 @@ def _panels(runs: Histories, names: list[str], panels: list[tuple[str, int | Non
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
+    return figure_png(fig, dpi=90)
+
+
+def _alpha_against_drops(runs: list[Rows], aux: dict[str, float]) -> bytes:
+    """Each logged step of the adaptive arm as a point (the layer's drop rate, the alpha the step used),
+    one colour per MoE layer, every seed, under the rule's target min(xi * d, alpha_max): points on the
+    flat part are layers held at alpha_max, points below it layers whose alpha the rule relaxed."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    rows = [row for seed in runs for row in seed if "alpha" in row and "drop_rate" in row]
+    drops, alphas = np.array([r["drop_rate"] for r in rows]), np.array([r["alpha"] for r in rows])
+    for layer in range(drops.shape[1]):
+        ax.scatter(drops[:, layer], alphas[:, layer], s=6, color=f"C{layer}", alpha=0.5, label=f"MoE layer {layer}")
+    target = np.linspace(0, max(float(drops.max()), 2 * aux["alpha_max"] / aux["xi"]), 100)
+    ax.plot(target, np.minimum(aux["xi"] * target, aux["alpha_max"]), "k--", lw=1,
+            label=f"target min({aux['xi']:g} d, {aux['alpha_max']:g})")
+    ax.set_xlabel("drop rate of the layer at the step")
+    ax.set_ylabel("alpha used at the step")
+    ax.set_title(f"adaptive alpha against drop rate ({len(runs)} seed{'s' * (len(runs) > 1)})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     return figure_png(fig, dpi=90)
 
 

@@ -108,12 +108,16 @@ def gating_norm(train: TrainConfig, size: Size) -> list[Variant]:
 
 
 def aux_coef(train: TrainConfig, size: Size) -> list[Variant]:
-    """Section 4.2: fixed alpha 1e-2 and 1e-3 against the adaptive rule (xi 1/5, alpha_max 0.01, beta 0.99)."""
+    """Section 4.2: fixed alpha 1e-2 and 1e-3 against the adaptive rule (xi 1/5, alpha_max 0.01, beta 0.99),
+    and the Switch Transformer's balance loss at a fixed 1e-2 beside them."""
     phase = _phase(size.moe_steps, train.dense.lr, train.dense.min_lr)
     fixed = [Variant(f"fixed-{alpha:g}", True, phase, {"aux_loss": {"mode": "fixed", "alpha": alpha}})
              for alpha in (1e-2, 1e-3)]
     adaptive = {"mode": "adaptive", "alpha": 0.01, "xi": 0.2, "alpha_max": 0.01, "beta": 0.99}
-    return fixed + [Variant("adaptive", True, phase, {"aux_loss": adaptive})]
+    # The Switch Transformer form most frameworks use, at its usual fixed 0.01: a reference, not a report arm.
+    switch = Variant("switch-fixed-0.01", True, phase, {"aux_loss": {"mode": "fixed", "alpha": 1e-2},
+                                                        "moe": {"balance_loss": "switch"}})
+    return fixed + [Variant("adaptive", True, phase, {"aux_loss": adaptive}), switch]
 
 
 def initialisation(train: TrainConfig, size: Size, moe_flops: float, dense_flops: float) -> list[Variant]:

@@ -381,6 +381,9 @@ class MoELayerConfig(_Strict):
     eval_capacity_factor: float | None = Field(None, gt=0, description="null = no dropping at evaluation")
     min_capacity: int = Field(4, ge=0)
     gate_norm_lambda: float | None = Field(1.0, gt=0, description="gating logit normalization; null = off")
+    balance_loss: Literal["skywork", "switch"] = Field(
+        "skywork", description="auxiliary load-balancing loss: skywork = sum_j (1/n - mean g_j)^2 (the report's), "
+                               "switch = n * sum_j f_j * P_j (Switch Transformer)")
 
     @model_validator(mode="after")
     def _k_fits(self) -> "MoELayerConfig":

@@ -78,16 +78,17 @@ def test_gating_norm_through_the_cli_then_all_cache_hits(prefect_env, ablate_roo
 @pytest.mark.slow  # ~1.5 min each on 2 cores; the gating-norm smoke test stays in the default suite
 def test_aux_coef_adds_only_the_missing_seed(prefect_env, ablate_root):
     first = ablate_flow(ablate_root, "aux-coef", 1)
-    variants = {"fixed-0.01", "fixed-0.001", "adaptive"}
+    variants = {"fixed-0.01", "fixed-0.001", "adaptive", "switch-fixed-0.01"}
     text = check_report(first, variants)
-    assert "alpha-per-layer.png" in text and "drop-rate-per-layer.png" in text
+    for plot in ("alpha-per-layer.png", "drop-rate-per-layer.png", "adaptive-alpha-against-drop-rate.png"):
+        assert plot in text
     alphas = {row["variant"]: numbers(row["mean alpha"])[0] for row in first["table"]}
     assert alphas["fixed-0.01"] == pytest.approx(0.01) and alphas["fixed-0.001"] == pytest.approx(0.001)
 
-    # A second seed trains only the three seed-1 runs; the report then averages two seeds.
+    # A second seed trains only the four seed-1 runs; the report then averages two seeds.
     second = ablate_flow(ablate_root, "aux-coef", 2)
     assert sorted(second["trained"]) == sorted(f"{v} seed 1" for v in variants)
-    assert second["cached"] == 3 and all(row["seeds"] == 2 for row in second["table"])
+    assert second["cached"] == 4 and all(row["seeds"] == 2 for row in second["table"])
     check_report(second, variants)
 
 

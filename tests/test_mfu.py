@@ -19,7 +19,8 @@ from skymoe.config import PhaseConfig, load_config
 from skymoe.stage import Manifest, StageRef, write_manifest
 from skymoe.storage import Storage
 from skymoe.training.launch import launch
-from skymoe.training.metrics import PEAK_ENV, RoutingTotals, spec_peak_tflops, step_model_flops
+from skymoe.training.flops import PEAK_ENV, spec_peak_tflops, step_model_flops
+from skymoe.training.metrics import RoutingTotals
 from skymoe.training.model import ModelArgs, Transformer
 from skymoe.training.presets import dense_shape, with_moe
 from skymoe.training.spec import RunInit, RunSpec

@@ -221,6 +221,28 @@ def test_router_uses_train_and_eval_capacity_factors():
 
 
 # ---------------------------------------------------------------------------------------- 6. aux loss
+def test_switch_balance_loss_counts_top_k_choices_and_is_one_when_balanced():
+    """n * sum_j f_j * P_j: f_j from the top-k choices (before capacity, no gradient), P_j the mean gate."""
+    args = dataclasses.replace(TINY_MOE, num_experts=4, top_k=2, balance_loss="switch", capacity_factor=0.5)
+    torch.manual_seed(7)
+    router = Router(args)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    x = torch.randn(32, args.dim)
+    routing = router.train()(x)
+    assert (routing.experts == -1).any()  # capacity dropped routes: f still counts them
+    weight = router.weight.detach().double().requires_grad_()
+    probs = hand_probs(x.double() @ weight.t() + router.bias.detach().double(), args.gate_norm_lambda)
+    chosen = F.one_hot(probs.topk(2, dim=-1).indices, 4).sum((0, 1)).double() / (32 * 2)
+    expected = 4 * (chosen * probs.mean(0)).sum()
+    assert routing.aux_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    routing.aux_loss.backward()
+    expected.backward()
+    torch.testing.assert_close(router.weight.grad.double(), weight.grad, rtol=1e-4, atol=1e-7)
+    # A uniform gate with every expert chosen equally often: the loss is exactly 1.
+    uniform = route(torch.zeros(8, 4), top_k=2, capacity=8, lam=None, balance="switch")
+    assert uniform.aux_loss.item() == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("lam", [None, 1.0, 2.0])
 def test_aux_loss_matches_formula_and_is_differentiable(lam):
     args = dataclasses.replace(TINY_MOE, num_experts=8, gate_norm_lambda=lam)

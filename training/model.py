@@ -46,6 +46,7 @@ class ModelArgs:
     eval_capacity_factor: float | None = None  # None = no dropping at evaluation / inference
     min_capacity: int = 4
     gate_norm_lambda: float | None = 1.0  # gating logit normalization; None = plain softmax
+    balance_loss: str = "skywork"  # the auxiliary load-balancing loss: "skywork" or "switch" (see route)
     init_std: float = 0.02
 
     @property
@@ -178,13 +179,21 @@ class Routing:
     weights: torch.Tensor
     probs: torch.Tensor  # (tokens, n) gate distribution after normalization and softmax
     capacity: int
-    aux_loss: torch.Tensor  # sum_j (1/n - mean_i g_ij)^2, differentiable
+    aux_loss: torch.Tensor  # the load-balancing loss (route's ``balance``), differentiable
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def route(logits: torch.Tensor, top_k: int, capacity: int, lam: float | None) -> Routing:
+def route(logits: torch.Tensor, top_k: int, capacity: int, lam: float | None,
+          balance: str = "skywork") -> Routing:
     """Top-k routing with capacity. Slots fill by choice rank first (every token's first choice
-    before any second choice), then in token order, so drops hit second choices first."""
+    before any second choice), then in token order, so drops hit second choices first.
+
+    The load-balancing loss over the T tokens routed together, with n experts and g the gate values:
+    ``skywork`` (the report's eq. 3) sum_j (1/n - mean_i g_ij)^2, 0 when the mean gate is uniform;
+    ``switch`` (Switch Transformer, GShard; what most frameworks use) n * sum_j f_j * P_j with f_j the
+    share of the T * k top-k choices that picked expert j (before capacity) and P_j = mean_i g_ij,
+    1 when balanced. Only P_j carries gradient; f_j counts choices, so the Switch form pushes on
+    the experts that are actually chosen too often, where the report's form pushes on the mean gate."""
     num_tokens, num_experts = logits.shape
     probs = F.softmax(normalize_logits(logits.float(), lam), dim=-1)
     top_values, top_experts = probs.topk(top_k, dim=-1)
@@ -197,7 +206,13 @@ def route(logits: torch.Tensor, top_k: int, capacity: int, lam: float | None) ->
     kept = slots < capacity
     experts = torch.where(kept, top_experts, torch.full_like(top_experts, -1))
 
-    aux_loss = (1.0 / num_experts - probs.mean(0)).pow(2).sum()
+    if balance == "skywork":
+        aux_loss = (1.0 / num_experts - probs.mean(0)).pow(2).sum()
+    elif balance == "switch":
+        chosen = one_hot.sum((0, 1)).float() / (num_tokens * top_k)
+        aux_loss = num_experts * (chosen * probs.mean(0)).sum()
+    else:
+        raise ValueError(f"balance loss {balance!r}: expected 'skywork' or 'switch'")
     with torch.no_grad():
         ranked = probs.topk(min(3, num_experts), dim=-1).values
         stats = {
@@ -225,13 +240,13 @@ class Router(nn.Module):
         self.bias = nn.Parameter(torch.zeros(args.num_experts))
         self.top_k, self.lam = args.top_k, args.gate_norm_lambda
         self.capacity_factor, self.eval_capacity_factor = args.capacity_factor, args.eval_capacity_factor
-        self.min_capacity = args.min_capacity
+        self.min_capacity, self.balance = args.min_capacity, args.balance_loss
 
     def forward(self, x: torch.Tensor) -> Routing:
         logits = F.linear(x.float(), self.weight.float(), self.bias.float())
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         capacity = expert_capacity(x.shape[0], self.weight.shape[0], self.top_k, factor, self.min_capacity)
-        return route(logits, self.top_k, capacity, self.lam)
+        return route(logits, self.top_k, capacity, self.lam, self.balance)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Weights saved before the gate had a bias load with a zero one: the function they computed."""

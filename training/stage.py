@@ -33,7 +33,7 @@ from skymoe.storage import Storage, join
 from skymoe.training.export import export_hf
 from skymoe.training.hf_import import SequenceLengthError, checkpoint_args, import_checkpoint
 from skymoe.training.launch import launch
-from skymoe.training.metrics import peak_override
+from skymoe.training.flops import peak_override
 from skymoe.training.model import ModelArgs, parameter_counts
 from skymoe.training.nodes import NodeBoard
 from skymoe.training.plots import comparison_plot, run_plots

@@ -34,8 +34,8 @@ from skymoe.config import AuxLossConfig, PhaseConfig, StorageConfig
 from skymoe.progress import Progress
 from skymoe.storage import Storage, join
 from skymoe.training import checkpoint
-from skymoe.training.metrics import (RoutingTotals, expert_similarity, spec_peak_tflops, step_model_flops,
-                                     validation_loss)
+from skymoe.training.flops import spec_peak_tflops, step_model_flops
+from skymoe.training.metrics import RoutingTotals, expert_similarity, validation_loss
 from skymoe.training.model import ModelArgs, Transformer
 from skymoe.training.parallel import make_expert_parallel
 from skymoe.training.schedule import learning_rate, next_alpha

@@ -56,6 +56,7 @@ class SkyMoeConfig(PretrainedConfig):
     eval_capacity_factor: float | None = ModelArgs.eval_capacity_factor
     min_capacity: int = ModelArgs.min_capacity
     gate_norm_lambda: float | None = ModelArgs.gate_norm_lambda
+    balance_loss: str = ModelArgs.balance_loss
     init_std: float = ModelArgs.init_std
 
     # The skymoe tokenizer's special tokens: <s>, </s>, <pad> (export writes the exported tokenizer's).
