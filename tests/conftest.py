@@ -183,3 +183,50 @@ def is_verdict(status: str) -> bool:
     from skymoe.ablations.report import NOT_DECIDED, STATUSES
 
     return status in STATUSES or (status.startswith(f"{NOT_DECIDED} (") and status.endswith(")"))
+
+
+def run_two_ranks(worker: str, folder: Path, timeout: float = 120) -> None:
+    """``python -c worker folder`` as ranks 0 and 1 of a gloo world on 127.0.0.1 (DeepSpeed on CPU, one
+    thread each); fails with the tail of a rank's output if either exits non-zero."""
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_RANK": str(rank), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", worker, str(folder)], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, log in zip(procs, logs):
+        assert proc.returncode == 0, log[-3000:]
+
+
+def random_tokens_output(root: Path, name: str, vocab: int, seq_len: int, rows: int) -> str:
+    """A tokenize output as the stage writes it (Arrow rows of seq_len + 1 ids, manifest last) of seeded
+    random ids, for training tests that need real steps, not real text; its URI."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    from skymoe.stage import Manifest, StageRef, write_manifest
+    from skymoe.storage import Storage
+
+    ref = StageRef(str(root), "tokenize", name)
+    ids = np.random.default_rng(0).integers(0, vocab, size=(rows, seq_len + 1)).tolist()
+    table = pa.table({"input_ids": pa.array(ids, type=pa.list_(pa.uint16())),
+                      "doc_starts": pa.array([[0]] * len(ids), type=pa.list_(pa.int32())),
+                      "lang": pa.array(["en"] * len(ids)), "source": pa.array(["random"] * len(ids))})
+    Path(ref.path("train")).mkdir(parents=True)
+    with ipc.new_file(ref.path("train", "random-0000.arrow"), table.schema) as writer:
+        writer.write_table(table)
+    index = [{"path": "train/random-0000.arrow", "split": "train", "lang": "en", "source": "random",
+              "sequences": len(ids), "tokens": len(ids) * (seq_len + 1)}]
+    extra = {"index": index, "mixture": {"en/random": {"repeat": 1.0}}, "seq_len": seq_len, "token_dtype": "uint16"}
+    write_manifest(Storage(), ref, Manifest(stage="tokenize", fingerprint=ref.fingerprint, code_version="test",
+                                            config={}, inputs={}, extra=extra))
+    return ref.uri

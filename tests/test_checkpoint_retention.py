@@ -7,14 +7,10 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.ipc as ipc
 import pytest
 
-from conftest import SMALL_TRAIN
+from conftest import SMALL_TRAIN, random_tokens_output
 from skymoe.config import ParallelConfig, PhaseConfig, load_config
-from skymoe.stage import Manifest, StageRef, write_manifest
 from skymoe.storage import Storage, join
 from skymoe.training.checkpoint import COMPLETE, checkpoints_uri, latest_step, prune, steps_to_delete, tag
 from skymoe.training.launch import launch
@@ -109,21 +105,7 @@ SEQ_LEN, VOCAB = 32, 512
 def tokens_uri(tmp_path_factory) -> str:
     """A tokenize output as the stage writes it (Arrow rows of seq_len + 1 ids, manifest last), of
     seeded random ids: retention needs real training, not real text."""
-    root = tmp_path_factory.mktemp("retention-tokens")
-    ref = StageRef(str(root), "tokenize", "retention")
-    ids = np.random.default_rng(0).integers(0, VOCAB, size=(256, SEQ_LEN + 1)).tolist()
-    table = pa.table({"input_ids": pa.array(ids, type=pa.list_(pa.uint16())),
-                      "doc_starts": pa.array([[0]] * len(ids), type=pa.list_(pa.int32())),
-                      "lang": pa.array(["en"] * len(ids)), "source": pa.array(["random"] * len(ids))})
-    Path(ref.path("train")).mkdir(parents=True)
-    with ipc.new_file(ref.path("train", "random-0000.arrow"), table.schema) as writer:
-        writer.write_table(table)
-    index = [{"path": "train/random-0000.arrow", "split": "train", "lang": "en", "source": "random",
-              "sequences": len(ids), "tokens": len(ids) * (SEQ_LEN + 1)}]
-    extra = {"index": index, "mixture": {"en/random": {"repeat": 1.0}}, "seq_len": SEQ_LEN, "token_dtype": "uint16"}
-    write_manifest(Storage(), ref, Manifest(stage="tokenize", fingerprint=ref.fingerprint, code_version="test",
-                                            config={}, inputs={}, extra=extra))
-    return ref.uri
+    return random_tokens_output(tmp_path_factory.mktemp("retention-tokens"), "retention", VOCAB, SEQ_LEN, rows=256)
 
 
 def run_spec(tokens_uri: str, run_uri: Path, steps: int) -> tuple[RunSpec, ParallelConfig]:

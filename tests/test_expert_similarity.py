@@ -6,15 +6,12 @@ process holding every expert."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import free_port
+from conftest import run_two_ranks
 from skymoe.training.metrics import expert_similarity, mean_pairwise_cosine, project_expert
 from skymoe.training.model import FeedForward, ModelArgs, Transformer
 
@@ -98,22 +95,7 @@ def test_two_expert_parallel_ranks_measure_what_one_process_does(tmp_path):
                     own.copy_(0.6 * first + 0.4 * own)
     torch.save(dataclasses.asdict(ARGS), tmp_path / "args.pt")
     torch.save(model.state_dict(), tmp_path / "state.pt")
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2",
-               "LOCAL_RANK": str(rank), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path)], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [proc.communicate(timeout=120)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for proc, log in zip(procs, logs):
-        assert proc.returncode == 0, log[-3000:]
+    run_two_ranks(WORKER, tmp_path)
 
     one_process = expert_similarity(model)
     assert all(0.2 < value < 0.95 for value in one_process), one_process

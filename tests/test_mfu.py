@@ -7,16 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.ipc as ipc
 import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import SMALL_TRAIN
+from conftest import SMALL_TRAIN, random_tokens_output
 from skymoe.config import PhaseConfig, load_config
-from skymoe.stage import Manifest, StageRef, write_manifest
 from skymoe.storage import Storage
 from skymoe.training.launch import launch
 from skymoe.training.flops import PEAK_ENV, spec_peak_tflops, step_model_flops
@@ -132,20 +128,7 @@ SEQ_LEN, VOCAB = 32, 512
 @pytest.fixture(scope="module")
 def tokens_uri(tmp_path_factory) -> str:
     """A tokenize output as the stage writes it, of seeded random ids (the FLOP count needs no real text)."""
-    ref = StageRef(str(tmp_path_factory.mktemp("mfu-tokens")), "tokenize", "mfu")
-    ids = np.random.default_rng(0).integers(0, VOCAB, size=(128, SEQ_LEN + 1)).tolist()
-    table = pa.table({"input_ids": pa.array(ids, type=pa.list_(pa.uint16())),
-                      "doc_starts": pa.array([[0]] * len(ids), type=pa.list_(pa.int32())),
-                      "lang": pa.array(["en"] * len(ids)), "source": pa.array(["random"] * len(ids))})
-    Path(ref.path("train")).mkdir(parents=True)
-    with ipc.new_file(ref.path("train", "random-0000.arrow"), table.schema) as writer:
-        writer.write_table(table)
-    index = [{"path": "train/random-0000.arrow", "split": "train", "lang": "en", "source": "random",
-              "sequences": len(ids), "tokens": len(ids) * (SEQ_LEN + 1)}]
-    extra = {"index": index, "mixture": {"en/random": {"repeat": 1.0}}, "seq_len": SEQ_LEN, "token_dtype": "uint16"}
-    write_manifest(Storage(), ref, Manifest(stage="tokenize", fingerprint=ref.fingerprint, code_version="test",
-                                            config={}, inputs={}, extra=extra))
-    return ref.uri
+    return random_tokens_output(tmp_path_factory.mktemp("mfu-tokens"), "mfu", VOCAB, SEQ_LEN, rows=128)
 
 
 def run_metrics(tokens_uri: str, folder: Path) -> tuple[ModelArgs, int, list[dict]]:

@@ -9,14 +9,12 @@ import copy
 import dataclasses
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, free_port
+from conftest import free_port, run_two_ranks
 from skymoe.training.model import (
     FeedForward,
     ModelArgs,
@@ -622,22 +620,7 @@ def test_expert_parallel_two_ranks_matches_local(tmp_path):
     batches = [(tiny_ids(args, seed=2 * r), tiny_ids(args, seed=2 * r + 1)) for r in range(2)]
     for rank, batch in enumerate(batches):
         torch.save(batch, tmp_path / f"batch{rank}.pt")
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2",
-               "LOCAL_RANK": str(rank), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-c", EP_WORKER, str(tmp_path)], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [proc.communicate(timeout=120)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for proc, log in zip(procs, logs):
-        assert proc.returncode == 0, log[-3000:]
+    run_two_ranks(EP_WORKER, tmp_path)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
 
     torch.manual_seed(13)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import free_port
 from skymoe.config import load_config
 from skymoe.storage import Storage
 from skymoe.training.launch import TrainLaunchError
@@ -27,12 +27,6 @@ from test_train_stage import config_for, demo_tokens, metrics, plan_train, resum
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = {"dense": {"steps": 4, "warmup_steps": 1}, "upcycled": {"steps": 16, "lr": 2e-3, "warmup_steps": 2},
          "checkpoint_every": 8, "eval_every": 100, "seed": 7}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _start_node(root: Path, log: Path) -> subprocess.Popen:
@@ -72,7 +66,7 @@ def test_two_nodes_train_like_one_and_resume_after_a_node_dies(demo_tokens, tmp_
     reference = run_train(single, storage, resume_tokens(single))
     reference_losses = [row["loss"] for row in metrics(f"{reference.ref.uri}/runs/upcycled") if "loss" in row]
 
-    parallel = {"world_size": 2, "ep_size": 2, "nodes": 2, "master_port": _free_port(), "join_timeout_s": 120}
+    parallel = {"world_size": 2, "ep_size": 2, "nodes": 2, "master_port": free_port(), "join_timeout_s": 120}
     multi = config_for(multi_root, **TRAIN, parallel=parallel)
     plan = plan_train(multi, storage, resume_tokens(multi))
     assert plan.ref.fingerprint == reference.ref.fingerprint  # where ranks run is not what they compute
