@@ -264,8 +264,10 @@ def fake_tokens(tmp_path) -> tuple[Storage, StageRef]:
 def test_report_states_seeds_rules_and_a_findings_table(tmp_path):
     storage, tokens = fake_tokens(tmp_path)
     plan = plan_ablation(load_config(), storage, "aux-coef", tokens, 8, "smoke")
-    alphas = {"fixed-0.01": [0.01, 0.01], "fixed-0.001": [0.001, 0.001], "adaptive": [0.004, 0.01]}
-    drops = {"fixed-0.01": [0.02, 0.2], "fixed-0.001": [0.05, 0.3], "adaptive": [0.02, 0.2]}
+    alphas = {"fixed-0.01": [0.01, 0.01], "fixed-0.001": [0.001, 0.001], "adaptive": [0.004, 0.01],
+              "switch-fixed-0.01": [0.01, 0.01]}
+    drops = {"fixed-0.01": [0.02, 0.2], "fixed-0.001": [0.05, 0.3], "adaptive": [0.02, 0.2],
+             "switch-fixed-0.01": [0.03, 0.25]}
     for run in plan.runs:
         rows = history(10, 6.3 + 0.01 * (run.variant.name == "fixed-0.01") + NOISE[run.seed],
                        val=6.6 + NOISE[run.seed], alpha=alphas[run.variant.name],
