@@ -65,8 +65,10 @@ def test_expert_parallel_training_lowers_loss_and_exports(demo_tokens):
     assert result.ref.root == str(root) and result.manifest.upstream == {"tokenize": tokens_ref.uri}
     assert result.manifest.inputs == {"tokenize": tokens_ref.fingerprint}
     assert result.summary()["export"] == f"{result.ref.uri}/hf"  # what the run summary shows
-    # Dense from random weights falls fast; the upcycled MoE continues from the dense loss and falls further.
-    for name, margin in (("dense", 0.3), ("upcycled", 0.05)):
+    # Dense from random weights falls fast; the upcycled MoE continues from the dense loss and falls further
+    # (by a few hundredths over its 30 steps: train loss on changing batches, so the firm check is the
+    # held-out loss below).
+    for name, margin in (("dense", 0.3), ("upcycled", 0.0)):
         rows = [row for row in metrics(f"{result.ref.uri}/runs/{name}") if "loss" in row]
         assert len(rows) == 30
         first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
@@ -78,7 +80,7 @@ def test_expert_parallel_training_lowers_loss_and_exports(demo_tokens):
     assert validation[0] == pytest.approx(dense_final, rel=1e-5)
     assert {domain.split("/")[0] for domain in validation[0]} == {"en", "zh"}  # loss by language and source
     assert len(validation) == 3  # before the first step, at step 15 and at the end
-    assert sum(validation[-1].values()) < sum(validation[0].values())
+    assert all(validation[-1][domain] < validation[0][domain] for domain in validation[0]), validation
     steps = [row for row in upcycled if "loss" in row]
     for key in ("drop_rate", "alpha", "aux_loss", "max1_max2", "max2_max3", "expert_load"):
         assert len(steps[-1][key]) == 2, key  # one value per MoE layer

@@ -14,6 +14,7 @@ q/k/v biases (``qkv_bias``) and a rescaled RoPE (``rope_freq_scaling``); both ar
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -295,7 +296,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """``seed`` None initialises from the global RNG, in construction order; an int initialises every
+    parameter from (seed, its name) alone (``init_parameters``), as training does."""
+
+    def __init__(self, args: ModelArgs, seed: int | None = None):
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
@@ -304,12 +308,22 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rotary_tables(args.head_dim, args.max_seq_len, args.rope_theta, scaling=args.rope_freq_scaling)
+        self.init_buffers()
+        if seed is None:
+            self.apply(self._init_weights)
+        else:
+            self.init_parameters(seed)
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """The rotary tables (not saved: recomputed), on ``device`` (None: the default device); also what
+        a model built on the meta device calls once it has real storage."""
+        cos, sin = rotary_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device,
+                                 self.args.rope_freq_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
+        """The sequential initialisation from the global RNG (``Transformer(args)`` without a seed)."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.args.init_std)
             if getattr(module, "bias", None) is not None:  # q/k/v biases (qkv_bias) start at zero
@@ -317,6 +331,28 @@ class Transformer(nn.Module):
         elif isinstance(module, Router):
             nn.init.normal_(module.weight, std=self.args.init_std)
             nn.init.zeros_(module.bias)
+
+    @torch.no_grad()
+    def init_parameters(self, seed: int, plain_name=None, only=None) -> None:
+        """Every parameter from ``(seed, its name)`` alone, each with its own generator, with the rules of
+        ``_init_weights`` (Linear/Embedding weights and routers normal(init_std), biases zero, norms one).
+
+        The values do not depend on which other parameters exist or in which order they are built, so a
+        rank holding a slice of the experts creates exactly its slice of the one global model.
+        ``plain_name`` maps a parameter's name in this module to its plain ``Transformer`` name (an
+        expert-parallel model's experts carry their global index there); ``only`` limits it to those
+        plain names. Tied weights are initialised once, under their first name."""
+        seen: set[int] = set()
+        for module_name, module in self.named_modules():
+            for key, param in module.named_parameters(recurse=False):
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                name = f"{module_name}.{key}" if module_name else key
+                name = plain_name(name) if plain_name else name
+                if only is not None and name not in only:
+                    continue
+                param.copy_(initial_value(module, key, tuple(param.shape), self.args.init_std, seed, name))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         seq = input_ids.shape[1]
@@ -340,6 +376,27 @@ class Transformer(nn.Module):
         for moe in self.moe_layers():
             total = total + moe.aux_alpha.float() * moe.last_routing.aux_loss
         return total
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    """The seed of one parameter's own generator: a hash of the run's seed and the parameter's plain name."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def initial_value(module: nn.Module, key: str, shape: tuple[int, ...], std: float, seed: int,
+                  name: str) -> torch.Tensor:
+    """The initial fp32 value of ``module``'s parameter ``key`` (plain name ``name``), drawn on the CPU
+    from its own generator so that it is the same on every rank, device and layout."""
+    if isinstance(module, (nn.Linear, nn.Embedding, Router)):
+        if key == "weight":
+            generator = torch.Generator().manual_seed(parameter_seed(seed, name))
+            return torch.empty(shape, device="cpu").normal_(0.0, std, generator=generator)
+        if key == "bias":  # q/k/v biases (qkv_bias) and the router's bias start at zero
+            return torch.zeros(shape, device="cpu")
+    elif isinstance(module, RMSNorm) and key == "weight":
+        return torch.ones(shape, device="cpu")
+    raise TypeError(f"{name}: no initialisation rule for parameter {key!r} of {type(module).__name__}")
 
 
 # ---------------------------------------------------------------------------------------- sizes

@@ -61,7 +61,9 @@ class ExpertParallelMoE(nn.Module):
         self.moe.deepspeed_moe.gate = RouterGate(local.router, args)
         self.num_local = args.num_experts // ep_size
         for index, expert in enumerate(self.local_experts):
-            expert.load_state_dict(local.experts[self.first_expert + index].state_dict())
+            source = local.experts[self.first_expert + index]
+            if not any(param.is_meta for param in source.parameters()):  # a meta model has nothing to copy
+                expert.load_state_dict(source.state_dict())
         self.register_buffer("aux_alpha", local.aux_alpha.detach().clone())
 
     @property
@@ -89,6 +91,75 @@ def make_expert_parallel(model: Transformer, ep_size: int, ep_rank: int) -> Tran
     return model
 
 
+def build_rank_model(args: ModelArgs, ep_size: int, ep_rank: int) -> Transformer:
+    """The model as this rank holds it, on the meta device: nothing allocated, not even the experts of
+    other ranks. Give it storage with ``materialize``, then values (``Transformer.init_parameters``
+    under ``plain_names``, or tensors read by plain name)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+        if args.num_experts:
+            model = make_expert_parallel(model, ep_size, ep_rank)
+    return model
+
+
+@torch.no_grad()
+def materialize(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """Uninitialised storage on ``device`` for every meta parameter and buffer of ``model``, in place.
+
+    Unlike ``Module.to_empty`` this keeps the attributes DeepSpeed set on the parameter objects (an
+    expert's ``allreduce = False`` and ``group_name``, which keep it out of the data-parallel
+    all-reduce and put it in the expert optimizer groups) and keeps tied weights tied. Buffers become
+    zeros; the model's rotary tables are recomputed."""
+    replaced: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for key, param in list(module._parameters.items()):
+            if param is None or not param.is_meta:
+                continue
+            if id(param) not in replaced:
+                new = nn.Parameter(torch.empty_like(param, device=device), requires_grad=param.requires_grad)
+                new.__dict__.update(param.__dict__)
+                replaced[id(param)] = new
+            module._parameters[key] = replaced[id(param)]
+        for key, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.is_meta:
+                module._buffers[key] = torch.zeros_like(buffer, device=device)
+    if isinstance(model, Transformer):
+        model.init_buffers(device)
+    return model
+
+
+def plain_names(model: torch.nn.Module) -> dict[str, str]:
+    """Every state-dict name of ``model`` -> its plain ``Transformer`` name: the identity for a local
+    model; in an expert-parallel one, routers under ``mlp.router`` and experts under their global index."""
+    moe_modules = {name: module for name, module in model.named_modules() if isinstance(module, ExpertParallelMoE)}
+    names: dict[str, str] = {}
+    for name in model.state_dict(keep_vars=True):
+        owner = next((m for m in moe_modules if name.startswith(m + ".")), None)
+        if owner is None:
+            names[name] = name
+            continue
+        module, inner = moe_modules[owner], name[len(owner) + 1 :]
+        if inner.startswith("moe.deepspeed_moe.gate.router."):
+            names[name] = f"{owner}.router.{inner.rsplit('.', 1)[1]}"
+        elif inner.startswith("moe.deepspeed_moe.experts.deepspeed_experts."):
+            local, rest = inner.removeprefix("moe.deepspeed_moe.experts.deepspeed_experts.").split(".", 1)
+            names[name] = f"{owner}.experts.{module.first_expert + int(local)}.{rest}"
+        else:
+            names[name] = f"{owner}.{inner}"
+    return names
+
+
+def rank_tensors(model: torch.nn.Module, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """This rank's parameters and saved buffers by plain name (a tied weight once, under its first name)."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            tensors[names[name]] = tensor.data
+    return tensors
+
+
 def plain_state_parts(model: Transformer) -> dict[str, dict[str, torch.Tensor]]:
     """This rank's share of the weights under plain ``Transformer`` names, by part name: the shared
     (non-expert) tensors and this rank's experts under their global indices. A rank that is not the
@@ -96,19 +167,10 @@ def plain_state_parts(model: Transformer) -> dict[str, dict[str, torch.Tensor]]:
     shared: dict[str, torch.Tensor] = {}
     experts: dict[str, torch.Tensor] = {}
     moe_modules = {name: module for name, module in model.named_modules() if isinstance(module, ExpertParallelMoE)}
+    names = plain_names(model)
     for name, tensor in model.state_dict().items():
-        owner = next((m for m in moe_modules if name.startswith(m + ".")), None)
-        if owner is None:
-            shared[name] = tensor
-            continue
-        module, inner = moe_modules[owner], name[len(owner) + 1 :]
-        if inner.startswith("moe.deepspeed_moe.gate.router."):
-            shared[f"{owner}.router.{inner.rsplit('.', 1)[1]}"] = tensor
-        elif inner.startswith("moe.deepspeed_moe.experts.deepspeed_experts."):
-            local, rest = inner.removeprefix("moe.deepspeed_moe.experts.deepspeed_experts.").split(".", 1)
-            experts[f"{owner}.experts.{module.first_expert + int(local)}.{rest}"] = tensor
-        else:
-            shared[f"{owner}.{inner}"] = tensor
+        plain = names[name]
+        (experts if ".moe.deepspeed_moe.experts.deepspeed_experts." in name else shared)[plain] = tensor
     parts: dict[str, dict[str, torch.Tensor]] = {}
     if torch.distributed.get_rank() == 0:
         parts[SHARED_PART] = shared

@@ -37,11 +37,11 @@ from skymoe.training import checkpoint
 from skymoe.training.flops import spec_peak_tflops, step_model_flops
 from skymoe.training.metrics import RoutingTotals, expert_similarity, validation_loss
 from skymoe.training.model import ModelArgs, Transformer
-from skymoe.training.parallel import make_expert_parallel
+from skymoe.training.parallel import build_rank_model, materialize, plain_names, rank_tensors
 from skymoe.training.schedule import learning_rate, next_alpha
-from skymoe.training.spec import RunSpec
-from skymoe.training.upcycle import upcycle_state
-from skymoe.training.weights import load_state
+from skymoe.training.spec import RunInit, RunSpec
+from skymoe.training.upcycle import upcycle_into
+from skymoe.training.weights import WeightsReader, load_into
 
 log = logging.getLogger("skymoe.train")
 
@@ -108,20 +108,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ set-up
     def _build_model(self) -> Transformer:
-        init = self.spec.init
-        torch.manual_seed(self.spec.train["seed"])  # identical initial weights on every rank
-        model = Transformer(self.args)
-        if init.kind == "weights":
-            model.load_state_dict(load_state(self.storage, init.uri))
-        elif init.kind == "upcycle":
-            model.load_state_dict(upcycle_state(load_state(self.storage, init.uri), self.args,
-                                                self.spec.train["seed"]))
+        torch.manual_seed(self.spec.train["seed"])  # the global RNG starts the same on every rank
+        ep_size = self.spec.train["parallel"]["ep_size"] if self.args.num_experts else 1
+        model = initial_model(self.args, self.spec.init, self.spec.train["seed"], self.storage, ep_size,
+                              self.rank % ep_size, self.device)
         for moe in model.moe_layers():
             moe.aux_alpha.fill_(self.aux.alpha)
-        if self.args.num_experts:
-            ep_size = self.spec.train["parallel"]["ep_size"]
-            model = make_expert_parallel(model, ep_size, self.rank % ep_size)
-        return model.to(self.device)
+        return model
 
     def _build_engine(self):
         decay, no_decay = [], []
@@ -259,6 +252,33 @@ class Trainer:
 
     def _write_metrics(self, uri: str) -> None:
         self.storage.write_text(uri, "".join(json.dumps(row) + "\n" for row in self.metrics))
+
+
+def initial_model(args: ModelArgs, init: RunInit, seed: int, storage: Storage, ep_size: int, ep_rank: int,
+                  device: torch.device | str = "cpu") -> Transformer:
+    """The starting model as expert-parallel rank ``ep_rank`` of ``ep_size`` holds it, materialised
+    only where the rank holds parameters: built on the meta device, made expert-parallel there, given
+    storage for the shared tensors and its own experts, then filled. Random values come from (seed,
+    plain name) per parameter (``Transformer.init_parameters``); ``weights`` and ``upcycle`` read
+    their folder tensor by tensor by plain name. Every layout therefore starts from the same global
+    weights, and no rank ever holds (or reads) another rank's experts. A dense model (no experts) is
+    the whole model on every rank."""
+    model = materialize(build_rank_model(args, ep_size, ep_rank), device)
+    names = plain_names(model)
+    if init.kind == "random":
+        model.init_parameters(seed, names.__getitem__)
+        return model
+    targets = rank_tensors(model, names)
+    with torch.device("meta"):
+        shapes = {key: tuple(value.shape) for key, value in Transformer(args).state_dict().items()}
+    with WeightsReader(storage, init.uri) as reader:
+        if init.kind == "weights":
+            load_into(reader, targets, shapes)
+        elif init.kind == "upcycle":
+            upcycle_into(reader, targets, shapes, model, names.__getitem__, seed)
+        else:
+            raise ValueError(f"unknown init kind {init.kind!r}")
+    return model
 
 
 def _has_validation(storage: Storage, tokens_uri: str) -> bool:
