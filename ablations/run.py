@@ -11,6 +11,7 @@ interrupted run resumes from its last checkpoint (``skymoe.training.stage.execut
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from skymoe.training.stage import STAGE as TRAIN
 from skymoe.training.stage import PlannedRun, execute_run
 
 log = logging.getLogger("skymoe.ablate")
+
+STEPPED = ("gating-norm", "aux-coef")  # the ablations whose runs all share the size's MoE budget (--steps)
 
 # Train fields that cannot change a run's weights, or that the variant's phase replaces.
 _NOT_FINGERPRINTED = {"seed": True, "log_every": True, "keep_checkpoints": True, "parallel": set(PLACEMENT_FIELDS),
@@ -95,18 +98,32 @@ def size_of(smoke: bool, preset: str | None) -> str:
     return name
 
 
+def size_for(ablation: str, size: str, steps: int | None) -> tuple[Size, str]:
+    """The size ``size`` with its MoE budget set to ``steps`` (None: the size's own), and its label for
+    the report (``cpu``, or ``cpu-960steps`` when the budget was changed: a separate report)."""
+    if steps is None:
+        return SIZES[size], size
+    if ablation not in STEPPED:
+        raise ConfigError(f"--steps sets the MoE budget of {' and '.join(STEPPED)}; {ablation} has its own budgets")
+    if steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {steps}")
+    return dataclasses.replace(SIZES[size], moe_steps=steps), f"{size}-{steps}steps"
+
+
 def seeds_for(seeds: int | None, size: str) -> int:
     """The seeds per variant: as asked, or the size's default (8 for ``cpu``) when None."""
     return SIZES[size].seeds if seeds is None else seeds
 
 
-def check_ablation(config: PipelineConfig, ablation: str, seeds: int | None, size: str) -> None:
-    """Everything that can fail before tokens exist: the ablation name, seeds, and every variant's config."""
+def check_ablation(config: PipelineConfig, ablation: str, seeds: int | None, size: str,
+                   steps: int | None = None) -> None:
+    """Everything that can fail before tokens exist: the ablation name, seeds, steps, and every variant's config."""
     seeds = seeds_for(seeds, size)
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-    train = sized_train(config.train, SIZES[size])
-    for variant in variants(ablation, train, SIZES[size]):
+    sized, _ = size_for(ablation, size, steps)
+    train = sized_train(config.train, sized)
+    for variant in variants(ablation, train, sized):
         variant.train_config(train, 0)
 
 
@@ -116,13 +133,14 @@ def prepare_tokens(config: PipelineConfig, storage: Storage) -> StageRef:
 
 
 def plan_ablation(config: PipelineConfig, storage: Storage, ablation: str, tokens_ref: StageRef, seeds: int | None,
-                  size_name: str) -> AblationPlan:
+                  size_name: str, steps: int | None = None) -> AblationPlan:
     """Every run of ``ablation`` with its fingerprinted folder; cheap, touches no weights.
 
     Runs are paired by seed: run (variant, s) trains with seed s - the initial weights and the data
     order - and an upcycled run starts from the dense run of seed s, so the report can test the
-    per-seed differences between variants. ``seeds`` None = the size's default."""
-    size: Size = SIZES[size_name]
+    per-seed differences between variants. ``seeds`` None = the size's default; ``steps`` None = the
+    size's MoE budget."""
+    size, label = size_for(ablation, size_name, steps)
     seeds = seeds_for(seeds, size_name)
     tokens = read_manifest(storage, tokens_ref)
     if tokens is None:
@@ -156,7 +174,7 @@ def plan_ablation(config: PipelineConfig, storage: Storage, ablation: str, token
             runs.append(AblationRun(ablation, variant, seed, refs[variant.name], variant.train_config(base, seed),
                                     args, tokens_ref.uri, init_uri, read_steps.get(variant.name)))
     tokens_per_step = base.micro_batch_size * base.grad_accum * base.parallel.world_size * seq_len
-    return AblationPlan(ablation, size_name, seeds, tokens_ref, tuple(grid), tuple(runs), tokens_per_step, flops)
+    return AblationPlan(ablation, label, seeds, tokens_ref, tuple(grid), tuple(runs), tokens_per_step, flops)
 
 
 def done_record(storage: Storage, run: AblationRun) -> dict[str, Any] | None:

@@ -21,7 +21,8 @@ from prefect.cache_policies import NO_CACHE
 
 from skymoe.ablations import data_quality
 from skymoe.ablations.report import build_report, write_report
-from skymoe.ablations.run import AblationRun, done_record, execute_plan, plan_ablation, prepare_tokens, train_run
+from skymoe.ablations.run import (AblationRun, done_record, execute_plan, plan_ablation, prepare_tokens, size_for,
+                                  train_run)
 from skymoe.flows.prefect_env import forward_stage_logs  # offline settings: must precede the first Prefect import
 from skymoe.config import StorageConfig, load_config, merge_overrides, run_overrides
 from skymoe.storage import Storage
@@ -47,7 +48,7 @@ def held_out_task(plan: Any, run: AblationRun, storage_config: StorageConfig) ->
 @flow(name="skymoe-ablate", log_prints=True)
 def ablate_flow(ablation: Literal["gating-norm", "aux-coef", "init", "data-quality"], config_path: str | None = None,
                 root: str | None = None, seeds: int | None = None, size: Literal["smoke", "cpu", "gpu"] = "cpu",
-                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                overrides: dict[str, Any] | None = None, steps: int | None = None) -> dict[str, Any]:
     """Train the missing runs of an ablation, then report on all of them.
 
     Args:
@@ -59,15 +60,18 @@ def ablate_flow(ablation: Literal["gating-norm", "aux-coef", "init", "data-quali
             missing runs.
         size: Model and budget: smoke (tests), cpu (~30 min on 2 cores) or gpu.
         overrides: Config values that replace the file's, nested as in the YAML (what `--set a.b=c` gives).
+        steps: Training steps of every run of gating-norm or aux-coef; unset (null) = the size's (cpu 120,
+            gpu 2000). A longer budget is a separate set of runs and report.
     """
     forward_stage_logs()
     started = time.monotonic()
     config = load_config(config_path, merge_overrides(run_overrides(root), overrides or {}))
     storage = Storage.from_config(config.storage)
     if ablation == "data-quality":
+        size_for(ablation, size, steps)  # refuses steps: data-quality has its own budgets
         plan = data_quality.plan_data_quality(config, storage, seeds, size)
     else:
-        plan = plan_ablation(config, storage, ablation, prepare_tokens(config, storage), seeds, size)
+        plan = plan_ablation(config, storage, ablation, prepare_tokens(config, storage), seeds, size, steps)
 
     def runner(run: AblationRun) -> dict[str, Any]:
         fresh = done_record(storage, run) is None
@@ -83,7 +87,7 @@ def ablate_flow(ablation: Literal["gating-norm", "aux-coef", "init", "data-quali
     create_markdown_artifact(key=f"ablate-{ablation}", markdown=report.inlined(), description=report.title)
     create_table_artifact(key=f"ablate-{ablation}-table", table=report.table, description=report.title)
     log.info("ablate %s: report at %s/report.md", ablation, uri)
-    summary = {"ablation": ablation, "size": size, "seeds": plan.seeds, "report": f"{uri}/report.md",
+    summary = {"ablation": ablation, "size": plan.size, "seeds": plan.seeds, "report": f"{uri}/report.md",
                "runs": len(plan.runs), "trained": trained, "cached": len(plan.runs) - len(trained),
                "table": report.table, "findings": report.findings}
     if ablation == "data-quality":

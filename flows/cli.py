@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="seeds per variant (default: the size's, cpu 8, gpu 4, smoke 1); more seeds add runs")
     ablate.add_argument("--smoke", action="store_true", help="a handful of steps of a 2-layer model (tests)")
     ablate.add_argument("--preset", choices=("cpu", "gpu"), help="size: cpu (default, ~30 min on 2 cores) or gpu")
+    ablate.add_argument("--steps", type=int, default=None,
+                        help="training steps of every gating-norm or aux-coef run (default: the size's, cpu 120, "
+                             "gpu 2000); a longer budget gets its own runs and report")
     _add_set_and_json(ablate)
 
     incremental = commands.add_parser("incremental", help="run the pipeline on input files new since the last "
@@ -187,7 +190,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
-    from skymoe.ablations.run import check_ablation, size_of
+    from skymoe.ablations.run import check_ablation, size_for, size_of
     from skymoe.pipeline import check_stages
     from skymoe.storage import Storage
 
@@ -198,15 +201,16 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     if args.ablation == "data-quality":
         from skymoe.ablations.data_quality import check
 
+        size_for(args.ablation, size, args.steps)  # refuses --steps: data-quality has its own budgets
         check(config, args.seeds, size)
     else:
-        check_ablation(config, args.ablation, args.seeds, size)
+        check_ablation(config, args.ablation, args.seeds, size, args.steps)
     check_stages(config, Storage.from_config(config.storage), ("clean", "tokenize"))
     from skymoe.flows.ablate import ablate_flow
 
     with _command_flow_runs(), contextlib.redirect_stdout(sys.stderr):  # a flow's prints are log, not result
         summary = ablate_flow(ablation=args.ablation, config_path=args.config, root=args.root, seeds=args.seeds,
-                              size=size, overrides=overrides)
+                              size=size, overrides=overrides, steps=args.steps)
     _print_summary(summary, args.json)
     return 0
 

@@ -110,3 +110,5 @@ def test_init_upcycles_from_dense_checkpoints(prefect_env, ablate_root):
 def test_bad_arguments_fail_before_prefect(ablate_root, capsys):
     assert main(["ablate", "gating-norm", "--config", str(ablate_root), "--seeds", "0"]) == 2
     assert "--seeds must be >= 1" in capsys.readouterr().err
+    assert main(["ablate", "data-quality", "--config", str(ablate_root), "--steps", "50"]) == 2
+    assert "--steps sets the MoE budget of gating-norm and aux-coef" in capsys.readouterr().err

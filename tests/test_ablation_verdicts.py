@@ -25,9 +25,9 @@ from skymoe.ablations.report import (
     decide,
     t_interval,
 )
-from skymoe.ablations.run import AblationPlan, plan_ablation
-from skymoe.ablations.variants import SIZES, sized_train, variants
-from skymoe.config import load_config
+from skymoe.ablations.run import AblationPlan, plan_ablation, size_for
+from skymoe.ablations.variants import AUX_COEF_CAPACITY_FACTOR, SIZES, sized_train, variants
+from skymoe.config import ConfigError, load_config
 from skymoe.stage import Manifest, StageRef, write_manifest
 from skymoe.storage import Storage
 from skymoe.training.model import Transformer
@@ -299,9 +299,31 @@ def test_runs_are_paired_by_seed(tmp_path):
     assert gating.seeds == SIZES["smoke"].seeds
     first = {}
     for run in gating.runs:
-        torch.manual_seed(run.train.seed)  # as the trainer builds its model
-        state = Transformer(run.args).state_dict()
+        state = Transformer(run.args, seed=run.train.seed).state_dict()  # as the trainer initialises it
         if run.seed in first:
             assert all(torch.equal(state[k], first[run.seed][k]) for k in state), run.label
         first.setdefault(run.seed, state)
     assert SIZES["cpu"].seeds >= 8
+
+
+def test_steps_set_the_moe_budget_in_runs_and_a_report_of_their_own(tmp_path):
+    storage, tokens = fake_tokens(tmp_path)
+    config = load_config()
+    default = plan_ablation(config, storage, "gating-norm", tokens, 1, "smoke")
+    longer = plan_ablation(config, storage, "gating-norm", tokens, 1, "smoke", steps=40)
+    assert {run.variant.phase.steps for run in default.runs} == {SIZES["smoke"].moe_steps}
+    assert {run.variant.phase.steps for run in longer.runs} == {40}
+    assert longer.size == "smoke-40steps" and longer.report_uri != default.report_uri
+    assert not {run.uri for run in longer.runs} & {run.uri for run in default.runs}  # never mixed with the short runs
+    for ablation in ("init", "data-quality"):
+        with pytest.raises(ConfigError, match="--steps sets the MoE budget"):
+            size_for(ablation, "smoke", 40)
+    with pytest.raises(ConfigError, match="--steps must be >= 1"):
+        size_for("aux-coef", "smoke", 0)
+
+
+def test_every_aux_coef_arm_runs_at_the_capacity_where_the_rule_acts(tmp_path):
+    storage, tokens = fake_tokens(tmp_path)
+    plan = plan_ablation(load_config(), storage, "aux-coef", tokens, 1, "smoke")
+    assert {run.train.moe.capacity_factor for run in plan.runs} == {AUX_COEF_CAPACITY_FACTOR}
+    assert AUX_COEF_CAPACITY_FACTOR > 1.25  # above the default, where every layer dropped more than 5%
