@@ -185,15 +185,15 @@ def is_verdict(status: str) -> bool:
     return status in STATUSES or (status.startswith(f"{NOT_DECIDED} (") and status.endswith(")"))
 
 
-def run_two_ranks(worker: str, folder: Path, timeout: float = 120) -> None:
-    """``python -c worker folder`` as ranks 0 and 1 of a gloo world on 127.0.0.1 (DeepSpeed on CPU, one
-    thread each); fails with the tail of a rank's output if either exits non-zero."""
+def run_two_ranks(worker: str, folder: Path, *args: str, timeout: float = 120) -> None:
+    """``python -c worker folder *args`` as ranks 0 and 1 of a gloo world on 127.0.0.1 (DeepSpeed on CPU,
+    one thread each); fails with the tail of a rank's output if either exits non-zero."""
     port = str(free_port())
     procs = []
     for rank in range(2):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2",
                "LOCAL_RANK": str(rank), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-c", worker, str(folder)], cwd=REPO, env=env,
+        procs.append(subprocess.Popen([sys.executable, "-c", worker, str(folder), *args], cwd=REPO, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         logs = [proc.communicate(timeout=timeout)[0] for proc in procs]

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, free_port
+from conftest import REPO, run_two_ranks
 from skymoe.storage import Storage
 from skymoe.training.model import ModelArgs, Transformer
 from skymoe.training.spec import RunInit
@@ -222,22 +222,7 @@ def test_two_ranks_built_from_meta_compute_the_one_rank_model(tmp_path):
                              generator=torch.Generator().manual_seed(rank)) for rank in range(2)]
     for rank, ids in enumerate(batches):
         torch.save(ids, tmp_path / f"ids{rank}.pt")
-    port, procs = str(free_port()), []
-    for rank in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2",
-               "LOCAL_RANK": str(rank), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-c", TWO_RANKS, str(tmp_path), json.dumps(args.to_dict()),
-                                       str(SEED)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [proc.communicate(timeout=120)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for proc, log in zip(procs, logs):
-        assert proc.returncode == 0, log[-3000:]
+    run_two_ranks(TWO_RANKS, tmp_path, json.dumps(args.to_dict()), str(SEED))
     local = Transformer(args, seed=SEED).train()
     with torch.no_grad():
         for rank, ids in enumerate(batches):
