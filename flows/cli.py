@@ -190,7 +190,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
-    from skymoe.ablations.run import check_ablation, size_for, size_of
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed, imported here, logs to the stdout it finds first
+        from skymoe.ablations.run import check_ablation, size_for, size_of
     from skymoe.pipeline import check_stages
     from skymoe.storage import Storage
 

@@ -8,6 +8,8 @@ import io
 import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,6 +107,14 @@ def test_init_upcycles_from_dense_checkpoints(prefect_env, ablate_root):
     assert numbers(run["final expert similarity"])[0] > 0.9
     winners = [f for f in summary["findings"] if "initialisation wins" in f["finding"]]
     assert len(winners) == 2 and all("winner" in f["measured"] for f in winners)
+
+
+def test_stdout_holds_only_the_result(ablate_root):
+    """DeepSpeed's import-time log line (its accelerator choice) goes to stderr, not into the JSON on stdout."""
+    done = subprocess.run([sys.executable, "-m", "skymoe.flows.cli", "ablate", "gating-norm", "--config",
+                           str(ablate_root), "--seeds", "0", "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == "", done.stdout
+    assert "--seeds must be >= 1" in done.stderr
 
 
 def test_bad_arguments_fail_before_prefect(ablate_root, capsys):
