@@ -59,7 +59,7 @@ def test_custom_run_from_the_ui_shows_stage_artifacts(tmp_path, small_corpus):
                 # Back on the deployment page the new run is listed: open it as a user would.
                 page.get_by_role("link", name=run.name, exact=True).first.click()
                 page.wait_for_url(f"**/runs/flow-run/{run.id}*")
-                deadline = time.monotonic() + 300
+                deadline = time.monotonic() + 600  # clean + tokenize of the small corpus; 2 contended cores
                 while not run.state.is_final() and time.monotonic() < deadline:
                     time.sleep(2)
                     run = client.read_flow_run(run.id)
