@@ -20,7 +20,8 @@ from typing import Any
 
 from skymoe.config import PipelineConfig
 from skymoe.plots import bar_chart_png, figure_png
-from skymoe.stage import Continuation, Manifest, Plan, Stage, StageOutput, StageRef, fingerprint, read_manifest
+from skymoe.stage import (Continuation, Manifest, Plan, Stage, StageOutput, StageRef, folder_entries, fingerprint,
+                          read_manifest, shard_entry)
 from skymoe.storage import Storage, join
 
 log = logging.getLogger("skymoe.evaluate")
@@ -125,7 +126,10 @@ def _evaluate(config: PipelineConfig, storage: Storage, ref: StageRef, target: E
         counts={"suites": len(scores), "items": outcome.items},
         extra={"label": target.label, "step": target.step, "tokens": target.tokens, "scores": scores, "table": table,
                "previous": previous and previous["uri"], "settings_digest": target.settings_digest,
-               "model": target.weights_uri, "plots": ["scores.png"], "summary": {"scores": table}})
+               "model": target.weights_uri, "plots": ["scores.png"], "summary": {"scores": table},
+               "files": [shard_entry(storage, ref.path("results.json"), ref),
+                         *folder_entries(storage, ref, ref.path("samples")),
+                         shard_entry(storage, ref.path("scores.png"), ref)]})
 
 
 def progress_plot(points: list[tuple[int, dict[str, float]]]) -> bytes | None:

@@ -249,6 +249,12 @@ def shard_entry(storage: Storage, uri: str, ref: StageRef, **extra: Any) -> dict
     }
 
 
+def folder_entries(storage: Storage, ref: StageRef, folder_uri: str) -> list[dict[str, Any]]:
+    """Manifest lines for every file under a folder of the output (a tokenizer, trained weights,
+    evaluation results): what a stage serves besides its shards, listed so reuse checks it too."""
+    return [shard_entry(storage, uri, ref) for uri in storage.files(folder_uri)]
+
+
 class DoneRecords:
     """Per-shard completion records of one phase of a stage (``_done/<phase>/<shard>.json``)."""
 

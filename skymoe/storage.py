@@ -101,6 +101,14 @@ class Storage:
         entries = self._retry(lambda: fs.ls(path, detail=False))
         return sorted(join(uri, os.path.basename(e.rstrip("/"))) for e in entries if e.rstrip("/") != path.rstrip("/"))
 
+    def files(self, uri: str) -> list[str]:
+        """Every file under a folder or prefix, recursively, as full URIs, sorted; empty when absent."""
+        fs, path = self.fs(uri)
+        found = self._retry(lambda: fs.find(path, detail=True))
+        root = path.rstrip("/")
+        return sorted(join(uri, name[len(root) + 1:]) for name, info in found.items()
+                      if info.get("type") != "directory" and name.startswith(root + "/"))
+
     def expand(self, pattern: str, hidden: bool = False) -> list[str]:
         """Files named by a file URI, a folder (recursively) or a glob, as sorted full URIs.
 

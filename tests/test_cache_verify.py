@@ -143,6 +143,21 @@ def test_deleted_token_file_is_rebuilt_from_its_unit_alone(out, caplog):
     assert any("tokenize/encode: 1 of" in r.getMessage() for r in caplog.records)
 
 
+def test_a_damaged_tokenizer_reruns_the_whole_tokenize_stage(out, caplog):
+    """Every token file was encoded with that tokenizer, so no unit's done-record vouches for it: the
+    stage reruns, and training the tokenizer again on the same text gives the same files."""
+    tokens = _output(out["root"], "tokenize")
+    fresh = _listed(tokens)
+    tokenizer = {entry["path"]: entry["checksum"] for entry in _manifest(tokens).extra["files"]}
+    assert "tokenizer/tokenizer.json" in tokenizer
+    (tokens / "tokenizer" / "tokenizer.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="skymoe"):
+        assert _run(out) == {"clean": True, "tokenize": False}
+    assert "tokenizer/tokenizer.json: missing" in caplog.text and "the stage reruns" in caplog.text
+    assert _on_disk(tokens) == _listed(tokens) == fresh
+    assert {entry["path"]: entry["checksum"] for entry in _manifest(tokens).extra["files"]} == tokenizer
+
+
 def test_a_flipped_byte_of_the_same_size_is_caught_by_checksums(out, monkeypatch, caplog):
     tokens = _output(out["root"], "tokenize")
     fresh = _listed(tokens)

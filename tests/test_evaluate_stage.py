@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from conftest import CORPUS, SMALL_EVALUATE, SMALL_TRAIN, run_stage, write_confi
 from skymoe.config import ConfigError, load_config
 from skymoe.evaluation.stage import STAGE as EVALUATE
 from skymoe.evaluation.stage import EvaluateError, check_inputs
-from skymoe.stage import run_plan
+from skymoe.stage import Manifest, check_output, run_plan
 from skymoe.storage import Storage
 
 TRAIN = {**SMALL_TRAIN, "dense": {"steps": 6, "warmup_steps": 1},
@@ -97,6 +98,68 @@ def test_hf_model_class_gives_the_same_multiple_choice_scores(trained):
         (plan,) = plan_evaluate(config, storage, train_ref)
         scores[model] = run_plan(EVALUATE, plan, storage).manifest.extra["scores"]
     assert scores["skymoe"] == scores["hf"]
+
+
+def test_damaged_train_and_evaluate_outputs_are_rebuilt_from_what_is_intact(trained, caplog):
+    """Verified reuse covers what train and evaluate serve (each run's final weights, the export,
+    the results): a damaged file is not served, and is remade from the done-records that do not
+    name it, with the same bytes."""
+    root, train_ref = trained
+    config = config_for(root)
+    storage = Storage.from_config(config.storage)
+    out = Path(train_ref.uri)
+    listed = {entry["path"]: entry["checksum"] for entry in _manifest(out).extra["files"]}
+    runs = sorted(_manifest(out).extra["runs"])
+    assert runs == ["dense", "upcycled"]
+    assert {path.split("/")[0] for path in listed} == {"runs", "hf"}
+    assert {path.split("/")[1] for path in listed if path.startswith("runs/")} == set(runs)
+    records = {name: out / "_done" / "runs" / f"{name}.json" for name in runs}
+    written = {name: record.stat().st_mtime_ns for name, record in records.items()}
+
+    def rebuild_train(damaged: str) -> None:
+        (out / damaged).unlink()
+        found = check_output(storage, train_ref)
+        assert found.state == "damaged" and found.problems() == [f"{damaged}: missing"]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="skymoe"):
+            (train,) = run_stage("train", config, storage, {"tokenize": _tokens_ref(config, storage)})
+        assert not train.cached and train.ref == train_ref
+        assert f"{damaged}: missing" in caplog.text
+        assert {entry["path"]: entry["checksum"] for entry in train.manifest.extra["files"]} == listed
+
+    # The export alone is redone: no run is trained or resumed.
+    rebuild_train(next(path for path in listed if path.startswith("hf/") and path.endswith(".safetensors")))
+    assert {name: record.stat().st_mtime_ns for name, record in records.items()} == written
+    # One run's final weights: that run resumes from its last checkpoint and writes them again.
+    rebuild_train(next(path for path in listed if path.startswith("runs/dense/final/")))
+    assert records["upcycled"].stat().st_mtime_ns == written["upcycled"]
+    assert records["dense"].stat().st_mtime_ns != written["dense"]
+
+    (plan,) = plan_evaluate(config_for(root, suites={"mmlu": {"limit": 1}}, checkpoint_every=None), storage,
+                            train_ref)
+    first = run_plan(EVALUATE, plan, storage)
+    results = {entry["path"] for entry in first.manifest.extra["files"]}
+    assert {"results.json", "scores.png"} < results and any(path.startswith("samples/") for path in results)
+    flipped = Path(plan.ref.uri, "results.json")
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 1  # same size: only the checksum, taken on every reuse of a small output, sees it
+    flipped.write_bytes(bytes(data))
+    assert check_output(storage, plan.ref).state == "damaged"
+    again = run_plan(EVALUATE, plan, storage)
+    assert not again.cached and again.manifest.extra["scores"] == first.manifest.extra["scores"]
+    assert run_plan(EVALUATE, plan, storage).cached
+
+
+def _manifest(folder: Path) -> Manifest:
+    return Manifest.from_json((folder / "manifest.json").read_text(encoding="utf-8"))
+
+
+def _tokens_ref(config, storage: Storage):
+    """The tokenize output the fixture made (a cache hit, as is the clean output under it)."""
+    (clean,) = run_stage("clean", config, storage)
+    (tokens,) = run_stage("tokenize", config, storage, {"clean": clean.ref})
+    assert clean.cached and tokens.cached
+    return tokens.ref
 
 
 def test_bad_inputs_fail_clearly(trained, tmp_path):

@@ -28,7 +28,8 @@ from typing import TypeVar
 
 from skymoe.config import (PLACEMENT_FIELDS, PhaseConfig, PipelineConfig, StorageConfig, TokenizeConfig, TrainConfig,
                            describe_path)
-from skymoe.stage import Continuation, DoneRecords, Plan, Stage, StageOutput, StageRef, read_manifest
+from skymoe.stage import (Continuation, DoneRecords, Plan, Stage, StageOutput, StageRef, folder_entries,
+                          read_manifest)
 from skymoe.storage import Storage, join
 from skymoe.training.export import export_hf
 from skymoe.training.hf_import import SequenceLengthError, checkpoint_args, import_checkpoint
@@ -187,15 +188,24 @@ def _run(config: PipelineConfig, storage: Storage, ref: StageRef, work: TrainWor
         for run in work.runs:
             if done.get(run.name) is None:
                 args = work.moe_args if run.moe else work.dense_args
-                done.mark(run.name, execute_run(train, config.storage, work.tokens_ref.uri, ref.path("runs", run.name),
-                                                args, run, Path(scratch),
-                                                protect_every_steps=protect if run.name == work.export else None))
+                summary = execute_run(train, config.storage, work.tokens_ref.uri, ref.path("runs", run.name), args,
+                                      run, Path(scratch),
+                                      protect_every_steps=protect if run.name == work.export else None)
+                done.mark(run.name, summary | {"files": _paths(folder_entries(storage, ref, _final(ref, run.name)))})
     summaries = {run.name: done.get(run.name) for run in work.runs}
     timings = {"runs": round(time.monotonic() - started, 3)}
 
     export_uri = ref.path("hf")
-    export_hf(storage, join(ref.path("runs", work.export), "final", "weights"),
-              join(work.tokens_ref.uri, "tokenizer"), export_uri)
+    exported = DoneRecords(storage, ref, "export")
+    if exported.get("hf") is None:
+        export_hf(storage, join(_final(ref, work.export), "weights"), join(work.tokens_ref.uri, "tokenizer"),
+                  export_uri)
+        exported.mark("hf", {"run": work.export, "files": _paths(folder_entries(storage, ref, export_uri))})
+    # What later stages and generations read: each run's final weights and the export. Listed for
+    # verified reuse; a damaged file drops only the done-record that names it (a run resumes from its
+    # last checkpoint and writes its final weights again, the export is redone).
+    served = [entry for run in work.runs for entry in folder_entries(storage, ref, _final(ref, run.name))]
+    served += folder_entries(storage, ref, export_uri)
     counts = {"dense_params": parameter_counts(work.dense_args)["total"],
               "moe_params_total": parameter_counts(work.moe_args)["total"],
               "moe_params_activated": parameter_counts(work.moe_args)["activated"]}
@@ -209,9 +219,18 @@ def _run(config: PipelineConfig, storage: Storage, ref: StageRef, work: TrainWor
                 counts[f"{name}_{key}"] = round(summary[key], 4)
     log.info("train: %s exported to %s", work.export, export_uri)
     return StageOutput(counts=counts, timings=timings, extra={
-        "runs": summaries, "export": "hf", "exported_run": work.export, "plots": _plots(storage, ref, work),
+        "runs": summaries, "export": "hf", "exported_run": work.export, "files": served,
+        "plots": _plots(storage, ref, work),
         "dense_args": work.dense_args.to_dict(), "moe_args": work.moe_args.to_dict(),
         "summary": {"export": export_uri}})
+
+
+def _final(ref: StageRef, run: str) -> str:
+    return ref.path("runs", run, "final")
+
+
+def _paths(entries: list[dict]) -> list[str]:
+    return [entry["path"] for entry in entries]
 
 
 def execute_run(train: TrainConfig, storage_config: StorageConfig, tokens_uri: str, run_uri: str, args: ModelArgs,

@@ -48,7 +48,8 @@ from skymoe.pipelines.tokenize.tokenizer import (
 )
 from skymoe.config import ExecutorConfig, PipelineConfig, TokenizeConfig, describe_path
 from skymoe.progress import Progress
-from skymoe.stage import Continuation, DoneRecords, Plan, Stage, StageOutput, StageRef, read_manifest
+from skymoe.stage import (Continuation, DoneRecords, Plan, Stage, StageOutput, StageRef, folder_entries,
+                          read_manifest)
 from skymoe.storage import Storage
 
 SPLITS = ("train", "validation")
@@ -410,6 +411,9 @@ def _output(config: TokenizeConfig, storage: Storage, ref: StageRef, work: Token
         counts=dict(counts), shards=shards, timings=timings,
         extra={"index": index, "mixture": mixture, "seq_len": config.seq_len, "token_dtype": str(dtype),
                "vocab_size": vocab_size, "tokenizer": "tokenizer", "base": work.base and work.base.uri,
+               # Listed for verified reuse. No done-record names them: the shards were encoded with
+               # this tokenizer, so a damaged one reruns the whole stage rather than training another.
+               "files": folder_entries(storage, ref, ref.path("tokenizer")),
                "plots": _plots(storage, ref, mixture)},
     )
 
