@@ -442,7 +442,7 @@ def plan_data_quality(config: PipelineConfig, storage: Storage, seeds: int | Non
         raise ConfigError(f"ablate {ABLATION}: the variants' tokens differ in sequence length or vocabulary {shapes}")
     from skymoe.training.model import training_flops_per_token
     from skymoe.training.presets import dense_shape, with_moe
-    from skymoe.training.stage import STAGE as TRAIN
+    from skymoe.training.runs import RUN_CODE_VERSION
 
     (seq_len, vocab), = shapes
     grid, runs = [], []
@@ -455,7 +455,7 @@ def plan_data_quality(config: PipelineConfig, storage: Storage, seeds: int | Non
                     "phase": variant.phase.model_dump(mode="json"), "moe": True, "model": args.to_dict(),
                     "init": variant.init, "source_step": None}
         ref = StageRef(item.tokens.root, f"ablate/{ABLATION}",
-                       fingerprint(f"ablate-{ABLATION}", TRAIN.code_version, settings,
+                       fingerprint(f"ablate-{ABLATION}", RUN_CODE_VERSION, settings,
                                    {"tokenize": item.tokens.fingerprint}))
         runs += [AblationRun(ABLATION, variant, seed, ref, variant.train_config(base, seed), args, item.tokens.uri,
                              None) for seed in range(seeds)]

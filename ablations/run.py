@@ -3,10 +3,10 @@
 Tokens come from the clean and tokenize stages (cached under the same root, so shared with
 ``skymoe run``). Each variant's runs live at ``<root>/ablate/<ablation>/<fingerprint>/seed-<s>/``;
 the fingerprint covers what changes the trained weights (the variant's train settings, phase,
-initialisation, model shape, the tokens and the training code) but not the seed, so asking for
-more seeds adds folders next to the finished ones. A finished run leaves a done-record
-(``_done/seeds/seed-<s>.json``) after its weights and metrics: a rerun skips it, and an
-interrupted run resumes from its last checkpoint (``skymoe.training.stage.execute_run``).
+initialisation, model shape, the tokens and the code a run executes, ``RUN_CODE_VERSION``) but not
+the seed, so asking for more seeds adds folders next to the finished ones. A finished run leaves a
+done-record (``_done/seeds/seed-<s>.json``) after its weights and metrics: a rerun skips it, and an
+interrupted run resumes from its last checkpoint (``skymoe.training.runs.execute_run``).
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ from skymoe.training.checkpoint import checkpoints_uri, tag
 from skymoe.training.model import ModelArgs, training_flops_per_token
 from skymoe.training.presets import dense_shape, with_moe
 from skymoe.training.spec import RunInit
-from skymoe.training.stage import STAGE as TRAIN
-from skymoe.training.stage import PlannedRun, execute_run
+from skymoe.training.runs import RUN_CODE_VERSION, PlannedRun, execute_run
 
 log = logging.getLogger("skymoe.ablate")
 
@@ -164,7 +163,7 @@ def plan_ablation(config: PipelineConfig, storage: Storage, ablation: str, token
         if variant.source is not None:
             inputs["source"] = refs[variant.source].fingerprint
         refs[variant.name] = StageRef(tokens_ref.root, f"ablate/{ablation}",
-                                      fingerprint(f"ablate-{ablation}", TRAIN.code_version, settings, inputs))
+                                      fingerprint(f"ablate-{ablation}", RUN_CODE_VERSION, settings, inputs))
         for seed in range(seeds):
             init_uri = None
             if variant.source is not None:

@@ -4,7 +4,7 @@ tokens/s, MFU, peak memory, the loss curve and whether the resumed run continued
 
 What runs is the train stage's own machinery without Prefect or the clean stage:
 ``skymoe.training.launch.launch`` (torchrun, one rank, ep_size 1, ZeRO-1) on a ``RunSpec`` with
-``RunInit("upcycle", <dense weights>)``, as ``training/stage.py``'s ``execute_run`` builds it.
+``RunInit("upcycle", <dense weights>)``, as ``training/runs.py``'s ``execute_run`` builds it.
 
 Data: ``--tokens DIR`` reuses a finished tokenize output (its manifest and Arrow shards); without
 it, a token folder in the layout the trainer reads (Arrow shards written with the tokenize stage's

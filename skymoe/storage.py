@@ -107,7 +107,7 @@ class Storage:
         found = self._retry(lambda: fs.find(path, detail=True))
         root = path.rstrip("/")
         return sorted(join(uri, name[len(root) + 1:]) for name, info in found.items()
-                      if info.get("type") != "directory" and name.startswith(root + "/"))
+                      if info.get("type") == "file" and name.startswith(root + "/") and not name.endswith("/"))
 
     def expand(self, pattern: str, hidden: bool = False) -> list[str]:
         """Files named by a file URI, a folder (recursively) or a glob, as sorted full URIs.

@@ -17,6 +17,7 @@ from skymoe.evaluation.stage import STAGE as EVALUATE
 from skymoe.evaluation.stage import EvaluateError, check_inputs
 from skymoe.stage import Manifest, check_output, run_plan
 from skymoe.storage import Storage
+from skymoe.training.stage import STAGE as TRAIN_STAGE
 
 TRAIN = {**SMALL_TRAIN, "dense": {"steps": 6, "warmup_steps": 1},
          "upcycled": {"steps": 9, "lr": 2e-3, "warmup_steps": 1}, "checkpoint_every": 3, "eval_every": 100}
@@ -100,7 +101,7 @@ def test_hf_model_class_gives_the_same_multiple_choice_scores(trained):
     assert scores["skymoe"] == scores["hf"]
 
 
-def test_damaged_train_and_evaluate_outputs_are_rebuilt_from_what_is_intact(trained, caplog):
+def test_damaged_train_and_evaluate_outputs_are_rebuilt_from_what_is_intact(trained, caplog, monkeypatch):
     """Verified reuse covers what train and evaluate serve (each run's final weights, the export,
     the results): a damaged file is not served, and is remade from the done-records that do not
     name it, with the same bytes."""
@@ -109,45 +110,63 @@ def test_damaged_train_and_evaluate_outputs_are_rebuilt_from_what_is_intact(trai
     storage = Storage.from_config(config.storage)
     out = Path(train_ref.uri)
     listed = {entry["path"]: entry["checksum"] for entry in _manifest(out).extra["files"]}
-    runs = sorted(_manifest(out).extra["runs"])
-    assert runs == ["dense", "upcycled"]
+    runs, exported = sorted(_manifest(out).extra["runs"]), _manifest(out).extra["exported_run"]
+    assert runs == ["dense", "upcycled"] and exported == "upcycled"
     assert {path.split("/")[0] for path in listed} == {"runs", "hf"}
     assert {path.split("/")[1] for path in listed if path.startswith("runs/")} == set(runs)
-    records = {name: out / "_done" / "runs" / f"{name}.json" for name in runs}
-    written = {name: record.stat().st_mtime_ns for name, record in records.items()}
+    records = {**{name: out / "_done" / "runs" / f"{name}.json" for name in runs},
+               "export": out / "_done" / "export" / "hf.json"}
 
-    def rebuild_train(damaged: str) -> None:
-        (out / damaged).unlink()
-        found = check_output(storage, train_ref)
-        assert found.state == "damaged" and found.problems() == [f"{damaged}: missing"]
+    def weights(folder: str) -> str:
+        return next(path for path in listed if path.startswith(folder) and path.endswith(".safetensors"))
+
+    def rebuild(*, verify: bool = False) -> set[str]:
+        """Train again; the done-records it rewrote."""
+        written = {name: record.stat().st_mtime_ns for name, record in records.items()}
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="skymoe"):
-            (train,) = run_stage("train", config, storage, {"tokenize": _tokens_ref(config, storage)})
+            [plan] = TRAIN_STAGE.plan(config, storage, {"tokenize": _tokens_ref(config, storage)})
+            train = run_plan(TRAIN_STAGE, plan, storage, verify=verify)
         assert not train.cached and train.ref == train_ref
-        assert f"{damaged}: missing" in caplog.text
         assert {entry["path"]: entry["checksum"] for entry in train.manifest.extra["files"]} == listed
+        assert check_output(storage, train_ref, verify=True).intact
+        return {name for name, record in records.items() if record.stat().st_mtime_ns != written[name]}
 
-    # The export alone is redone: no run is trained or resumed.
-    rebuild_train(next(path for path in listed if path.startswith("hf/") and path.endswith(".safetensors")))
-    assert {name: record.stat().st_mtime_ns for name, record in records.items()} == written
-    # One run's final weights: that run resumes from its last checkpoint and writes them again.
-    rebuild_train(next(path for path in listed if path.startswith("runs/dense/final/")))
-    assert records["upcycled"].stat().st_mtime_ns == written["upcycled"]
-    assert records["dense"].stat().st_mtime_ns != written["dense"]
+    # A deleted export is exported again; no run is trained or resumed.
+    (out / weights("hf/")).unlink()
+    assert check_output(storage, train_ref).problems() == [f"{weights('hf/')}: missing"]
+    assert rebuild() == {"export"} and f"{weights('hf/')}: missing" in caplog.text
+    # One run's deleted final weights: that run resumes from its last checkpoint and writes them again.
+    (out / weights("runs/dense/final/")).unlink()
+    assert rebuild() == {"dense"}
+    # A same-size change to the exported run's weights, in an output checked by size (as a large one
+    # is): found by checksum with verify, or before the export is redone; never exported and vouched for.
+    monkeypatch.setattr("skymoe.stage.SMALL_OUTPUT_BYTES", 0)
+    flip(out / weights(f"runs/{exported}/final/"))
+    assert check_output(storage, train_ref).intact and not check_output(storage, train_ref, verify=True).intact
+    assert rebuild(verify=True) == {exported, "export"}
+    flip(out / weights(f"runs/{exported}/final/"))
+    (out / "hf" / "config.json").unlink()
+    assert rebuild() == {exported, "export"} and "changed since the run wrote them" in caplog.text
+    monkeypatch.undo()
 
     (plan,) = plan_evaluate(config_for(root, suites={"mmlu": {"limit": 1}}, checkpoint_every=None), storage,
                             train_ref)
     first = run_plan(EVALUATE, plan, storage)
     results = {entry["path"] for entry in first.manifest.extra["files"]}
     assert {"results.json", "scores.png"} < results and any(path.startswith("samples/") for path in results)
-    flipped = Path(plan.ref.uri, "results.json")
-    data = bytearray(flipped.read_bytes())
-    data[len(data) // 2] ^= 1  # same size: only the checksum, taken on every reuse of a small output, sees it
-    flipped.write_bytes(bytes(data))
-    assert check_output(storage, plan.ref).state == "damaged"
+    flip(Path(plan.ref.uri, "results.json"))
+    assert check_output(storage, plan.ref).state == "damaged"  # a small output: checksummed on every reuse
     again = run_plan(EVALUATE, plan, storage)
     assert not again.cached and again.manifest.extra["scores"] == first.manifest.extra["scores"]
     assert run_plan(EVALUATE, plan, storage).cached
+
+
+def flip(path: Path) -> None:
+    """Change one byte of a file, keeping its size."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
 
 
 def _manifest(folder: Path) -> Manifest:

@@ -20,7 +20,8 @@ from skymoe.training.metrics import RoutingTotals
 from skymoe.training.model import ModelArgs, Transformer
 from skymoe.training.presets import dense_shape, with_moe
 from skymoe.training.spec import RunInit, RunSpec
-from skymoe.training.stage import STAGE, TrainError, utilisation_summary
+from skymoe.training.runs import utilisation_summary
+from skymoe.training.stage import STAGE, TrainError
 
 # Layer 0 dense, layer 1 MoE; head_dim 4, grouped-query attention with one KV head.
 ARGS = ModelArgs(vocab_size=100, dim=8, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=16, max_seq_len=10,

@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -26,20 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from skymoe.config import (PLACEMENT_FIELDS, PhaseConfig, PipelineConfig, StorageConfig, TokenizeConfig, TrainConfig,
-                           describe_path)
+from skymoe.config import PLACEMENT_FIELDS, PipelineConfig, TokenizeConfig, TrainConfig, describe_path
 from skymoe.stage import (Continuation, DoneRecords, Plan, Stage, StageOutput, StageRef, folder_entries,
                           read_manifest)
 from skymoe.storage import Storage, join
 from skymoe.training.export import export_hf
 from skymoe.training.hf_import import SequenceLengthError, checkpoint_args, import_checkpoint
-from skymoe.training.launch import launch
 from skymoe.training.flops import peak_override
 from skymoe.training.model import ModelArgs, parameter_counts
-from skymoe.training.nodes import NodeBoard
 from skymoe.training.plots import comparison_plot, run_plots
 from skymoe.training.presets import dense_shape, with_moe
-from skymoe.training.spec import RunInit, RunSpec
+from skymoe.training.runs import RUN_LIBRARIES, RUN_MODULES, PlannedRun, execute_run
+from skymoe.training.spec import RunInit
 from skymoe.training.weights import save_args, save_part
 
 log = logging.getLogger("skymoe.train")
@@ -48,14 +44,6 @@ T = TypeVar("T")
 
 class TrainError(ValueError):
     """The train stage cannot start: missing tokens, a bad dense source, a model that does not fit the data."""
-
-
-@dataclass(frozen=True)
-class PlannedRun:
-    name: str
-    phase: PhaseConfig
-    init: RunInit
-    moe: bool
 
 
 @dataclass(frozen=True)
@@ -74,10 +62,9 @@ class TrainStage(Stage):
     upstream = ("tokenize",)
     section = "train"
     # Everything that changes the weights or the exported files; the plots module is left out.
-    code = tuple(f"skymoe.training.{module}" for module in (
-        "stage", "checkpoint", "data", "export", "hf_import", "launch", "metrics", "model", "parallel", "presets",
-        "schedule", "spec", "trainer", "upcycle", "weights", "hf.modeling_skymoe"))
-    libraries = ("torch", "deepspeed")
+    code = RUN_MODULES + tuple(f"skymoe.training.{module}" for module in (
+        "stage", "export", "hf_import", "hf.modeling_skymoe"))
+    libraries = RUN_LIBRARIES
 
     def check(self, config: PipelineConfig, storage: Storage) -> None:
         """Besides the devices: a dense checkpoint that cannot be imported, or that does not fit the
@@ -184,28 +171,37 @@ def _run(config: PipelineConfig, storage: Storage, ref: StageRef, work: TrainWor
     # The evaluate stage reads the exported run's checkpoints at these steps: retention keeps them.
     protect = train.checkpoint_every * config.evaluate.checkpoint_every if config.evaluate.checkpoint_every else None
     done = DoneRecords(storage, ref, "runs")
+    exported = DoneRecords(storage, ref, "export")
     with tempfile.TemporaryDirectory(prefix="skymoe-train-") as scratch:
         for run in work.runs:
-            if done.get(run.name) is None:
+            record = done.get(run.name)
+            if record is not None and run.name == work.export and exported.get("hf") is None \
+                    and not _unchanged(storage, ref, record["files"]):
+                # Reuse checks a large output by size: a same-size change must not be exported and vouched for.
+                log.warning("train: the final weights of %s changed since the run wrote them; resuming the run "
+                            "from its last checkpoint to write them again", run.name)
+                record = None
+            if record is None:
                 args = work.moe_args if run.moe else work.dense_args
                 summary = execute_run(train, config.storage, work.tokens_ref.uri, ref.path("runs", run.name), args,
                                       run, Path(scratch),
                                       protect_every_steps=protect if run.name == work.export else None)
-                done.mark(run.name, summary | {"files": _paths(folder_entries(storage, ref, _final(ref, run.name)))})
+                done.mark(run.name, summary | {"files": folder_entries(storage, ref, _final(ref, run.name))})
     summaries = {run.name: done.get(run.name) for run in work.runs}
     timings = {"runs": round(time.monotonic() - started, 3)}
 
     export_uri = ref.path("hf")
-    exported = DoneRecords(storage, ref, "export")
     if exported.get("hf") is None:
+        source = summaries[work.export]["files"]
         export_hf(storage, join(_final(ref, work.export), "weights"), join(work.tokens_ref.uri, "tokenizer"),
                   export_uri)
-        exported.mark("hf", {"run": work.export, "files": _paths(folder_entries(storage, ref, export_uri))})
-    # What later stages and generations read: each run's final weights and the export. Listed for
-    # verified reuse; a damaged file drops only the done-record that names it (a run resumes from its
-    # last checkpoint and writes its final weights again, the export is redone).
-    served = [entry for run in work.runs for entry in folder_entries(storage, ref, _final(ref, run.name))]
-    served += folder_entries(storage, ref, export_uri)
+        exported.mark("hf", {"run": work.export, "source": [entry["path"] for entry in source],
+                             "files": folder_entries(storage, ref, export_uri)})
+    # What later stages and generations read, as the done-records vouch for it: each run's final
+    # weights and the export. A damaged file drops only the records that name it: its run's (the run
+    # resumes from its last checkpoint and writes the same weights again) and, for the exported run's
+    # weights or the export itself, the export's (which is redone).
+    served = [entry for summary in summaries.values() for entry in summary["files"]] + exported.get("hf")["files"]
     counts = {"dense_params": parameter_counts(work.dense_args)["total"],
               "moe_params_total": parameter_counts(work.moe_args)["total"],
               "moe_params_activated": parameter_counts(work.moe_args)["activated"]}
@@ -229,47 +225,13 @@ def _final(ref: StageRef, run: str) -> str:
     return ref.path("runs", run, "final")
 
 
-def _paths(entries: list[dict]) -> list[str]:
-    return [entry["path"] for entry in entries]
-
-
-def execute_run(train: TrainConfig, storage_config: StorageConfig, tokens_uri: str, run_uri: str, args: ModelArgs,
-                run: PlannedRun, scratch: Path, protect_every_steps: int | None = None) -> dict:
-    """One DeepSpeed training run into ``run_uri`` (resumed from its latest checkpoint there), and
-    its summary. Plain enough for other callers (the ablations) to run variants of one run.
-    Checkpoints at multiples of ``protect_every_steps`` outlive ``train.keep_checkpoints`` (the
-    evaluate stage reads them)."""
-    storage = Storage.from_config(storage_config)
-    spec = RunSpec(name=run.name, run_uri=run_uri, tokens_uri=tokens_uri, model=args.to_dict(),
-                   init=run.init, phase=run.phase.model_dump(mode="json"),
-                   train=train.model_dump(mode="json"), storage=storage_config.s3.model_dump(mode="json"),
-                   local_dir=str(scratch / run.name), protect_every_steps=protect_every_steps)
-    started = time.monotonic()
-    if run.phase.steps == 0:  # import only: the starting weights are the run's result
-        _copy_weights(storage, run.init.uri, join(run_uri, "final", "weights"))
-        rows = []
-    else:
-        launch(spec, train.parallel, scratch / "specs", NodeBoard(storage, storage_config.root))
-        rows = [json.loads(line) for line in storage.read_text(join(run_uri, "metrics.jsonl")).splitlines()]
-    losses = [row["loss"] for row in rows if "loss" in row]
-    last_val = next((row["val_loss"] for row in reversed(rows) if "val_loss" in row), None)
-    tokens = max((row["tokens"] for row in rows), default=0)
-    return {"steps": run.phase.steps, "tokens": tokens, "final_loss": losses[-1] if losses else None,
-            "final_val_loss": last_val, "seconds": round(time.monotonic() - started, 1), "uri": run_uri,
-            **utilisation_summary(rows)}
-
-
-def utilisation_summary(rows: list[dict]) -> dict:
-    """Median MFU (data-sheet peak; None without one) and ``mfu_vs_measured_matmul`` over a run's
-    steps, leaving out the first, which pays for warm-up; with the peak per device they were taken
-    against. Empty for a run without steps."""
-    steps = [row for row in rows if "mfu_vs_measured_matmul" in row]
-    steps = steps[1:] or steps
-    if not steps:
-        return {}
-    spec = [row["mfu"] for row in steps if row["mfu"] is not None]
-    return {"mfu": statistics.median(spec) if spec else None, "peak_tflops": steps[-1]["peak_tflops"],
-            "mfu_vs_measured_matmul": statistics.median(row["mfu_vs_measured_matmul"] for row in steps)}
+def _unchanged(storage: Storage, ref: StageRef, entries: list[dict]) -> bool:
+    """Whether the files are the bytes a done-record lists (size, then checksum)."""
+    for entry in entries:
+        uri = ref.path(entry["path"])
+        if not storage.exists(uri) or storage.size(uri) != entry["bytes"] or storage.checksum(uri) != entry["checksum"]:
+            return False
+    return True
 
 
 def _check_devices(train: TrainConfig) -> None:
@@ -288,13 +250,6 @@ def _check_peak_override() -> None:
         peak_override()
     except ValueError as err:
         raise TrainError(f"{err} (read from the environment)") from None
-
-
-def _copy_weights(storage: Storage, source: str, target: str) -> None:
-    """Streamed file by file: an imported checkpoint can be larger than memory."""
-    for uri in storage.listdir(source):
-        with storage.open_read(uri) as reader, storage.open_write(join(target, uri.rsplit("/", 1)[1])) as writer:
-            shutil.copyfileobj(reader, writer, 1 << 24)
 
 
 def _import_dense(storage: Storage, train: TrainConfig, seq_len: int, read: Callable[[Storage, str, int], T]) -> T:
