@@ -224,19 +224,24 @@ def check_output(storage: Storage, ref: StageRef, verify: bool = False) -> Outpu
         return OutputCheck(None)
     files = listed_files(manifest, ref)
     deep = verify or sum(f.bytes for f in files) < SMALL_OUTPUT_BYTES
-    damaged = {}
-    for listed in files:
-        try:
-            size = storage.size(listed.uri)
-        except FileNotFoundError:
-            damaged[listed.path] = "missing"
-            continue
-        if size != listed.bytes:
-            damaged[listed.path] = f"{size:,} bytes, the manifest says {listed.bytes:,}"
-        elif deep and storage.checksum(listed.uri) != listed.checksum:
-            damaged[listed.path] = f"checksum differs from the manifest's ({listed.checksum})"
+    damaged = {listed.path: problem for listed in files
+               if (problem := file_problem(storage, listed.uri, listed.bytes, listed.checksum, deep))}
     foreign = tuple(f.uri for f in files if not f.own and f.path in damaged)
     return OutputCheck(manifest, damaged, foreign, checksummed=deep)
+
+
+def file_problem(storage: Storage, uri: str, size: int, checksum: str, deep: bool) -> str | None:
+    """What is wrong with a file against its recorded size and, when ``deep``, checksum; None if nothing.
+    The size first: one listing call catches a deleted or truncated file without reading it."""
+    try:
+        found = storage.size(uri)
+    except FileNotFoundError:
+        return "missing"
+    if found != size:
+        return f"{found:,} bytes, the manifest says {size:,}"
+    if deep and storage.checksum(uri) != checksum:
+        return f"checksum differs from the manifest's ({checksum})"
+    return None
 
 
 def shard_entry(storage: Storage, uri: str, ref: StageRef, **extra: Any) -> dict[str, Any]:

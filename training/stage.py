@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from skymoe.config import PLACEMENT_FIELDS, PipelineConfig, TokenizeConfig, TrainConfig, describe_path
-from skymoe.stage import (Continuation, DoneRecords, Plan, Stage, StageOutput, StageRef, folder_entries,
-                          read_manifest)
+from skymoe.stage import (Continuation, DoneRecords, Plan, Stage, StageOutput, StageRef, file_problem,
+                          folder_entries, read_manifest)
 from skymoe.storage import Storage, join
 from skymoe.training.export import export_hf
 from skymoe.training.hf_import import SequenceLengthError, checkpoint_args, import_checkpoint
@@ -227,11 +227,8 @@ def _final(ref: StageRef, run: str) -> str:
 
 def _unchanged(storage: Storage, ref: StageRef, entries: list[dict]) -> bool:
     """Whether the files are the bytes a done-record lists (size, then checksum)."""
-    for entry in entries:
-        uri = ref.path(entry["path"])
-        if not storage.exists(uri) or storage.size(uri) != entry["bytes"] or storage.checksum(uri) != entry["checksum"]:
-            return False
-    return True
+    return not any(file_problem(storage, ref.path(entry["path"]), entry["bytes"], entry["checksum"], deep=True)
+                   for entry in entries)
 
 
 def _check_devices(train: TrainConfig) -> None:
