@@ -23,7 +23,7 @@ from skymoe.ablations import data_quality
 from skymoe.ablations.report import build_report, write_report
 from skymoe.ablations.run import (AblationRun, done_record, execute_plan, plan_ablation, prepare_tokens, size_for,
                                   train_run)
-from skymoe.flows.prefect_env import forward_stage_logs  # offline settings: must precede the first Prefect import
+from skymoe.flows.prefect_env import forward_stage_logs
 from skymoe.config import StorageConfig, load_config, merge_overrides, run_overrides
 from skymoe.storage import Storage
 

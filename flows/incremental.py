@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from skymoe.flows.prefect_env import forward_stage_logs  # offline settings: must precede the first Prefect import
+from skymoe.flows.prefect_env import forward_stage_logs
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from skymoe.flows.prefect_env import forward_stage_logs  # offline settings: must precede the first Prefect import
+from skymoe.flows.prefect_env import forward_stage_logs
 from prefect import flow, task
 
 from skymoe.config import load_config, merge_overrides, run_overrides

@@ -1,5 +1,6 @@
-"""Prefect settings for offline use. Imported by ``skymoe.flows.pipeline`` before Prefect itself, so they
-hold for the CLI, for tests and for deployment runs started by a worker alike."""
+"""Prefect settings for offline use. The ``skymoe.flows`` package imports this module before any of its
+modules imports Prefect, so the settings hold for the CLI, for tests and for deployment runs started by a
+worker alike."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from skymoe.flows.prefect_env import OFFLINE_DEFAULTS  # offline settings: must precede the first Prefect import
+from skymoe.flows.prefect_env import OFFLINE_DEFAULTS
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import (
