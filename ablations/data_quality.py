@@ -555,7 +555,8 @@ def corpora_table(plan: DataQualityPlan) -> list[dict[str, Any]]:
 
 def build_report(plan: DataQualityPlan, storage: Storage, records: dict[tuple[str, int], dict], trained: list[str]):
     """Tables (corpora, held-out loss per variant and language), verdicts and the plot."""
-    from skymoe.ablations.report import Report, _markdown_table, _tail, compare, histories, spread
+    from skymoe.ablations.report import (VERDICT_RULES, Report, _markdown_table, _tail, compare, findings_table,
+                                        histories, spread)
 
     names = [v.name for v in plan.variants]
     losses = {(name, lang): [records[(name, seed)]["held_out"][lang]["loss"] for seed in range(plan.seeds)]
@@ -613,14 +614,12 @@ def build_report(plan: DataQualityPlan, storage: Storage, records: dict[tuple[st
         "every run; a variant with fewer tokens repeats its data more often (`epochs in the budget`), within the "
         "tokenize stage's language mixture.",
         f"- {len(plan.runs)} runs ({len(plan.runs) - len(trained)} cached, {len(trained)} trained now); "
-        f"{seconds / 60:.1f} minutes of training in all.",
-        "- Verdicts: a paired t-test over seeds (seed s: the same initial weights and data order for every "
-        "variant) at 5%, with the mean difference and its 95% CI (docs/results.md); one seed decides nothing.", "",
+        f"{seconds / 60:.1f} minutes of training in all. Seed s gives every variant the same initial weights and "
+        "data order, so the comparisons are paired.", "",
         "## Corpora", "", _markdown_table(corpora), "",
         "## Held-out loss", "", _markdown_table(table), "",
-        "## Findings", "",
+        "## Findings", "", VERDICT_RULES, "", findings_table(findings), "",
     ]
-    lines += [f"- **{f['status']}** - {f['finding']}: {f['measured']}" for f in findings]
     lines += ["- Not measured: the evaluate stage's benchmark scores. That stage evaluates a train stage's export, "
               "not ablation runs, and at this model size and budget the scores are expected at chance level, "
               "where three cleanings could not be told apart.",
