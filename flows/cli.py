@@ -154,7 +154,7 @@ def _print_summary(summary: dict[str, Any], as_json: bool, text: str | None = No
 def _command_flow_runs() -> Iterator[None]:
     """Around a flow run in this process: first mark Crashed the runs of earlier commands that were
     killed (they would show Running forever), then tag this command's runs with its host and pid."""
-    from skymoe.flows.serve import command_tags, crash_killed_command_runs  # offline settings first
+    from skymoe.flows.serve import command_tags, crash_killed_command_runs
     from prefect import tags
     from prefect.client.orchestration import get_client
 
