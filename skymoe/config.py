@@ -384,6 +384,9 @@ class MoELayerConfig(_Strict):
     balance_loss: Literal["skywork", "switch"] = Field(
         "skywork", description="auxiliary load-balancing loss: skywork = sum_j (1/n - mean g_j)^2 (the report's), "
                                "switch = n * sum_j f_j * P_j (Switch Transformer)")
+    balance_scope: Literal["micro_batch", "global_batch"] = Field(
+        "micro_batch", description="the tokens the balance loss averages over: one rank's micro-batch, or the "
+                                   "step's global batch (statistics all-reduced over ranks, held over micro-batches)")
 
     @model_validator(mode="after")
     def _k_fits(self) -> "MoELayerConfig":

@@ -21,6 +21,7 @@ from skymoe.training.model import (
     MoEFeedForward,
     Router,
     Transformer,
+    balance_loss,
     expert_capacity,
     normalize_logits,
     parameter_counts,
@@ -327,6 +328,63 @@ def test_model_aux_loss_sums_alpha_weighted_layers():
     expected = 0.01 * layers[0].last_routing.aux_loss + 0.003 * layers[1].last_routing.aux_loss
     assert model.aux_loss().item() == pytest.approx(expected.item(), rel=1e-6)
     assert model.aux_loss().requires_grad
+
+
+def union_router(router: Router, scope: str) -> Router:
+    """A copy of ``router`` with its balance loss averaged over ``scope``."""
+    args = dataclasses.replace(TINY_MOE, num_experts=router.weight.shape[0], balance_loss=router.balance,
+                               balance_scope=scope)
+    copied = Router(args)
+    copied.load_state_dict(router.state_dict())
+    return copied.train()
+
+
+@pytest.mark.parametrize("form", ["skywork", "switch"])
+def test_global_batch_aux_loss_is_the_loss_of_the_step_so_far(form):
+    """One process, two micro-batches in a step: the first micro-batch's loss and gradient are its own;
+    the second's loss is the loss over both, and its gradient that loss's, through its own tokens."""
+    torch.manual_seed(21)
+    router = union_router(Router(dataclasses.replace(TINY_MOE, num_experts=8, balance_loss=form)), "global_batch")
+    torch.nn.init.normal_(router.weight, std=0.5)
+    reference = union_router(router, "micro_batch")
+    first, second = torch.randn(24, TINY_MOE.dim), torch.randn(40, TINY_MOE.dim)
+
+    alone = router(first).aux_loss
+    alone.backward()
+    expected = reference(first).aux_loss
+    expected.backward()
+    assert alone.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(router.weight.grad, reference.weight.grad, rtol=1e-5, atol=1e-9)
+
+    router.zero_grad()
+    both = router(second).aux_loss
+    both.backward()
+    union = reference(torch.cat([first, second])).aux_loss
+    assert both.item() == pytest.approx(union.item(), rel=1e-5)
+    assert abs(both.item() - reference(second).aux_loss.item()) > 1e-3 * union.item()  # not its own loss
+    # d L_union / d weight with the first micro-batch's gates held, per token of the second (40 of 64).
+    weight = router.weight.detach().clone().requires_grad_()
+    first_probs, second_probs = (F.softmax(normalize_logits(x @ weight.t() + router.bias.detach(),
+                                                            TINY_MOE.gate_norm_lambda), -1) for x in (first, second))
+    mean_gate = (first_probs.detach().sum(0) + second_probs.sum(0)) / 64
+    choice_share = reference(torch.cat([first, second])).stats["choices"].float() / (64 * TINY_MOE.top_k)
+    (balance_loss(mean_gate, choice_share, form) * 64 / 40).backward()
+    torch.testing.assert_close(router.weight.grad, weight.grad, rtol=1e-4, atol=1e-9)
+
+    router.global_balance.reset()  # a new step
+    assert router(second).aux_loss.item() == pytest.approx(reference(second).aux_loss.item(), rel=1e-6)
+    totals = router.global_balance.totals.clone()
+    router.eval()(first)  # evaluation routes without adding to the step's tokens
+    assert torch.equal(router.global_balance.totals, totals)
+
+
+def test_model_start_step_resets_every_global_batch_router():
+    model = seeded_model(dataclasses.replace(TINY_MOE, balance_scope="global_batch"), 8).train()
+    model(tiny_ids(TINY_MOE))
+    routers = [module for module in model.modules() if isinstance(module, Router)]
+    assert len(routers) == TINY_MOE.n_layers and all(r.global_balance.totals is not None for r in routers)
+    model.start_step()
+    assert all(router.global_balance.totals is None for router in routers)
 
 
 # ---------------------------------------------------------------------------------------- 7. upcycling
@@ -662,6 +720,68 @@ def test_expert_parallel_two_ranks_matches_local(tmp_path):
     assert set(merged) == set(expected)
     for name, tensor in expected.items():
         assert torch.equal(merged[name], tensor), name
+
+
+# The global-batch aux loss over two expert-parallel ranks: each rank routes its own batch, the loss
+# averages over both.
+AUX_WORKER = r"""
+import os, sys
+import torch
+import deepspeed
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+from skymoe.training.model import ModelArgs, Transformer
+from skymoe.training.parallel import ExpertParallelMoE, make_expert_parallel
+rank, out = int(os.environ["RANK"]), sys.argv[1]
+args = ModelArgs(**torch.load(os.path.join(out, "args.pt")))
+torch.manual_seed(13)
+model = make_expert_parallel(Transformer(args), ep_size=2, ep_rank=rank).train()
+for layer in model.moe_layers():
+    layer.moe.set_deepspeed_parallelism()
+    layer.aux_alpha.fill_(1.0)
+model.start_step()
+model(torch.load(os.path.join(out, f"ids{rank}.pt")))
+aux = model.aux_loss()
+aux.backward()
+grads = {name: p.grad for name, p in model.named_parameters() if ".deepspeed_experts." not in name}
+torch.save({"aux": aux.item(), "grads": grads}, os.path.join(out, f"rank{rank}.pt"))
+deepspeed.comm.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("form", ["skywork", "switch"])
+def test_global_batch_aux_loss_over_two_ranks_is_the_loss_of_their_union(tmp_path, form):
+    """Each rank's loss is the loss over both ranks' tokens, and the ranks' gradients average (as the
+    data-parallel all-reduce does) to that loss's gradient: the same as one process routing both batches.
+    No capacity: a dropped route would change the later layers' inputs between the two layouts."""
+    args = dataclasses.replace(TINY_MOE, n_layers=2, capacity_factor=None, balance_loss=form,
+                               balance_scope="global_batch")
+    torch.save(dataclasses.asdict(args), tmp_path / "args.pt")
+    ids = [tiny_ids(args, seed=30 + rank) for rank in range(2)]
+    for rank, rank_ids in enumerate(ids):
+        torch.save(rank_ids, tmp_path / f"ids{rank}.pt")
+    run_two_ranks(AUX_WORKER, tmp_path)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+
+    def one_process(batch: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+        torch.manual_seed(13)
+        model = Transformer(dataclasses.replace(args, balance_scope="micro_batch")).train()
+        for layer in model.moe_layers():
+            layer.aux_alpha.fill_(1.0)
+        model(batch)
+        aux = model.aux_loss()
+        aux.backward()
+        return aux.item(), {name: p.grad for name, p in model.named_parameters()
+                            if ".experts." not in name and p.grad is not None}  # lm_head and the last norm: none
+
+    union_aux, union_grads = one_process(torch.cat(ids))
+    assert any(".router." in name for name in union_grads) and any("self_attn" in name for name in union_grads)
+    for rank, result in enumerate(results):
+        assert result["aux"] == pytest.approx(union_aux, rel=1e-5)
+        assert abs(result["aux"] - one_process(ids[rank])[0]) > 1e-3 * union_aux  # not the rank's own loss
+    for name, grad in union_grads.items():
+        mean = (results[0]["grads"][ep_name(name)] + results[1]["grads"][ep_name(name)]) / 2
+        torch.testing.assert_close(mean, grad, atol=1e-7, rtol=1e-4)
 
 
 def test_export_gives_weights_saved_without_a_router_bias_a_zero_one():

@@ -99,10 +99,12 @@ def test_expert_parallel_training_lowers_loss_and_exports(demo_tokens):
 
 
 def test_alpha_follows_the_adaptive_rule(demo_tokens):
-    """Recorded per-layer alpha obeys alpha' = beta * alpha + (1 - beta) * min(xi * d, alpha_max)."""
+    """Recorded per-layer alpha obeys alpha' = beta * alpha + (1 - beta) * min(xi * d, alpha_max); the
+    aux loss here averages over the global batch, which the rule does not depend on."""
     root, tokens_ref = demo_tokens
     aux = {"mode": "adaptive", "alpha": 0.0, "xi": 0.2, "alpha_max": 0.05, "beta": 0.9}
-    config = config_for(root, aux_loss=aux, upcycled={"steps": 8, "lr": 2e-3, "warmup_steps": 1})
+    config = config_for(root, aux_loss=aux, upcycled={"steps": 8, "lr": 2e-3, "warmup_steps": 1},
+                        moe={**TRAIN["moe"], "balance_scope": "global_batch"})
     result = run_train(config, Storage.from_config(config.storage), tokens_ref)
     steps = [row for row in metrics(f"{result.ref.uri}/runs/upcycled") if "loss" in row]
     for before, after in zip(steps, steps[1:]):
@@ -110,6 +112,7 @@ def test_alpha_follows_the_adaptive_rule(demo_tokens):
             expected = 0.9 * before["alpha"][layer] + 0.1 * min(0.2 * before["drop_rate"][layer], 0.05)
             assert alpha == pytest.approx(expected, rel=1e-5, abs=1e-9)
     assert steps[-1]["alpha"][0] > 0
+    assert all(0 < aux_loss < 0.75 for row in steps for aux_loss in row["aux_loss"])  # in (0, 1 - 1/n)
 
 
 def _run_in_subprocess(root: Path, train: dict) -> subprocess.Popen:

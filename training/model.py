@@ -48,6 +48,7 @@ class ModelArgs:
     min_capacity: int = 4
     gate_norm_lambda: float | None = 1.0  # gating logit normalization; None = plain softmax
     balance_loss: str = "skywork"  # the auxiliary load-balancing loss: "skywork" or "switch" (see route)
+    balance_scope: str = "micro_batch"  # the tokens T the loss averages over: "micro_batch" or "global_batch"
     init_std: float = 0.02
 
     @property
@@ -194,7 +195,8 @@ def route(logits: torch.Tensor, top_k: int, capacity: int, lam: float | None,
     ``switch`` (Switch Transformer, GShard; what most frameworks use) n * sum_j f_j * P_j with f_j the
     share of the T * k top-k choices that picked expert j (before capacity) and P_j = mean_i g_ij,
     1 when balanced. Only P_j carries gradient; f_j counts choices, so the Switch form pushes on
-    the experts that are actually chosen too often, where the report's form pushes on the mean gate."""
+    the experts that are actually chosen too often, where the report's form pushes on the mean gate.
+    ``stats["choices"]`` holds the top-k choices per expert, for a loss over more tokens (``GlobalBalance``)."""
     num_tokens, num_experts = logits.shape
     probs = F.softmax(normalize_logits(logits.float(), lam), dim=-1)
     top_values, top_experts = probs.topk(top_k, dim=-1)
@@ -207,16 +209,12 @@ def route(logits: torch.Tensor, top_k: int, capacity: int, lam: float | None,
     kept = slots < capacity
     experts = torch.where(kept, top_experts, torch.full_like(top_experts, -1))
 
-    if balance == "skywork":
-        aux_loss = (1.0 / num_experts - probs.mean(0)).pow(2).sum()
-    elif balance == "switch":
-        chosen = one_hot.sum((0, 1)).float() / (num_tokens * top_k)
-        aux_loss = num_experts * (chosen * probs.mean(0)).sum()
-    else:
-        raise ValueError(f"balance loss {balance!r}: expected 'skywork' or 'switch'")
+    choices = one_hot.sum((0, 1))
+    aux_loss = balance_loss(probs.mean(0), choices.float() / (num_tokens * top_k), balance)
     with torch.no_grad():
         ranked = probs.topk(min(3, num_experts), dim=-1).values
         stats = {
+            "choices": choices,
             "dropped": (~kept).sum(),
             "routes": torch.tensor(kept.numel(), device=logits.device),
             "load": torch.bincount(experts[kept], minlength=num_experts),
@@ -226,6 +224,53 @@ def route(logits: torch.Tensor, top_k: int, capacity: int, lam: float | None,
         }
     return Routing(experts, torch.where(kept, slots, torch.zeros_like(slots)), weights, probs, capacity, aux_loss,
                    stats)
+
+
+def balance_loss(mean_gate: torch.Tensor, choice_share: torch.Tensor, form: str) -> torch.Tensor:
+    """The load-balancing loss from per-expert statistics: P_j = ``mean_gate`` (differentiable) and
+    f_j = ``choice_share`` (a count: no gradient); see ``route`` for the two forms."""
+    if form == "skywork":
+        return (1.0 / mean_gate.shape[0] - mean_gate).pow(2).sum()
+    if form == "switch":
+        return mean_gate.shape[0] * (choice_share * mean_gate).sum()
+    raise ValueError(f"balance loss {form!r}: expected 'skywork' or 'switch'")
+
+
+class GlobalBalance:
+    """The load-balancing loss with T = the global batch (``balance_scope: global_batch``): every token
+    routed so far in this optimizer step, on every data-parallel rank, not one rank's micro-batch.
+
+    Each forward all-reduces the micro-batch's per-expert gate sums, choice counts and token count over
+    the default process group (every rank routes its own tokens through a replicated router) and adds
+    them to the step's running totals. No gradient needs to cross ranks: the loss depends on the local
+    tokens only through P_j, and ``P_global`` is the mean of the ranks' and micro-batches' equally sized
+    ``P_local``. So ``dL/dP_global``, evaluated on the totals and applied to ``P_local``, gives each rank
+    its share of the exact gradient once the data-parallel average (over ranks and micro-batches) is
+    taken. With gradient accumulation the totals are those of micro-batches 1..m of the step, so the
+    last micro-batch sees the whole batch and earlier ones a prefix of it (exact for one micro-batch
+    per step). The caller starts each step with ``reset``."""
+
+    def __init__(self, top_k: int, form: str):
+        self.top_k, self.form = top_k, form
+        self.totals: torch.Tensor | None = None  # [gate sums (n), choices (n), tokens], fp64
+
+    def reset(self) -> None:
+        self.totals = None
+
+    def aux_loss(self, probs: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
+        num_experts = probs.shape[1]
+        counts = torch.cat([probs.detach().double().sum(0), choices.double(),
+                            probs.new_full((1,), probs.shape[0], dtype=torch.float64)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        self.totals = counts if self.totals is None else self.totals + counts
+        tokens = self.totals[-1]
+        with torch.enable_grad():  # the slope is taken even where the caller's forward runs without grad
+            mean_gate = (self.totals[:num_experts] / tokens).float().requires_grad_()
+            value = balance_loss(mean_gate, (self.totals[num_experts:-1] / (tokens * self.top_k)).float(), self.form)
+            (slope,) = torch.autograd.grad(value, mean_gate)
+        local = probs.mean(0)
+        return value.detach() + (slope * (local - local.detach())).sum()  # the value, with the gradient's slope
 
 
 class Router(nn.Module):
@@ -242,12 +287,19 @@ class Router(nn.Module):
         self.top_k, self.lam = args.top_k, args.gate_norm_lambda
         self.capacity_factor, self.eval_capacity_factor = args.capacity_factor, args.eval_capacity_factor
         self.min_capacity, self.balance = args.min_capacity, args.balance_loss
+        if args.balance_scope not in ("micro_batch", "global_batch"):
+            raise ValueError(f"balance scope {args.balance_scope!r}: expected 'micro_batch' or 'global_batch'")
+        self.global_balance = GlobalBalance(args.top_k, args.balance_loss) if args.balance_scope == "global_batch" \
+            else None
 
     def forward(self, x: torch.Tensor) -> Routing:
         logits = F.linear(x.float(), self.weight.float(), self.bias.float())
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         capacity = expert_capacity(x.shape[0], self.weight.shape[0], self.top_k, factor, self.min_capacity)
-        return route(logits, self.top_k, capacity, self.lam, self.balance)
+        routing = route(logits, self.top_k, capacity, self.lam, self.balance)
+        if self.training and self.global_balance is not None:
+            routing.aux_loss = self.global_balance.aux_loss(routing.probs, routing.stats["choices"])
+        return routing
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Weights saved before the gate had a bias load with a zero one: the function they computed."""
@@ -369,6 +421,12 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[nn.Module]:
         """The MoE FFNs in layer order (local or expert-parallel: anything with ``aux_alpha``)."""
         return [layer.mlp for layer in self.layers if hasattr(layer.mlp, "aux_alpha")]
+
+    def start_step(self) -> None:
+        """Start an optimizer step: a global-batch aux loss (``GlobalBalance``) forgets the last step's tokens."""
+        for module in self.modules():
+            if isinstance(module, Router) and module.global_balance is not None:
+                module.global_balance.reset()
 
     def aux_loss(self) -> torch.Tensor:
         """sum_l alpha_l * L_aux^(l) over the MoE layers of the last forward (0 for a dense model)."""

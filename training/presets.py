@@ -34,4 +34,4 @@ def with_moe(dense: ModelArgs, layer: MoELayerConfig) -> ModelArgs:
     return dataclasses.replace(dense, num_experts=layer.num_experts, moe_every=layer.moe_every, top_k=layer.top_k,
                                capacity_factor=layer.capacity_factor, eval_capacity_factor=layer.eval_capacity_factor,
                                min_capacity=layer.min_capacity, gate_norm_lambda=layer.gate_norm_lambda,
-                               balance_loss=layer.balance_loss)
+                               balance_loss=layer.balance_loss, balance_scope=layer.balance_scope)

@@ -189,6 +189,7 @@ class Trainer:
     def _train_step(self, batches: Iterator[torch.Tensor], lr: float) -> dict[str, Any]:
         totals = RoutingTotals(len(self.model.moe_layers()), self.args.num_experts, self.device)
         losses = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.model.start_step()
         for _ in range(self.accum):
             ids = next(batches).to(self.device)
             logits = self.engine(ids[:, :-1])

@@ -57,6 +57,7 @@ class SkyMoeConfig(PretrainedConfig):
     min_capacity: int = ModelArgs.min_capacity
     gate_norm_lambda: float | None = ModelArgs.gate_norm_lambda
     balance_loss: str = ModelArgs.balance_loss
+    balance_scope: str = ModelArgs.balance_scope
     init_std: float = ModelArgs.init_std
 
     # The skymoe tokenizer's special tokens: <s>, </s>, <pad> (export writes the exported tokenizer's).
