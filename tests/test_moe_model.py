@@ -645,22 +645,24 @@ def test_expert_parallel_matches_local_and_exports_plain_state(dist_world, moe_e
 
 
 # Two ranks, ep_size 2 (each holds half of the experts): the all-to-all path and the global expert indices
-# of the export, which a one-process world cannot reach. Each rank is its own Python process.
-EP_WORKER = r"""
+# of the export, which a one-process world cannot reach. Each rank is its own Python process, and the
+# workers below start with this rank's model, seeded as the test's one-process model is.
+RANK_MODEL = r"""
 import os, sys
 import torch, torch.nn.functional as F
 import deepspeed
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 from skymoe.training.model import ModelArgs, Transformer
-from skymoe.training.parallel import ExpertParallelMoE, make_expert_parallel, plain_state_parts
+from skymoe.training.parallel import make_expert_parallel, plain_state_parts
 rank, out = int(os.environ["RANK"]), sys.argv[1]
 args = ModelArgs(**torch.load(os.path.join(out, "args.pt")))
 torch.manual_seed(13)
 model = make_expert_parallel(Transformer(args), ep_size=2, ep_rank=rank).train()
-for layer in model.layers:
-    if isinstance(layer.mlp, ExpertParallelMoE):
-        layer.mlp.moe.set_deepspeed_parallelism()
+for layer in model.moe_layers():
+    layer.moe.set_deepspeed_parallelism()
+"""
+EP_WORKER = RANK_MODEL + r"""
 ids, target = torch.load(os.path.join(out, f"batch{rank}.pt"))
 logits = model(ids)
 F.cross_entropy(logits.flatten(0, 1), target.flatten()).backward()
@@ -724,20 +726,8 @@ def test_expert_parallel_two_ranks_matches_local(tmp_path):
 
 # The global-batch aux loss over two expert-parallel ranks: each rank routes its own batch, the loss
 # averages over both.
-AUX_WORKER = r"""
-import os, sys
-import torch
-import deepspeed
-deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-from skymoe.training.model import ModelArgs, Transformer
-from skymoe.training.parallel import ExpertParallelMoE, make_expert_parallel
-rank, out = int(os.environ["RANK"]), sys.argv[1]
-args = ModelArgs(**torch.load(os.path.join(out, "args.pt")))
-torch.manual_seed(13)
-model = make_expert_parallel(Transformer(args), ep_size=2, ep_rank=rank).train()
+AUX_WORKER = RANK_MODEL + r"""
 for layer in model.moe_layers():
-    layer.moe.set_deepspeed_parallelism()
     layer.aux_alpha.fill_(1.0)
 model.start_step()
 model(torch.load(os.path.join(out, f"ids{rank}.pt")))
